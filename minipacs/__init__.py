@@ -1,0 +1,1 @@
+"""minipacs: an asyncio DICOM archive."""

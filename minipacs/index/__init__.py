@@ -1,0 +1,1 @@
+"""The SQL index: models, ingest and queries."""

@@ -1,0 +1,1 @@
+"""DIMSE service handlers, one module per service."""

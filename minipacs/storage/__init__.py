@@ -1,0 +1,1 @@
+"""The filesystem store: layout, atomic durable writes, reads."""
