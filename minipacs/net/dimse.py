@@ -1,0 +1,185 @@
+"""P-DATA fragments <-> DIMSE messages (PS3.7 9.1, PS3.8 9.3.5.1), sans-I/O.
+
+`MessageAssembler` turns PDVs into `DimseMessage`s and enforces the rules pynetdicom's
+`decode_msg` does not: a message's fragments share one accepted presentation context,
+the command comes before its data set, and a data set only follows a command that
+announced one. Data sets stay in memory up to a threshold; beyond it the caller is asked
+to spill them to a spool file (`needs_spill`), so memory never grows with a data set's
+size and the disk write happens where the caller chooses (an executor thread).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Container, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from minipacs.net.commands import Command, CommandError, decode_command, has_dataset
+from minipacs.net.pdu import Pdv, PduError, pdata_header
+
+
+class DataSet:
+    """A received data set: in-memory chunks, or a spool file once it grew large."""
+
+    def __init__(self) -> None:
+        self.size = 0
+        self.spool_path: Path | None = None
+        self._chunks: list[bytes] = []
+        self._pending = 0
+
+    @property
+    def pending_bytes(self) -> int:
+        """Bytes held in memory and not yet spilled."""
+        return self._pending
+
+    def append(self, data: memoryview) -> None:
+        """Add one fragment."""
+        self._chunks.append(bytes(data))
+        self.size += len(data)
+        self._pending += len(data)
+
+    def spill(self, spool_dir: Path) -> None:
+        """Move the in-memory chunks to the spool file (blocking: run in an executor)."""
+        if self.spool_path is None:
+            spool_dir.mkdir(parents=True, exist_ok=True)
+            fd, name = tempfile.mkstemp(prefix="rx-", suffix=".spool", dir=spool_dir)
+            os.close(fd)
+            self.spool_path = Path(name)
+        with open(self.spool_path, "ab") as spool:
+            spool.writelines(self._chunks)
+        self._chunks.clear()
+        self._pending = 0
+
+    def getvalue(self) -> bytes:
+        """Return the whole data set as bytes (blocking if spooled: only for small ones)."""
+        if self.spool_path is None:
+            return b"".join(self._chunks)
+        self.spill(self.spool_path.parent)
+        return self.spool_path.read_bytes()
+
+    def chunks(self) -> list[bytes]:
+        """The in-memory chunks (the whole data set when nothing was spooled)."""
+        return self._chunks
+
+    def discard(self) -> None:
+        """Forget the data and delete any spool file (blocking unlink)."""
+        self._chunks.clear()
+        self._pending = 0
+        if self.spool_path is not None:
+            self.spool_path.unlink(missing_ok=True)
+            self.spool_path = None
+
+
+@dataclass(slots=True)
+class DimseMessage:
+    """A complete DIMSE message: its presentation context, command set and data set."""
+
+    context_id: int
+    command: Command
+    dataset: DataSet | None = None
+
+
+@dataclass
+class _Partial:
+    context_id: int
+    command_chunks: list[bytes] = field(default_factory=list)
+    command: Command | None = None
+    dataset: DataSet | None = None
+
+
+class MessageAssembler:
+    """Reassembles DIMSE messages from PDVs, one message at a time (PS3.8 9.3.5.1)."""
+
+    def __init__(self, accepted_contexts: Container[int], spool_threshold: int) -> None:
+        self.accepted_contexts = accepted_contexts
+        self.spool_threshold = spool_threshold
+        self._partial: _Partial | None = None
+
+    @property
+    def needs_spill(self) -> DataSet | None:
+        """The data set in progress if it holds more in memory than the threshold."""
+        partial = self._partial
+        if partial is not None and partial.dataset is not None:
+            if partial.dataset.pending_bytes > self.spool_threshold:
+                return partial.dataset
+        return None
+
+    def discard(self) -> None:
+        """Drop a message in progress (abort), deleting any spool file."""
+        if self._partial is not None and self._partial.dataset is not None:
+            self._partial.dataset.discard()
+        self._partial = None
+
+    def feed(self, pdvs: list[Pdv]) -> list[DimseMessage]:
+        """Consume the PDVs of one P-DATA-TF; return the messages they completed."""
+        done: list[DimseMessage] = []
+        for pdv in pdvs:
+            message = self._feed_one(pdv)
+            if message is not None:
+                done.append(message)
+        return done
+
+    def _feed_one(self, pdv: Pdv) -> DimseMessage | None:
+        if pdv.context_id not in self.accepted_contexts:
+            raise PduError(f"PDV on presentation context {pdv.context_id}, which is not accepted")
+        partial = self._partial
+        if partial is None:
+            if not pdv.is_command:
+                raise PduError("data set fragment with no command before it")
+            partial = self._partial = _Partial(pdv.context_id)
+        elif partial.context_id != pdv.context_id:
+            raise PduError(
+                f"fragment on context {pdv.context_id} inside a message on {partial.context_id}"
+            )
+        if pdv.is_command:
+            if partial.command is not None:
+                raise PduError("command fragment after the command set was complete")
+            partial.command_chunks.append(bytes(pdv.data))
+            if not pdv.is_last:
+                return None
+            try:
+                partial.command = decode_command(b"".join(partial.command_chunks))
+            except CommandError as exc:
+                raise PduError(f"bad command set: {exc}") from exc
+            if has_dataset(partial.command):
+                partial.dataset = DataSet()
+                return None
+            self._partial = None
+            return DimseMessage(partial.context_id, partial.command)
+        if partial.dataset is None:
+            raise PduError("data set fragment for a command that announced none")
+        partial.dataset.append(pdv.data)
+        if not pdv.is_last:
+            return None
+        self._partial = None
+        assert partial.command is not None
+        return DimseMessage(partial.context_id, partial.command, partial.dataset)
+
+
+def fragment_size(peer_max_pdu: int, own_cap: int) -> int:
+    """Largest even PDV payload for a peer's maximum PDU length (0 = unlimited)."""
+    limit = own_cap if peer_max_pdu == 0 else min(peer_max_pdu, own_cap)
+    # PDU length = 4 (item length) + 2 (context, control) + data; DCMTK wants even data.
+    return max(2, (limit - 6) & ~1)
+
+
+def encode_fragments(
+    context_id: int, data: bytes | memoryview, is_command: bool, max_fragment: int
+) -> Iterator[bytes | memoryview]:
+    """Yield P-DATA-TF PDUs (header and body separately) carrying `data`, one PDV each."""
+    view = memoryview(data)
+    if len(view) % 2:
+        # PS3.5 7.1: a data set is even; an odd stream (e.g. deflated) gets one pad byte.
+        view = memoryview(bytes(view) + b"\0")
+    total = len(view)
+    offset = 0
+    while True:
+        chunk = view[offset : offset + max_fragment]
+        offset += len(chunk)
+        is_last = offset >= total
+        yield pdata_header(context_id, is_command, is_last, len(chunk))
+        yield chunk
+        if is_last:
+            return

@@ -1,0 +1,124 @@
+"""DIMSE operations as the services see them: a request, a way to answer, a cancel flag.
+
+The net layer knows no service logic; it hands each request to a `Service` registered
+for its Command Field, wrapped in an `Operation` that builds well-formed responses
+(PS3.7 9.3) and logs one event per operation with its final status and duration.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Final
+
+from minipacs.logs import log_event
+from minipacs.net.commands import (
+    DATASET_PRESENT,
+    NO_DATASET,
+    Command,
+    command_name,
+)
+from minipacs.net.dimse import DimseMessage
+from minipacs.net.negotiation import AcceptedContext
+
+if TYPE_CHECKING:
+    from minipacs.net.session import Session
+
+log = logging.getLogger("minipacs.dimse")
+
+# Status codes shared by every service, PS3.7 Annex C.
+SUCCESS: Final = 0x0000
+CANCEL: Final = 0xFE00
+PENDING: Final = 0xFF00
+PENDING_WARNING: Final = 0xFF01
+UNRECOGNIZED_OPERATION: Final = 0x0211
+SOP_CLASS_NOT_SUPPORTED: Final = 0x0122
+PROCESSING_FAILURE: Final = 0x0110
+OUT_OF_RESOURCES: Final = 0xA700
+
+
+def is_pending(status: int) -> bool:
+    """True for Pending statuses, after which more responses follow (PS3.7 C.4)."""
+    return status in (PENDING, PENDING_WARNING)
+
+
+@dataclass(frozen=True)
+class Service:
+    """A handler for one Command Field; `concurrent` ones run beside the reader task."""
+
+    handle: Callable[[Operation], Awaitable[None]]
+    # C-FIND/MOVE/GET must see C-CANCEL and sub-operation responses while they run.
+    concurrent: bool = False
+
+
+@dataclass
+class Operation:
+    """One DIMSE request being served, with the means to answer it."""
+
+    session: Session
+    message: DimseMessage
+    context: AcceptedContext
+    started: float = field(default_factory=time.perf_counter)
+    cancelled: asyncio.Event = field(default_factory=asyncio.Event)
+    finished: bool = False
+
+    @property
+    def command(self) -> Command:
+        """The request's command set."""
+        return self.message.command
+
+    @property
+    def message_id(self) -> int:
+        """The request's Message ID."""
+        return int(self.command.get("MessageID", 0))  # type: ignore[call-overload]
+
+    async def respond(
+        self,
+        status: int,
+        dataset: bytes | None = None,
+        *,
+        error_comment: str | None = None,
+        **fields: object,
+    ) -> None:
+        """Send a response to this request; a non-Pending status ends the operation."""
+        request = self.command
+        field_value = int(request["CommandField"]) | 0x8000  # type: ignore[call-overload]
+        response: Command = {
+            "CommandField": field_value,
+            "MessageIDBeingRespondedTo": self.message_id,
+            "AffectedSOPClassUID": request.get("AffectedSOPClassUID")
+            or request.get("RequestedSOPClassUID")
+            or self.context.abstract_syntax,
+            "CommandDataSetType": DATASET_PRESENT if dataset is not None else NO_DATASET,
+            "Status": status,
+        }
+        if "AffectedSOPInstanceUID" in request and field_value == 0x8001:
+            response["AffectedSOPInstanceUID"] = request["AffectedSOPInstanceUID"]
+        if error_comment:
+            # PS3.7 C.4: Error Comment is LO, at most 64 characters.
+            response["ErrorComment"] = error_comment[:64]
+        response.update(fields)
+        await self.session.send(self.message.context_id, response, dataset)
+        if not is_pending(status):
+            self.finished = True
+            self._log(status, error_comment)
+
+    def _log(self, status: int, error_comment: str | None) -> None:
+        session = self.session
+        log_event(
+            log,
+            "dimse.operation",
+            level=logging.INFO if status in (SUCCESS, CANCEL) else logging.WARNING,
+            operation=command_name(self.command),
+            message_id=self.message_id,
+            calling_ae=session.calling_ae,
+            peer=session.peer,
+            sop_class=self.command.get("AffectedSOPClassUID"),
+            sop_instance=self.command.get("AffectedSOPInstanceUID"),
+            status=f"0x{status:04X}",
+            error=error_comment,
+            duration_ms=round((time.perf_counter() - self.started) * 1000, 3),
+        )

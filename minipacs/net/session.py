@@ -1,0 +1,291 @@
+"""The asyncio side of one association: moves bytes, runs timers, routes DIMSE messages.
+
+All protocol decisions live in the sans-I/O `Association`; a `Session` only reads the
+socket, feeds it, writes what it returns, and routes complete messages: requests to the
+registered services, responses to whoever awaits them (by Message ID Being Responded
+To), C-CANCEL to the operation it names. One reader task per association, no threads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from minipacs.net.association import (
+    Aborted,
+    AssociateAccepted,
+    AssociateRejected,
+    AssociateRequested,
+    Association,
+    AssociationEvent,
+    Closed,
+    MessageReceived,
+    ReleaseConfirmed,
+    ReleaseRequested,
+)
+from minipacs.net.commands import C_CANCEL_RQ, Command, command_name
+from minipacs.net.dimse import DimseMessage
+from minipacs.net.operations import UNRECOGNIZED_OPERATION, Operation, Service
+
+log = logging.getLogger("minipacs.net")
+
+READ_SIZE = 256 * 1024
+
+
+@dataclass
+class Timeouts:
+    """Timers of one association, in seconds."""
+
+    artim: float = 30.0
+    idle: float = 300.0
+
+
+class Session:
+    """Runs one association over an asyncio stream pair until it ends."""
+
+    def __init__(
+        self,
+        association: Association,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        *,
+        services: Mapping[int, Service],
+        timeouts: Timeouts,
+        spool_dir: Path,
+        peer: str,
+        on_associate: Callable[[Session, AssociateRequested], Awaitable[None]] | None = None,
+    ) -> None:
+        self.association = association
+        self.reader = reader
+        self.writer = writer
+        self.services = services
+        self.timeouts = timeouts
+        self.spool_dir = spool_dir
+        self.peer = peer
+        self.on_associate = on_associate
+        self.calling_ae = ""
+        self.called_ae = ""
+        self.outcome = "open"
+        self.requests_served = 0
+        self.established: asyncio.Future[AssociateAccepted | AssociateRejected | Aborted] = (
+            asyncio.get_running_loop().create_future()
+        )
+        self.ended = asyncio.Event()
+        self._operations: dict[int, Operation] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._waiters: dict[int, asyncio.Queue[DimseMessage | None]] = {}
+        self._release_done: asyncio.Future[None] | None = None
+        self._next_message_id = 0
+
+    # Writing.
+
+    def flush(self) -> None:
+        """Write whatever the protocol object has queued."""
+        buffers = self.association.data_to_send()
+        if buffers and not self.writer.is_closing():
+            self.writer.writelines(buffers)
+
+    async def send(self, context_id: int, command: Command, dataset: bytes | None = None) -> None:
+        """Send one DIMSE message and wait until the transport can take more."""
+        self.association.send_message(context_id, command, dataset)
+        self.flush()
+        with contextlib.suppress(ConnectionError):
+            await self.writer.drain()
+
+    def next_message_id(self) -> int:
+        """A Message ID unique on this association (PS3.7 9.3.1.1), wrapping at 16 bits."""
+        self._next_message_id = self._next_message_id % 0xFFFF + 1
+        return self._next_message_id
+
+    async def request(
+        self, context_id: int, command: Command, dataset: bytes | None = None
+    ) -> asyncio.Queue[DimseMessage | None]:
+        """Send a request; return the queue its responses arrive on (None: association gone)."""
+        queue: asyncio.Queue[DimseMessage | None] = asyncio.Queue()
+        self._waiters[int(command["MessageID"])] = queue  # type: ignore[call-overload]
+        await self.send(context_id, command, dataset)
+        return queue
+
+    def forget_request(self, message_id: int) -> None:
+        """Stop routing responses of a request to its queue."""
+        self._waiters.pop(message_id, None)
+
+    async def release(self, timeout: float) -> None:
+        """Ask the peer to release the association and wait for its confirmation."""
+        self._release_done = asyncio.get_running_loop().create_future()
+        self.association.release_request()
+        self.flush()
+        try:
+            async with asyncio.timeout(timeout):
+                await self._release_done
+        except TimeoutError:
+            self.abort("release not confirmed in time")
+
+    def abort(self, why: str) -> None:
+        """Abort the association (A-ABORT, service user) and close soon after."""
+        if self.outcome == "open":
+            self.outcome = f"aborted: {why}"
+        self.association.abort()
+        self.flush()
+        self.writer.close()
+
+    # Reading.
+
+    async def run(self) -> None:
+        """Read and dispatch until the association ends, then clean up."""
+        association = self.association
+        try:
+            while not association.finished:
+                if association.should_close:
+                    break
+                timeout = (
+                    self.timeouts.artim if association.artim_running else self.timeouts.idle
+                )
+                try:
+                    async with asyncio.timeout(timeout):
+                        data = await self.reader.read(READ_SIZE)
+                except TimeoutError:
+                    await self._on_timeout()
+                    continue
+                except ConnectionError:
+                    data = b""
+                if not data:
+                    await self._handle(association.connection_lost())
+                    break
+                await self._handle(association.receive_data(data))
+                pending = association.assembler.needs_spill
+                if pending is not None:
+                    await asyncio.get_running_loop().run_in_executor(
+                        None, pending.spill, self.spool_dir
+                    )
+                self.flush()
+        finally:
+            await self._finish()
+
+    async def _on_timeout(self) -> None:
+        association = self.association
+        if association.artim_running:
+            if self.outcome == "open":
+                self.outcome = "artim timeout"
+            await self._handle(association.artim_expired())
+        else:
+            self.abort(f"idle for {self.timeouts.idle:g} s")
+
+    async def _finish(self) -> None:
+        self.association.assembler.discard()
+        for task in list(self._tasks):
+            task.cancel()
+        for task in list(self._tasks):
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        for queue in self._waiters.values():
+            queue.put_nowait(None)
+        if not self.established.done():
+            self.established.set_result(Aborted(False, 2, 0, self.outcome))
+        if self._release_done is not None and not self._release_done.done():
+            self._release_done.set_result(None)
+        self.flush()
+        self.writer.close()
+        with contextlib.suppress(Exception):
+            await self.writer.wait_closed()
+        self.ended.set()
+
+    async def _handle(self, events: list[AssociationEvent]) -> None:
+        for event in events:
+            if isinstance(event, MessageReceived):
+                await self._on_message(event.message)
+            elif isinstance(event, AssociateRequested):
+                self.calling_ae = event.request.calling_ae_title.strip()
+                self.called_ae = event.request.called_ae_title.strip()
+                if self.on_associate is not None:
+                    await self.on_associate(self, event)
+            elif isinstance(event, AssociateAccepted | AssociateRejected):
+                if isinstance(event, AssociateRejected):
+                    self.outcome = "rejected"
+                if not self.established.done():
+                    self.established.set_result(event)
+            elif isinstance(event, ReleaseRequested):
+                self.association.release_response()
+                self.outcome = "released"
+            elif isinstance(event, ReleaseConfirmed):
+                self.outcome = "released"
+                if self._release_done is not None and not self._release_done.done():
+                    self._release_done.set_result(None)
+            elif isinstance(event, Aborted):
+                self._on_aborted(event)
+            elif isinstance(event, Closed) and self.outcome == "open":
+                self.outcome = "closed"
+
+    def _on_aborted(self, event: Aborted) -> None:
+        if event.by_peer:
+            self.outcome = f"aborted by peer (source {event.source}, reason {event.reason})"
+        else:
+            self.outcome = f"aborted: {event.detail}"
+        if not self.established.done():
+            self.established.set_result(event)
+        for task in self._tasks:
+            task.cancel()
+
+    async def _on_message(self, message: DimseMessage) -> None:
+        command = message.command
+        field = int(command["CommandField"])  # type: ignore[call-overload]
+        if field & 0x8000:
+            responded_to = int(command.get("MessageIDBeingRespondedTo", -1))  # type: ignore[call-overload]
+            queue = self._waiters.get(responded_to)
+            if queue is None:
+                log.warning(
+                    "unsolicited %s for message %s from %s",
+                    command_name(command),
+                    responded_to,
+                    self.peer,
+                )
+                return
+            queue.put_nowait(message)
+            return
+        if field == C_CANCEL_RQ:
+            # PS3.7 9.3.2.3: C-CANCEL names the operation by Message ID Being Responded To.
+            target = self._operations.get(int(command.get("MessageIDBeingRespondedTo", -1)))  # type: ignore[call-overload]
+            if target is not None:
+                target.cancelled.set()
+            return
+        context = self.association.contexts[message.context_id]
+        operation = Operation(self, message, context)
+        service = self.services.get(field)
+        self.requests_served += 1
+        if service is None or not context.we_are_scp:
+            await operation.respond(
+                UNRECOGNIZED_OPERATION,
+                error_comment=f"{command_name(command)} is not served on this context",
+            )
+            await self._discard(message)
+            return
+        if not service.concurrent:
+            await self._serve(service, operation)
+            return
+        self._operations[operation.message_id] = operation
+        task = asyncio.create_task(self._serve(service, operation))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _serve(self, service: Service, operation: Operation) -> None:
+        try:
+            await service.handle(operation)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.exception("service failed for %s from %s", command_name(operation.command), self.peer)
+            if not operation.finished:
+                await operation.respond(0x0110, error_comment=f"processing failure: {exc}")
+        finally:
+            self._operations.pop(operation.message_id, None)
+            await self._discard(operation.message)
+            self.flush()
+
+    async def _discard(self, message: DimseMessage) -> None:
+        dataset = message.dataset
+        if dataset is not None and dataset.spool_path is not None:
+            await asyncio.get_running_loop().run_in_executor(None, dataset.discard)
