@@ -136,6 +136,7 @@ class Association:
         self.error: str = ""
         self._out: list[bytes | memoryview] = []
         self._discard_input = False
+        self._pending_request: tuple[bytes, ...] = ()
 
     @property
     def state(self) -> State:
@@ -282,8 +283,6 @@ class Association:
         self._local(Event.EVT14, (pdu.RELEASE_RP_PDU,))
 
     # Local primitives, requestor side.
-
-    _pending_request: tuple[bytes, ...] = ()
 
     def request(self, request: A_ASSOCIATE) -> None:
         """Start a requestor association (Evt1); the RQ goes out on connection_made."""

@@ -1,0 +1,1 @@
+"""Benchmarks: minipacs against peers (DCMTK, Orthanc) measured in the same run."""

@@ -1,0 +1,117 @@
+"""Start the servers a benchmark compares: minipacs and DCMTK's storescp."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import psutil
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _wait_port(port: int, process: subprocess.Popen[bytes], timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"{process.args} exited with {process.returncode}")
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.5):
+            return
+        time.sleep(0.05)
+    raise TimeoutError(f"nothing listening on {port}")
+
+
+@dataclass
+class Peer:
+    """A server under test: its name, port, AE title and process."""
+
+    name: str
+    port: int
+    ae_title: str
+    process: subprocess.Popen[bytes]
+
+    def rss_mib(self) -> float:
+        """Resident memory of the server process and its children, in MiB."""
+        proc = psutil.Process(self.process.pid)
+        total = proc.memory_info().rss
+        for child in proc.children(recursive=True):
+            with contextlib.suppress(psutil.Error):
+                total += child.memory_info().rss
+        return total / (1024 * 1024)
+
+
+def dcmtk_env() -> dict[str, str]:
+    """Environment for DCMTK tools: Nagle off, or each message waits ~40 ms."""
+    return {**os.environ, "TCP_NODELAY": "1"}
+
+
+@contextlib.contextmanager
+def minipacs(workdir: Path | None = None, **env: str) -> Iterator[Peer]:
+    """Run `python -m minipacs serve` on a free port with a temporary store."""
+    with tempfile.TemporaryDirectory(prefix="bench-minipacs-") as tmp:
+        root = workdir or Path(tmp)
+        port = free_port()
+        environ = {
+            **os.environ,
+            "MINIPACS_SERVER_HOST": "127.0.0.1",
+            "MINIPACS_SERVER_PORT": str(port),
+            "MINIPACS_STORAGE_PATH": str(root / "store"),
+            "MINIPACS_DATABASE_URL": f"sqlite:///{root / 'index.sqlite'}",
+            "MINIPACS_LOG_LEVEL": "WARNING",
+            **env,
+        }
+        process = subprocess.Popen(
+            [sys.executable, "-m", "minipacs", "serve"],
+            cwd=root,
+            env=environ,
+            stdout=subprocess.DEVNULL,
+            stderr=open(root / "server.log", "wb"),  # noqa: SIM115
+        )
+        try:
+            _wait_port(port, process)
+            yield Peer("minipacs", port, "MINIPACS", process)
+        finally:
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+
+
+@contextlib.contextmanager
+def storescp(*extra: str) -> Iterator[Peer]:
+    """Run DCMTK storescp (an echo and storage SCP) on a free port."""
+    if shutil.which("storescp") is None:
+        raise SystemExit("storescp not found: apt-get install dcmtk")
+    with tempfile.TemporaryDirectory(prefix="bench-storescp-") as tmp:
+        port = free_port()
+        process = subprocess.Popen(
+            ["storescp", "-aet", "STORESCP", "-od", tmp, *extra, str(port)],
+            env=dcmtk_env(),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        try:
+            _wait_port(port, process)
+            yield Peer("dcmtk-storescp", port, "STORESCP", process)
+        finally:
+            process.terminate()
+            try:
+                process.wait(10)
+            except subprocess.TimeoutExpired:
+                process.kill()
