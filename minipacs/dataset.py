@@ -1,0 +1,185 @@
+"""Decode and encode DIMSE data sets in a given transfer syntax (PS3.5 Section 10).
+
+Blocking and CPU-bound: callers run these in an executor, never on the event loop.
+"""
+
+from __future__ import annotations
+
+import io
+import mmap
+import struct
+import zlib
+from pathlib import Path
+from typing import BinaryIO
+
+from pydicom import Dataset
+from pydicom.filebase import DicomBytesIO
+from pydicom.filereader import _at_pixel_data, read_dataset
+from pydicom.filewriter import write_dataset
+from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
+
+# Element values larger than this stay on disk/in the buffer instead of being decoded.
+DEFER_SIZE = 4096
+
+
+class DataSetError(Exception):
+    """A data set that cannot be decoded in its transfer syntax."""
+
+
+def _syntax(transfer_syntax: str) -> tuple[bool, bool]:
+    uid = UID(transfer_syntax)
+    if not uid.is_transfer_syntax:
+        raise DataSetError(f"{transfer_syntax} is not a known transfer syntax")
+    return uid.is_implicit_VR, uid.is_little_endian
+
+
+def _inflate(raw: bytes) -> bytes:
+    # PS3.5 A.5: Deflated Explicit VR Little Endian is a raw deflate stream (no zlib header).
+    try:
+        return zlib.decompress(raw, -zlib.MAX_WBITS)
+    except zlib.error as exc:
+        raise DataSetError(f"deflated data set does not inflate: {exc}") from exc
+
+
+_LONG_VRS = frozenset({b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"UC", b"UN", b"UR", b"UT", b"SV", b"UV"})
+_UNDEFINED = 0xFFFFFFFF
+_ITEM = (0xFFFE, 0xE000)
+_ITEM_END = (0xFFFE, 0xE00D)
+_SEQUENCE_END = (0xFFFE, 0xE0DD)
+
+
+class _Walker:
+    """Checks that every element, item and fragment of a data set fits (PS3.5 7.1, 7.5).
+
+    pydicom reads past a truncated end without complaint, so the lengths are checked
+    here; values are never decoded, so this is cheap even for multi-GB data sets (mmap).
+    """
+
+    def __init__(self, data: bytes | memoryview | mmap.mmap, little: bool) -> None:
+        self.data = data
+        order = "<" if little else ">"
+        self.tag = struct.Struct(order + "HH")
+        self.u16 = struct.Struct(order + "H")
+        self.u32 = struct.Struct(order + "L")
+        # PS3.5 7.5: items and delimiters are always coded like Implicit VR.
+        self.item_header = struct.Struct(order + "HHL")
+
+    def elements(self, offset: int, end: int, delimited: bool, implicit: bool) -> int:
+        """Walk elements in [offset, end); return where they stop."""
+        data = self.data
+        while offset < end:
+            if end - offset < 8:
+                raise DataSetError(f"element header truncated at byte {offset}")
+            group, element = self.tag.unpack_from(data, offset)
+            if (group, element) == _ITEM_END:
+                if not delimited:
+                    raise DataSetError(f"stray item delimiter at byte {offset}")
+                return offset + 8
+            if implicit or group == 0xFFFE:
+                vr = b"UN" if implicit else b""
+                length = self.u32.unpack_from(data, offset + 4)[0]
+                offset += 8
+            else:
+                vr = bytes(data[offset + 4 : offset + 6])
+                if vr in _LONG_VRS:
+                    if end - offset < 12:
+                        raise DataSetError(f"element header truncated at byte {offset}")
+                    length = self.u32.unpack_from(data, offset + 8)[0]
+                    offset += 12
+                else:
+                    length = self.u16.unpack_from(data, offset + 6)[0]
+                    offset += 8
+            if length == _UNDEFINED:
+                # PS3.5 6.2.2: an UN of undefined length holds Implicit VR LE items.
+                offset = self.items(offset, end, implicit or vr == b"UN")
+                continue
+            if offset + length > end:
+                raise DataSetError(
+                    f"element ({group:04X},{element:04X}) needs {length} bytes, "
+                    f"{end - offset} left: data set truncated"
+                )
+            if vr == b"SQ":
+                self.items(offset, offset + length, implicit, defined=True)
+            offset += length
+        if delimited:
+            raise DataSetError("item without its delimiter: data set truncated")
+        return offset
+
+    def items(self, offset: int, end: int, implicit: bool, defined: bool = False) -> int:
+        """Walk sequence items or pixel fragments up to the end or the delimiter."""
+        while offset < end:
+            if end - offset < 8:
+                raise DataSetError(f"item header truncated at byte {offset}")
+            group, element, length = self.item_header.unpack_from(self.data, offset)
+            offset += 8
+            if (group, element) == _SEQUENCE_END:
+                return offset
+            if (group, element) != _ITEM:
+                raise DataSetError(f"expected an item at byte {offset - 8}")
+            if length == _UNDEFINED:
+                offset = self.elements(offset, end, delimited=True, implicit=implicit)
+            elif offset + length > end:
+                raise DataSetError("item longer than what is left: data set truncated")
+            else:
+                offset += length
+        if not defined:
+            raise DataSetError("sequence without its delimiter: data set truncated")
+        return offset
+
+
+def check_structure(source: bytes | Path, transfer_syntax: str) -> None:
+    """Raise DataSetError unless every length in the data set fits what was received."""
+    implicit, little = _syntax(transfer_syntax)
+    if transfer_syntax == DeflatedExplicitVRLittleEndian:
+        raw = source.read_bytes() if isinstance(source, Path) else source
+        data = _inflate(raw)
+        _Walker(data, little).elements(0, len(data), False, implicit)
+        return
+    if isinstance(source, bytes):
+        _Walker(source, little).elements(0, len(source), False, implicit)
+        return
+    with open(source, "rb") as handle, mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
+        _Walker(mapped, little).elements(0, len(mapped), False, implicit)
+
+
+def read_header(source: bytes | Path, transfer_syntax: str) -> Dataset:
+    """Decode a data set up to its Pixel Data; large values are deferred."""
+    implicit, little = _syntax(transfer_syntax)
+    if isinstance(source, Path):
+        if transfer_syntax == DeflatedExplicitVRLittleEndian:
+            return _read(io.BytesIO(_inflate(source.read_bytes())), implicit, little)
+        with open(source, "rb") as handle:
+            return _read(handle, implicit, little)
+    data = _inflate(source) if transfer_syntax == DeflatedExplicitVRLittleEndian else source
+    return _read(io.BytesIO(data), implicit, little)
+
+
+def _read(handle: BinaryIO, implicit: bool, little: bool) -> Dataset:
+    handle.seek(0, io.SEEK_END)
+    total = handle.tell()
+    handle.seek(0)
+    try:
+        dataset = read_dataset(
+            handle, implicit, little, stop_when=_at_pixel_data, defer_size=DEFER_SIZE
+        )
+    except DataSetError:
+        raise
+    except Exception as exc:
+        raise DataSetError(f"data set cannot be decoded: {exc}") from exc
+    if len(dataset) == 0 and total:
+        raise DataSetError("data set has no elements")
+    return dataset
+
+
+def encode(dataset: Dataset, transfer_syntax: str) -> bytes:
+    """Encode a data set (e.g. a C-FIND identifier) in a transfer syntax."""
+    implicit, little = _syntax(transfer_syntax)
+    buffer = DicomBytesIO()
+    buffer.is_implicit_VR = implicit
+    buffer.is_little_endian = little
+    write_dataset(buffer, dataset)
+    raw = buffer.getvalue()
+    if transfer_syntax == DeflatedExplicitVRLittleEndian:
+        compressor = zlib.compressobj(zlib.Z_DEFAULT_COMPRESSION, zlib.DEFLATED, -zlib.MAX_WBITS)
+        raw = compressor.compress(raw) + compressor.flush()
+    return raw
