@@ -62,8 +62,15 @@ class Operation:
     message: DimseMessage
     context: AcceptedContext
     started: float = field(default_factory=time.perf_counter)
-    cancelled: asyncio.Event = field(default_factory=asyncio.Event)
     finished: bool = False
+    _cancelled: asyncio.Event | None = None
+
+    @property
+    def cancelled(self) -> asyncio.Event:
+        """Set when the peer sent C-CANCEL for this operation (PS3.7 9.3.2.3)."""
+        if self._cancelled is None:
+            self._cancelled = asyncio.Event()
+        return self._cancelled
 
     @property
     def command(self) -> Command:
@@ -107,11 +114,14 @@ class Operation:
             self._log(status, error_comment)
 
     def _log(self, status: int, error_comment: str | None) -> None:
+        level = logging.INFO if status in (SUCCESS, CANCEL) else logging.WARNING
+        if not log.isEnabledFor(level):
+            return
         session = self.session
         log_event(
             log,
             "dimse.operation",
-            level=logging.INFO if status in (SUCCESS, CANCEL) else logging.WARNING,
+            level=level,
             operation=command_name(self.command),
             message_id=self.message_id,
             calling_ae=session.calling_ae,

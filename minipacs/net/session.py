@@ -80,21 +80,32 @@ class Session:
         self._waiters: dict[int, asyncio.Queue[DimseMessage | None]] = {}
         self._release_done: asyncio.Future[None] | None = None
         self._next_message_id = 0
+        self._last_activity = asyncio.get_running_loop().time()
+        self._watchdog: asyncio.TimerHandle | None = None
+        self._watching_artim = False
+        self._timed_out = False
 
     # Writing.
 
     def flush(self) -> None:
         """Write whatever the protocol object has queued."""
         buffers = self.association.data_to_send()
-        if buffers and not self.writer.is_closing():
+        if not buffers or self.writer.is_closing():
+            return
+        if len(buffers) <= 4:
+            # One write of a small joined message beats writelines' per-buffer overhead.
+            self.writer.write(b"".join(buffers))
+        else:
             self.writer.writelines(buffers)
 
     async def send(self, context_id: int, command: Command, dataset: bytes | None = None) -> None:
         """Send one DIMSE message and wait until the transport can take more."""
         self.association.send_message(context_id, command, dataset)
         self.flush()
-        with contextlib.suppress(ConnectionError):
-            await self.writer.drain()
+        transport = self.writer.transport
+        if transport.get_write_buffer_size() > 0:
+            with contextlib.suppress(ConnectionError):
+                await self.writer.drain()
 
     def next_message_id(self) -> int:
         """A Message ID unique on this association (PS3.7 9.3.1.1), wrapping at 16 bits."""
@@ -138,33 +149,58 @@ class Session:
     async def run(self) -> None:
         """Read and dispatch until the association ends, then clean up."""
         association = self.association
+        loop = asyncio.get_running_loop()
+        self._arm_watchdog()
         try:
-            while not association.finished:
-                if association.should_close:
-                    break
-                timeout = (
-                    self.timeouts.artim if association.artim_running else self.timeouts.idle
-                )
+            while not association.finished and not association.should_close:
                 try:
-                    async with asyncio.timeout(timeout):
-                        data = await self.reader.read(READ_SIZE)
-                except TimeoutError:
-                    await self._on_timeout()
-                    continue
+                    data = await self.reader.read(READ_SIZE)
                 except ConnectionError:
                     data = b""
+                if self._timed_out:
+                    await self._on_timeout()
+                    break
                 if not data:
                     await self._handle(association.connection_lost())
                     break
+                self._last_activity = loop.time()
                 await self._handle(association.receive_data(data))
                 pending = association.assembler.needs_spill
                 if pending is not None:
-                    await asyncio.get_running_loop().run_in_executor(
-                        None, pending.spill, self.spool_dir
-                    )
+                    await loop.run_in_executor(None, pending.spill, self.spool_dir)
                 self.flush()
+                if association.artim_running != self._watching_artim:
+                    self._arm_watchdog()
         finally:
+            if self._watchdog is not None:
+                self._watchdog.cancel()
             await self._finish()
+
+    def _arm_watchdog(self) -> None:
+        # One timer per association, re-armed only when it fires or ARTIM starts/stops:
+        # cheaper than a timeout around every read on the hot path.
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+        self._watching_artim = self.association.artim_running
+        timeout = self.timeouts.artim if self._watching_artim else self.timeouts.idle
+        self._watchdog = asyncio.get_running_loop().call_at(
+            self._last_activity + timeout, self._check_timers
+        )
+
+    def _check_timers(self) -> None:
+        self._watchdog = None
+        loop = asyncio.get_running_loop()
+        artim = self.association.artim_running
+        timeout = self.timeouts.artim if artim else self.timeouts.idle
+        # A long C-MOVE/C-GET keeps the peer silent while we work: that is not idleness.
+        busy = bool(self._operations) and not artim
+        if busy:
+            self._last_activity = loop.time()
+        if loop.time() - self._last_activity >= timeout:
+            self._timed_out = True
+            self.reader.feed_eof()
+            return
+        self._arm_watchdog()
 
     async def _on_timeout(self) -> None:
         association = self.association
