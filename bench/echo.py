@@ -102,9 +102,17 @@ def main() -> None:
     parser.add_argument("--echoes", type=int, default=5000)
     parser.add_argument("--setups", type=int, default=500)
     args = parser.parse_args()
-    measure("C-ECHO RTT, one association (echoscu)", lambda p: echoscu_rtt(p, args.echoes), args.rounds)
-    measure("C-ECHO RTT, one association (asyncio SCU)", lambda p: client_rtt(p, args.echoes), args.rounds)
-    measure("association set-ups (assoc+echo+release)", lambda p: setups(p, args.setups), args.rounds)
+    measure(
+        "C-ECHO RTT, one association (echoscu)", lambda p: echoscu_rtt(p, args.echoes), args.rounds
+    )
+    measure(
+        "C-ECHO RTT, one association (asyncio SCU)",
+        lambda p: client_rtt(p, args.echoes),
+        args.rounds,
+    )
+    measure(
+        "association set-ups (assoc+echo+release)", lambda p: setups(p, args.setups), args.rounds
+    )
     with minipacs() as peer:
         idle, loaded = idle_rss(peer, 200)
     print(f"minipacs RSS: idle {idle:.1f} MiB, with 200 idle associations {loaded:.1f} MiB")

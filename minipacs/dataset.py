@@ -41,7 +41,9 @@ def _inflate(raw: bytes) -> bytes:
         raise DataSetError(f"deflated data set does not inflate: {exc}") from exc
 
 
-_LONG_VRS = frozenset({b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"UC", b"UN", b"UR", b"UT", b"SV", b"UV"})
+_LONG_VRS = frozenset(
+    {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"UC", b"UN", b"UR", b"UT", b"SV", b"UV"}
+)
 _UNDEFINED = 0xFFFFFFFF
 _ITEM = (0xFFFE, 0xE000)
 _ITEM_END = (0xFFFE, 0xE00D)
@@ -138,7 +140,10 @@ def check_structure(source: bytes | Path, transfer_syntax: str) -> None:
     if isinstance(source, bytes):
         _Walker(source, little).elements(0, len(source), False, implicit)
         return
-    with open(source, "rb") as handle, mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
+    with (
+        open(source, "rb") as handle,
+        mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as mapped,
+    ):
         _Walker(mapped, little).elements(0, len(mapped), False, implicit)
 
 

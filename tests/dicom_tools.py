@@ -23,7 +23,18 @@ def dcmtk(tool: str, *args: str, timeout: float = 60.0) -> subprocess.CompletedP
 def echoscu(port: int, called: str = "MINIPACS", calling: str = "ECHOSCU") -> int:
     """Run echoscu against 127.0.0.1:port; return its exit code."""
     result = dcmtk(
-        "echoscu", "-to", "10", "-ta", "10", "-td", "10", "-aet", calling, "-aec", called,
-        "127.0.0.1", str(port),
+        "echoscu",
+        "-to",
+        "10",
+        "-ta",
+        "10",
+        "-td",
+        "10",
+        "-aet",
+        calling,
+        "-aec",
+        called,
+        "127.0.0.1",
+        str(port),
     )
     return result.returncode

@@ -5,8 +5,8 @@ from __future__ import annotations
 from io import BytesIO
 
 import pytest
-from pynetdicom.dimse_primitives import C_ECHO, C_FIND, C_MOVE, C_STORE
 from pynetdicom.dimse_messages import C_ECHO_RSP, C_FIND_RQ, C_MOVE_RSP, C_STORE_RQ
+from pynetdicom.dimse_primitives import C_ECHO, C_FIND, C_MOVE, C_STORE
 
 from minipacs.net.commands import CommandError, decode_command, encode_command
 

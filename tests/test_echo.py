@@ -89,6 +89,9 @@ def test_async_operations_window_is_answered(server: MinipacsProcess) -> None:
         for item in assoc.acceptor.user_information
         if isinstance(item, AsynchronousOperationsWindowNegotiation)
     ]
-    assert [(r.maximum_number_operations_invoked, r.maximum_number_operations_performed) for r in replies] == [(1, 1)]
+    assert [
+        (r.maximum_number_operations_invoked, r.maximum_number_operations_performed)
+        for r in replies
+    ] == [(1, 1)]
     assert assoc.acceptor.implementation_class_uid.startswith("2.25.")
     assoc.release()

@@ -34,10 +34,10 @@ def test_pdata_round_trip_matches_pynetdicom() -> None:
 def test_fixed_pdus_match_pynetdicom() -> None:
     release = A_RELEASE_RQ()
     release.from_primitive(A_RELEASE())
-    assert pdu.RELEASE_RQ_PDU == release.encode()
+    assert release.encode() == pdu.RELEASE_RQ_PDU
     reply = A_RELEASE_RP()
     reply.from_primitive(A_RELEASE())
-    assert pdu.RELEASE_RP_PDU == reply.encode()
+    assert reply.encode() == pdu.RELEASE_RP_PDU
     reject = A_ASSOCIATE()
     reject.result, reject.result_source, reject.diagnostic = 2, 3, 2
     rj = A_ASSOCIATE_RJ()

@@ -158,7 +158,9 @@ class Association:
         out, self._out = self._out, []
         return out
 
-    def _fire(self, event: Event, payload: tuple[bytes | memoryview, ...] = (), reason: int = 0) -> Action:
+    def _fire(
+        self, event: Event, payload: tuple[bytes | memoryview, ...] = (), reason: int = 0
+    ) -> Action:
         action = self.machine.fire(event)
         spec = ACTIONS[action]
         if spec.sends == "A-ABORT":
@@ -321,7 +323,9 @@ class Association:
             fragments.append(chunk)
         self._local(Event.EVT9, tuple(fragments))
 
-    def _fragments(self, context_id: int, data: bytes | memoryview, command: bool) -> list[bytes | memoryview]:
+    def _fragments(
+        self, context_id: int, data: bytes | memoryview, command: bool
+    ) -> list[bytes | memoryview]:
         size = fragment_size(self.peer_max_pdu, MAX_SEND_PDU)
         return list(encode_fragments(context_id, data, command, size))
 

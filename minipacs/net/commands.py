@@ -105,7 +105,8 @@ def _decode_value(vr: str, raw: bytes) -> object:
         if len(raw) % 4:
             raise CommandError(f"AT value of length {len(raw)}")
         return [
-            (g << 16) | e for g, e in (struct.unpack_from("<HH", raw, i) for i in range(0, len(raw), 4))
+            (g << 16) | e
+            for g, e in (struct.unpack_from("<HH", raw, i) for i in range(0, len(raw), 4))
         ]
     text = raw.decode("ascii", errors="replace")
     return text.rstrip("\0 ") if vr == "UI" else text.strip(" ")

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from minipacs.net.commands import Command, CommandError, decode_command, has_dataset
-from minipacs.net.pdu import Pdv, PduError, pdata_header
+from minipacs.net.pdu import PduError, Pdv, pdata_header
 
 
 class DataSet:
@@ -101,9 +101,9 @@ class MessageAssembler:
     def needs_spill(self) -> DataSet | None:
         """The data set in progress if it holds more in memory than the threshold."""
         partial = self._partial
-        if partial is not None and partial.dataset is not None:
-            if partial.dataset.pending_bytes > self.spool_threshold:
-                return partial.dataset
+        dataset = partial.dataset if partial is not None else None
+        if dataset is not None and dataset.pending_bytes > self.spool_threshold:
+            return dataset
         return None
 
     def discard(self) -> None:

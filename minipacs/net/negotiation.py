@@ -60,7 +60,11 @@ STORAGE_TRANSFER_SYNTAXES: Final = UNCOMPRESSED_TRANSFER_SYNTAXES + ENCAPSULATED
 STORAGE_SOP_CLASSES: Final = tuple(sorted(set(_STORAGE_CLASSES.values())))
 # Patient/Study Only (1.2.840.10008.5.1.4.1.2.3.x) is retired (PS3.4 C.6.3): not offered,
 # so a proposal of it is rejected per context with "abstract syntax not supported".
-QUERY_RETRIEVE_SOP_CLASSES: Final = tuple(_QR_CLASSES.values())
+QUERY_RETRIEVE_SOP_CLASSES: Final = tuple(
+    _QR_CLASSES[f"{root}QueryRetrieveInformationModel{service}"]
+    for root in ("PatientRoot", "StudyRoot")
+    for service in ("Find", "Move", "Get")
+)
 
 # Reasons of A-ASSOCIATE-RJ, PS3.8 9.3.4 Table 9-21: (result, source, reason).
 REJECT_NO_REASON: Final = (1, 1, 1)
@@ -93,7 +97,9 @@ class Negotiated:
     accepted: dict[int, AcceptedContext]
 
 
-def _supported(syntaxes: Iterable[tuple[str, Sequence[str]]], roles: bool) -> list[PresentationContext]:
+def _supported(
+    syntaxes: Iterable[tuple[str, Sequence[str]]], roles: bool
+) -> list[PresentationContext]:
     contexts = []
     for abstract, transfer in syntaxes:
         context = PresentationContext()
@@ -111,13 +117,15 @@ class AcceptorPolicy:
     """What the server accepts, with a cache of negotiation results per proposal."""
 
     def __init__(self, cache_size: int = 256) -> None:
-        self._contexts = _supported(
-            ((VERIFICATION, UNCOMPRESSED_TRANSFER_SYNTAXES),), roles=False
-        ) + _supported(
-            ((uid, UNCOMPRESSED_TRANSFER_SYNTAXES) for uid in QUERY_RETRIEVE_SOP_CLASSES),
-            roles=False,
-        ) + _supported(
-            ((uid, STORAGE_TRANSFER_SYNTAXES) for uid in STORAGE_SOP_CLASSES), roles=True
+        self._contexts = (
+            _supported(((VERIFICATION, UNCOMPRESSED_TRANSFER_SYNTAXES),), roles=False)
+            + _supported(
+                ((uid, UNCOMPRESSED_TRANSFER_SYNTAXES) for uid in QUERY_RETRIEVE_SOP_CLASSES),
+                roles=False,
+            )
+            + _supported(
+                ((uid, STORAGE_TRANSFER_SYNTAXES) for uid in STORAGE_SOP_CLASSES), roles=True
+            )
         )
         self._cache: OrderedDict[tuple[object, ...], Negotiated] = OrderedDict()
         self._cache_size = cache_size

@@ -108,9 +108,7 @@ class PduReader:
 
     def _check_header(self, pdu_type: int, length: int) -> None:
         if pdu_type not in PDU_NAMES:
-            raise PduError(
-                f"unrecognised PDU type 0x{pdu_type:02x}", ABORT_REASON_UNRECOGNIZED_PDU
-            )
+            raise PduError(f"unrecognised PDU type 0x{pdu_type:02x}", ABORT_REASON_UNRECOGNIZED_PDU)
         if pdu_type == P_DATA_TF:
             limit = self.max_pdata_length
         elif pdu_type in _FIXED_LENGTH_PDUS:

@@ -29,7 +29,12 @@ from minipacs.net.association import (
 )
 from minipacs.net.commands import C_CANCEL_RQ, Command, command_name
 from minipacs.net.dimse import DimseMessage
-from minipacs.net.operations import UNRECOGNIZED_OPERATION, Operation, Service
+from minipacs.net.operations import (
+    PROCESSING_FAILURE,
+    UNRECOGNIZED_OPERATION,
+    Operation,
+    Service,
+)
 
 log = logging.getLogger("minipacs.net")
 
@@ -313,9 +318,13 @@ class Session:
         except asyncio.CancelledError:
             raise
         except Exception as exc:
-            log.exception("service failed for %s from %s", command_name(operation.command), self.peer)
+            log.exception(
+                "service failed for %s from %s", command_name(operation.command), self.peer
+            )
             if not operation.finished:
-                await operation.respond(0x0110, error_comment=f"processing failure: {exc}")
+                await operation.respond(
+                    PROCESSING_FAILURE, error_comment=f"processing failure: {exc}"
+                )
         finally:
             self._operations.pop(operation.message_id, None)
             await self._discard(operation.message)

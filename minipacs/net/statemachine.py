@@ -133,9 +133,7 @@ ACTIONS: Final[Mapping[Action, ActionSpec]] = {
     Action.AE_1: ActionSpec(connect_transport=True),
     Action.AE_2: ActionSpec(sends="A-ASSOCIATE-RQ"),
     Action.AE_3: ActionSpec(indication="A-ASSOCIATE confirmation (accept)"),
-    Action.AE_4: ActionSpec(
-        indication="A-ASSOCIATE confirmation (reject)", close_transport=True
-    ),
+    Action.AE_4: ActionSpec(indication="A-ASSOCIATE confirmation (reject)", close_transport=True),
     Action.AE_5: ActionSpec(artim="start"),
     Action.AE_6: ActionSpec(indication="A-ASSOCIATE indication", artim="stop"),
     Action.AE_7: ActionSpec(sends="A-ASSOCIATE-AC"),
