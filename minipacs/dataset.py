@@ -14,12 +14,16 @@ from typing import BinaryIO
 
 from pydicom import Dataset
 from pydicom.filebase import DicomBytesIO
-from pydicom.filereader import _at_pixel_data, read_dataset
+from pydicom.filereader import read_dataset
 from pydicom.filewriter import write_dataset
 from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
 
-# Element values larger than this stay on disk/in the buffer instead of being decoded.
-DEFER_SIZE = 4096
+
+
+def _at_bulk_pixels(tag: int, vr: str | None, length: int) -> bool:
+    # Group 7FE0 (Pixel Data, Float and Double Float Pixel Data) is the bulk; the index
+    # needs everything before it and nothing of it.
+    return int(tag) >> 16 == 0x7FE0
 
 
 class DataSetError(Exception):
@@ -148,7 +152,7 @@ def check_structure(source: bytes | Path, transfer_syntax: str) -> None:
 
 
 def read_header(source: bytes | Path, transfer_syntax: str) -> Dataset:
-    """Decode a data set up to its Pixel Data; large values are deferred."""
+    """Decode a data set up to its pixel data (group 7FE0), which is left unread."""
     implicit, little = _syntax(transfer_syntax)
     if isinstance(source, Path):
         if transfer_syntax == DeflatedExplicitVRLittleEndian:
@@ -164,9 +168,7 @@ def _read(handle: BinaryIO, implicit: bool, little: bool) -> Dataset:
     total = handle.tell()
     handle.seek(0)
     try:
-        dataset = read_dataset(
-            handle, implicit, little, stop_when=_at_pixel_data, defer_size=DEFER_SIZE
-        )
+        dataset = read_dataset(handle, implicit, little, stop_when=_at_bulk_pixels)
     except DataSetError:
         raise
     except Exception as exc:
