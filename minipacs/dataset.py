@@ -19,7 +19,6 @@ from pydicom.filewriter import write_dataset
 from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
 
 
-
 def _at_bulk_pixels(tag: int, vr: str | None, length: int) -> bool:
     # Group 7FE0 (Pixel Data, Float and Double Float Pixel Data) is the bulk; the index
     # needs everything before it and nothing of it.
