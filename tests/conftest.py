@@ -6,7 +6,7 @@ import pytest
 
 from tests.servers import MinipacsProcess, start_minipacs
 
-pytest_plugins: list[str] = []
+pytest_plugins = ["tests.fixtures_db"]
 
 
 @pytest.fixture
