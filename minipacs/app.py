@@ -6,13 +6,22 @@ import asyncio
 import contextlib
 import logging
 import signal
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+from sqlalchemy import Engine
 
 from minipacs.config import Settings
+from minipacs.index.db import make_engine
+from minipacs.index.schema import ensure_schema
+from minipacs.index.writer import IndexWriter
 from minipacs.logs import log_event
 from minipacs.net.association import Limits
 from minipacs.net.server import Server, ServerConfig
 from minipacs.net.session import Timeouts
 from minipacs.services import build_services
+from minipacs.services.store import StoreService
+from minipacs.storage.filestore import FileStore
 
 log = logging.getLogger("minipacs.app")
 
@@ -37,24 +46,75 @@ def server_config(settings: Settings) -> ServerConfig:
     )
 
 
+@dataclass
+class Archive:
+    """The storage side: file store, index engine and writer, blocking-work executor."""
+
+    store: FileStore
+    engine: Engine
+    writer: IndexWriter
+    executor: ThreadPoolExecutor
+
+    async def close(self) -> None:
+        """Commit what is queued and release threads and connections."""
+        await self.writer.close()
+        self.executor.shutdown(wait=True)
+        self.engine.dispose()
+
+
+def open_archive(settings: Settings) -> Archive:
+    """Open store and index (blocking: schema check, temp cleanup); raise SchemaOutOfDate."""
+    engine = make_engine(settings.database.url, settings.database.pool_size)
+    ensure_schema(settings.database.url, settings.database.auto_upgrade, engine)
+    store = FileStore(settings.store_dir, settings.storage.min_free_bytes, settings.storage.fsync)
+    removed = store.cleanup_temp()
+    spool = settings.spool_dir
+    if spool.is_dir():
+        for leftover in spool.glob("*.spool"):
+            leftover.unlink(missing_ok=True)
+    if removed:
+        log_event(log, "store.temp_cleaned", level=logging.WARNING, files=removed)
+    writer = IndexWriter(
+        engine,
+        settings.storage.duplicate_policy,
+        settings.database.batch_max,
+        settings.database.batch_wait_ms,
+    )
+    writer.start()
+    # fsync-bound work: more threads than cores keeps the disk queue full.
+    executor = ThreadPoolExecutor(max_workers=16, thread_name_prefix="store")
+    return Archive(store, engine, writer, executor)
+
+
 async def serve(settings: Settings, started: asyncio.Event | None = None) -> None:
     """Run the server until SIGTERM or SIGINT, then shut down gracefully."""
-    server = Server(server_config(settings), build_services())
-    await server.start()
-    stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
-    if started is not None:
-        started.set()
+    archive = await loop.run_in_executor(None, open_archive, settings)
+    store_service = StoreService(
+        archive.store,
+        archive.writer,
+        archive.engine,
+        archive.executor,
+        settings.storage.duplicate_policy,
+    )
+    server = Server(server_config(settings), build_services(store_service))
     try:
-        await stop.wait()
-        log_event(log, "server.signal", active=len(server.sessions))
-    finally:
+        await server.start()
+        stop = asyncio.Event()
         for signum in (signal.SIGTERM, signal.SIGINT):
-            with contextlib.suppress(Exception):
-                loop.remove_signal_handler(signum)
-        await server.shutdown(settings.server.shutdown_grace)
+            loop.add_signal_handler(signum, stop.set)
+        if started is not None:
+            started.set()
+        try:
+            await stop.wait()
+            log_event(log, "server.signal", active=len(server.sessions))
+        finally:
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                with contextlib.suppress(Exception):
+                    loop.remove_signal_handler(signum)
+            await server.shutdown(settings.server.shutdown_grace)
+    finally:
+        await archive.close()
 
 
 def run(settings: Settings) -> int:

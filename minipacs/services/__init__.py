@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
-from minipacs.net.commands import C_ECHO_RQ
+from minipacs.net.commands import C_ECHO_RQ, C_STORE_RQ
 from minipacs.net.operations import Service
 from minipacs.services.echo import handle_echo
+from minipacs.services.store import StoreService
 
 
-def build_services() -> dict[int, Service]:
+def build_services(store: StoreService | None = None) -> dict[int, Service]:
     """The Command Field -> Service table the server dispatches requests with."""
-    return {C_ECHO_RQ: Service(handle_echo)}
+    services = {C_ECHO_RQ: Service(handle_echo)}
+    if store is not None:
+        services[C_STORE_RQ] = Service(store.handle)
+    return services
