@@ -45,6 +45,7 @@ class MinipacsProcess:
     workdir: Path
     log_path: Path
     ae_title: str = "MINIPACS"
+    database_url: str = ""
 
     def log_text(self) -> str:
         """Everything the server logged so far."""
@@ -89,4 +90,5 @@ def start_minipacs(workdir: Path, env: Mapping[str, str] | None = None) -> Minip
         process.kill()
         process.wait(5)
         raise RuntimeError(f"minipacs did not start:\n{log_path.read_text()}") from None
-    return MinipacsProcess(process, port, workdir, log_path)
+    url = environ["MINIPACS_DATABASE_URL"]
+    return MinipacsProcess(process, port, workdir, log_path, database_url=url)
