@@ -30,6 +30,7 @@ class AssociateRequested:
 
     request: A_ASSOCIATE
     protocol_version: int
+    raw: bytes
 
 
 @dataclass(slots=True)
@@ -238,7 +239,7 @@ class Association:
         if event is Event.EVT6 and state == State.STA2:
             request = pdu.decode_associate_rq(raw)
             self._fire(event)
-            return [AssociateRequested(request, int.from_bytes(raw[6:8], "big"))]
+            return [AssociateRequested(request, int.from_bytes(raw[6:8], "big"), raw)]
         if event is Event.EVT3 and state == State.STA5:
             response = pdu.decode_associate_ac(raw)
             self._fire(event)
@@ -269,12 +270,12 @@ class Association:
     # Local primitives, acceptor side.
 
     def accept(
-        self, response: A_ASSOCIATE, contexts: dict[int, AcceptedContext], peer_max_pdu: int
+        self, response: bytes, contexts: dict[int, AcceptedContext], peer_max_pdu: int
     ) -> None:
-        """Send A-ASSOCIATE-AC (Evt7) and enter data transfer with these contexts."""
+        """Send an encoded A-ASSOCIATE-AC (Evt7); enter data transfer with these contexts."""
         self.contexts.update(contexts)
         self.peer_max_pdu = peer_max_pdu
-        self._local(Event.EVT7, (pdu.encode_associate_ac(response),))
+        self._local(Event.EVT7, (response,))
 
     def reject(self, result: int, source: int, reason: int) -> None:
         """Send A-ASSOCIATE-RJ (Evt8), PS3.8 Table 9-21 values."""

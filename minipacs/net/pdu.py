@@ -9,6 +9,7 @@ fragment and pynetdicom's objects cost tens of microseconds each.
 
 from __future__ import annotations
 
+import functools
 import struct
 from dataclasses import dataclass
 from typing import Final
@@ -203,8 +204,27 @@ def _check_associate(pdu: bytes) -> None:
     _check_items(pdu, 74, len(pdu), nested=False)
 
 
+# Only requests up to this size are cached, so the cache's memory stays bounded (256 x).
+CACHEABLE_ASSOCIATE_LENGTH: Final = 64 * 1024
+
+
 def decode_associate_rq(pdu: bytes) -> A_ASSOCIATE:
-    """Decode an A-ASSOCIATE-RQ into pynetdicom's primitive, or raise PduError."""
+    """Decode an A-ASSOCIATE-RQ into pynetdicom's primitive (shared: treat as read-only).
+
+    pynetdicom takes ~250 us per context to decode; a peer sends the same bytes on every
+    association, so decoded requests are cached by their bytes.
+    """
+    if len(pdu) <= CACHEABLE_ASSOCIATE_LENGTH:
+        return _decode_associate_rq_cached(pdu)
+    return _decode_associate_rq(pdu)
+
+
+@functools.lru_cache(maxsize=256)
+def _decode_associate_rq_cached(pdu: bytes) -> A_ASSOCIATE:
+    return _decode_associate_rq(pdu)
+
+
+def _decode_associate_rq(pdu: bytes) -> A_ASSOCIATE:
     _check_associate(pdu)
     try:
         decoded = A_ASSOCIATE_RQ()
@@ -215,7 +235,18 @@ def decode_associate_rq(pdu: bytes) -> A_ASSOCIATE:
 
 
 def decode_associate_ac(pdu: bytes) -> A_ASSOCIATE:
-    """Decode an A-ASSOCIATE-AC into pynetdicom's primitive, or raise PduError."""
+    """Decode an A-ASSOCIATE-AC into pynetdicom's primitive (shared: treat as read-only)."""
+    if len(pdu) <= CACHEABLE_ASSOCIATE_LENGTH:
+        return _decode_associate_ac_cached(pdu)
+    return _decode_associate_ac(pdu)
+
+
+@functools.lru_cache(maxsize=256)
+def _decode_associate_ac_cached(pdu: bytes) -> A_ASSOCIATE:
+    return _decode_associate_ac(pdu)
+
+
+def _decode_associate_ac(pdu: bytes) -> A_ASSOCIATE:
     _check_associate(pdu)
     try:
         decoded = A_ASSOCIATE_AC()

@@ -16,6 +16,7 @@ from minipacs.logs import log_event
 from minipacs.net import negotiation as neg
 from minipacs.net.association import AssociateRequested, Association, Limits
 from minipacs.net.operations import Service
+from minipacs.net.pdu import CACHEABLE_ASSOCIATE_LENGTH, encode_associate_ac
 from minipacs.net.session import Session, Timeouts
 
 log = logging.getLogger("minipacs.net")
@@ -49,6 +50,7 @@ class Server:
         self._server: asyncio.Server | None = None
         self._draining = False
         self._tasks: set[asyncio.Task[None]] = set()
+        self._ac_cache: dict[bytes, bytes] = {}
 
     @property
     def port(self) -> int:
@@ -170,7 +172,7 @@ class Server:
         if not negotiated.accepted:
             return self._refuse(session, "no acceptable presentation context", neg.REJECT_NO_REASON)
         session.association.accept(
-            self._accept_primitive(request, negotiated),
+            self._accept_pdu(event.raw, request, negotiated),
             negotiated.accepted,
             neg.peer_max_pdu(request.user_information),
         )
@@ -188,6 +190,18 @@ class Server:
             abstract_syntaxes=sorted({c.abstract_syntax for c in negotiated.accepted.values()}),
         )
         return None
+
+    def _accept_pdu(self, raw: bytes, request: A_ASSOCIATE, negotiated: neg.Negotiated) -> bytes:
+        # The AC is a pure function of the RQ bytes and our (fixed) configuration.
+        cached = self._ac_cache.get(raw)
+        if cached is None:
+            cached = encode_associate_ac(self._accept_primitive(request, negotiated))
+            if len(raw) > CACHEABLE_ASSOCIATE_LENGTH:
+                return cached
+            if len(self._ac_cache) >= 256:
+                self._ac_cache.pop(next(iter(self._ac_cache)))
+            self._ac_cache[raw] = cached
+        return cached
 
     def _accept_primitive(self, request: A_ASSOCIATE, negotiated: neg.Negotiated) -> A_ASSOCIATE:
         response = A_ASSOCIATE()
