@@ -6,12 +6,25 @@ Exit codes: 0 success, 1 runtime failure, 2 usage or configuration error.
 from __future__ import annotations
 
 import argparse
+import json
+import logging
 import os
 import sys
+import time
+from collections.abc import Callable
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
+from alembic.util import CommandError
+from sqlalchemy.exc import SQLAlchemyError
+
 from minipacs.config import ConfigError, Settings, load_settings
+from minipacs.index import schema
+from minipacs.index.db import make_engine
+from minipacs.index.schema import SchemaOutOfDate
+from minipacs.index.stats import counts
+from minipacs.logs import configure_logging
+from minipacs.storage.filestore import FileStore
 
 DEFAULT_CONFIG = Path("config/minipacs.toml")
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
@@ -36,13 +49,153 @@ def _settings(args: argparse.Namespace) -> Settings:
     return load_settings(_config_path(args.config))
 
 
-def _serve(args: argparse.Namespace) -> int:
+def _settings_and_logging(args: argparse.Namespace) -> Settings:
     settings = _settings(args)
-    from minipacs.app import run
-    from minipacs.logs import configure_logging
-
     configure_logging(settings.log)
+    # alembic narrates every migration step at INFO; only -v wants that.
+    verbose = getattr(args, "verbose", False)
+    logging.getLogger("alembic").setLevel(logging.INFO if verbose else logging.WARNING)
+    return settings
+
+
+def _serve(args: argparse.Namespace) -> int:
+    settings = _settings_and_logging(args)
+    from minipacs.app import run
+
     return run(settings)
+
+
+def _print_revisions(url: str) -> bool:
+    """Print the database's and the code's revisions; return whether they match."""
+    engine = make_engine(url)
+    try:
+        at = schema.current(engine)
+    finally:
+        engine.dispose()
+    head = schema.head()
+    print(f"current: {at or 'base'}")
+    print(f"head: {head}")
+    return at == head
+
+
+def _db_upgrade(args: argparse.Namespace) -> int:
+    url = _settings_and_logging(args).database.url
+    schema.upgrade(url, args.revision)
+    _print_revisions(url)
+    return EXIT_OK
+
+
+def _db_downgrade(args: argparse.Namespace) -> int:
+    url = _settings_and_logging(args).database.url
+    schema.downgrade(url, args.revision)
+    _print_revisions(url)
+    return EXIT_OK
+
+
+def _db_current(args: argparse.Namespace) -> int:
+    url = _settings_and_logging(args).database.url
+    return EXIT_OK if _print_revisions(url) else EXIT_FAILURE
+
+
+def _progress_printer() -> Callable[[int, int], None]:
+    """`done/total files` redrawn in place on a terminal, else a line every 1000 files."""
+    tty = sys.stderr.isatty()
+    last = 0.0
+
+    def show(done: int, total: int) -> None:
+        nonlocal last
+        if tty:
+            now = time.monotonic()
+            # Redrawing for every file would cost more than indexing small files.
+            if now - last >= 0.1 or done == total:
+                last = now
+                end = "\n" if done == total else ""
+                print(f"\r{done}/{total} files", end=end, file=sys.stderr, flush=True)
+        elif done % 1000 == 0 or done == total:
+            print(f"minipacs: reindex {done}/{total} files", file=sys.stderr, flush=True)
+
+    return show
+
+
+def _reindex(args: argparse.Namespace) -> int:
+    settings = _settings_and_logging(args)
+    # pydicom is only needed here; keep the other commands' start-up light.
+    from minipacs.index.reindex import reindex
+
+    if not settings.store_dir.is_dir():
+        print(f"minipacs: store folder {settings.store_dir} does not exist", file=sys.stderr)
+        return EXIT_FAILURE
+    store = FileStore(
+        settings.store_dir,
+        settings.spool_dir,
+        settings.storage.min_free_bytes,
+        settings.storage.fsync,
+    )
+    engine = make_engine(settings.database.url)
+    try:
+        # Like serve: an embedded SQLite index is migrated, a shared one must be by hand.
+        schema.ensure_schema(settings.database.url, settings.database.auto_upgrade, engine)
+        report = reindex(store, engine, _progress_printer())
+    finally:
+        engine.dispose()
+    for rel_path, reason in report.failed:
+        print(f"minipacs: cannot index {store.path(rel_path)}: {reason}", file=sys.stderr)
+    print(f"indexed {report.indexed} files, {len(report.failed)} unreadable")
+    return EXIT_OK if not report.failed else EXIT_FAILURE
+
+
+def _stats(args: argparse.Namespace) -> int:
+    settings = _settings_and_logging(args)
+    engine = make_engine(settings.database.url)
+    try:
+        # Read-only: never migrate, but say so plainly instead of "no such table".
+        schema.ensure_schema(settings.database.url, False, engine)
+        values = counts(engine)
+    finally:
+        engine.dispose()
+    if args.json:
+        print(json.dumps(values))
+    else:
+        for key, value in values.items():
+            print(f"{key}: {value}")
+    return EXIT_OK
+
+
+def _add_db_commands(commands: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+    database = commands.add_parser(
+        "db",
+        help="show or migrate the index database schema",
+        description="Show or migrate the index schema (alembic revisions) of the database "
+        "named by [database] url. A PostgreSQL index shared by several nodes is never "
+        "migrated by `serve`: run `minipacs db upgrade` once, before starting the new version.",
+    )
+    actions = database.add_subparsers(dest="action", required=True, metavar="ACTION")
+    upgrade = actions.add_parser(
+        "upgrade",
+        parents=[common],
+        help="migrate the schema up (to the newest revision by default)",
+        description="Migrate the index schema up to a revision, then print the current and "
+        "head revisions. Exit 1 unless the schema ends at head.",
+    )
+    upgrade.add_argument("--revision", default="head", metavar="REV", help="default: head")
+    upgrade.set_defaults(func=_db_upgrade)
+    current = actions.add_parser(
+        "current",
+        parents=[common],
+        help="print the schema's revision and the one this minipacs needs",
+        description="Print the index schema's current revision and the head revision this "
+        "minipacs needs. Exit 0 if they match, 1 if the schema needs `minipacs db upgrade`.",
+    )
+    current.set_defaults(func=_db_current)
+    downgrade = actions.add_parser(
+        "downgrade",
+        parents=[common],
+        help="migrate the schema down to a revision",
+        description="Migrate the index schema down to a revision (`base` drops every "
+        "index table; the stored files are untouched and `minipacs reindex` rebuilds them).",
+    )
+    downgrade.add_argument("revision", metavar="REV", help="target revision, or base")
+    downgrade.set_defaults(func=_db_downgrade)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -61,6 +214,28 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--config", metavar="PATH", help="TOML configuration file")
     serve.set_defaults(func=_serve)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--config", metavar="PATH", help="TOML configuration file (as for serve)")
+    common.add_argument("-v", "--verbose", action="store_true", help="also log each migration step")
+    _add_db_commands(commands, common)
+    reindex = commands.add_parser(
+        "reindex",
+        parents=[common],
+        help="rebuild the index from the files in the store",
+        description="Read every .dcm file under [storage] path and (re)index it, replacing "
+        "rows of instances already indexed. Unreadable files are listed on stderr and "
+        "skipped. Prints `indexed N files, M unreadable`; exit 1 if M > 0.",
+    )
+    reindex.set_defaults(func=_reindex)
+    stats = commands.add_parser(
+        "stats",
+        help="print how many patients, studies, series, instances and bytes are indexed",
+        description="Print the index's patient, study, series and instance counts and the "
+        "total bytes of the indexed files, as `key: value` lines or one JSON object.",
+    )
+    stats.add_argument("--config", metavar="PATH", help="TOML configuration file (as for serve)")
+    stats.add_argument("--json", action="store_true", help="print one JSON object")
+    stats.set_defaults(func=_stats)
     return parser
 
 
@@ -72,6 +247,13 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"minipacs: configuration error: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except (SchemaOutOfDate, CommandError) as exc:
+        print(f"minipacs: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    except SQLAlchemyError as exc:
+        # The driver's message comes first; SQL text and help links follow on more lines.
+        print(f"minipacs: database error: {str(exc).strip().splitlines()[0]}", file=sys.stderr)
+        return EXIT_FAILURE
     except KeyboardInterrupt:
         return EXIT_OK
 
