@@ -227,7 +227,9 @@ def body_of(ds: Dataset) -> dict[object, object]:
         value = ds[tag].value
         if isinstance(value, bytes) and len(value) % 2:
             value += b"\0"
-        body[tag] = (ds[tag].VR, value)
+        # Encapsulated Pixel Data is OB (PS3.5 A.4); some test files say OW.
+        vr = "OB or OW" if tag == 0x7FE00010 else ds[tag].VR
+        body[tag] = (vr, value)
     return body
 
 
