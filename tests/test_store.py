@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import copy
 import os
 import subprocess
 import warnings
@@ -386,7 +387,7 @@ def test_bad_data_sets_are_refused(archive: MinipacsProcess, case: str) -> None:
 def _store_twice(process: MinipacsProcess) -> tuple[int, int, Dataset, Dataset]:
     """Store an instance, then the same instance with another PatientName; return statuses."""
     first = _fresh_ct(PatientName="First^Sent")
-    second = first.copy()
+    second = copy.deepcopy(first)
     second.PatientName = "Second^Sent"
     statuses = []
     for ds in (first, second):
