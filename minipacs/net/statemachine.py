@@ -1,15 +1,27 @@
-"""The DICOM Upper Layer association state machine (PS3.8 9.2), sans-I/O and table-driven.
+"""The DICOM Upper Layer association state machine of PS3.8 9.2, sans-I/O and table-driven.
 
 Rules that govern this module:
-- It only decides. Given the current state and an event it names the action and the
-  next state, exactly as PS3.8 Table 9-10 does; the caller performs the action (send a
-  PDU, start a timer, close the transport). No sockets, no asyncio, no clocks.
-- Every cell of Table 9-10 is in TRANSITIONS; a (state, event) pair the table leaves
-  empty raises InvalidTransition and leaves the state unchanged.
-- Two cells have a conditional next state. AE-6 (Sta2, Evt6) goes to Sta3 here; its
-  "not acceptable" branch is taken by the caller firing Evt8 from Sta3 (AE-8, Sta13).
-  AR-8 (Sta7, Evt12, release collision) goes to Sta9 for the association-requestor and
-  to Sta10 for the acceptor (PS3.8 9.2.3).
+
+1. It only decides. `StateMachine.fire` looks up the cell of PS3.8 Table 9-10 for
+   (current state, event), enters the cell's next state and returns the cell's action.
+   Doing the action (sending a PDU, issuing a primitive to the local user, starting or
+   stopping the ARTIM timer, opening or closing the transport) is the caller's job;
+   `ACTIONS` says what each action asks for. No sockets, no asyncio, no clocks.
+2. `TRANSITIONS` holds exactly the non-empty cells of Table 9-10 (123 of 13 x 19). An
+   empty cell is either a local programming error (a primitive issued at the wrong time)
+   or an event that cannot occur in that state (a PDU before the transport is open), so
+   `fire` raises `InvalidTransition` and leaves the state unchanged.
+3. The state changes only through `fire`, and only to a member of `State`.
+4. Two actions have a conditional next state (PS3.8 9.2.2):
+   - AE-6 (Sta2, Evt6) is listed as going to Sta3. Its "A-ASSOCIATE-RQ not acceptable by
+     the service-provider" branch (send A-ASSOCIATE-RJ, start ARTIM, Sta13) is taken by
+     the caller firing Evt8 from Sta3, which is AE-8 to Sta13: the same PDU, timer and
+     state, without a second code path.
+   - AR-8 (Sta7, Evt12, release collision) is listed as going to Sta9; `fire` sends the
+     association-acceptor to Sta10 instead, as AR-8 prescribes.
+5. AA-3 issues A-ABORT indication when the received A-ABORT PDU's source is the
+   service-user (0) and A-P-ABORT indication when it is the service-provider (2); only
+   the caller has the PDU, so `ACTIONS[Action.AA_3]` names the A-ABORT case.
 """
 
 from __future__ import annotations
@@ -19,47 +31,59 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Final
 
+__all__ = [
+    "ACTIONS",
+    "TRANSITIONS",
+    "Action",
+    "ActionSpec",
+    "Event",
+    "InvalidTransition",
+    "State",
+    "StateMachine",
+]
+
 
 class State(enum.IntEnum):
-    """PS3.8 Table 9-1 states."""
+    """PS3.8 9.2.1 states (Tables 9-1 to 9-5)."""
 
     STA1 = 1  # Idle
-    STA2 = 2  # Transport connection open, awaiting A-ASSOCIATE-RQ PDU
-    STA3 = 3  # Awaiting local A-ASSOCIATE response primitive
-    STA4 = 4  # Awaiting transport connection opening to complete
-    STA5 = 5  # Awaiting A-ASSOCIATE-AC or -RJ PDU
-    STA6 = 6  # Association established, ready for data transfer
+    STA2 = 2  # Transport connection open (awaiting A-ASSOCIATE-RQ PDU)
+    STA3 = 3  # Awaiting local A-ASSOCIATE response primitive (from local user)
+    STA4 = 4  # Awaiting transport connection opening to complete (from transport service)
+    STA5 = 5  # Awaiting A-ASSOCIATE-AC or A-ASSOCIATE-RJ PDU
+    STA6 = 6  # Association established and ready for data transfer
     STA7 = 7  # Awaiting A-RELEASE-RP PDU
-    STA8 = 8  # Awaiting local A-RELEASE response primitive
-    STA9 = 9  # Release collision, requestor side: awaiting A-RELEASE response
-    STA10 = 10  # Release collision, acceptor side: awaiting A-RELEASE-RP PDU
-    STA11 = 11  # Release collision, requestor side: awaiting A-RELEASE-RP PDU
-    STA12 = 12  # Release collision, acceptor side: awaiting A-RELEASE response
-    STA13 = 13  # Awaiting transport connection close indication
+    STA8 = 8  # Awaiting local A-RELEASE response primitive (from local user)
+    STA9 = 9  # Release collision requestor side; awaiting A-RELEASE response (local user)
+    STA10 = 10  # Release collision acceptor side; awaiting A-RELEASE-RP PDU
+    STA11 = 11  # Release collision requestor side; awaiting A-RELEASE-RP PDU
+    STA12 = 12  # Release collision acceptor side; awaiting A-RELEASE response (local user)
+    STA13 = 13  # Awaiting transport connection close indication (association gone)
 
 
 class Event(enum.IntEnum):
-    """PS3.8 Table 9-2 events, with readable aliases."""
+    """PS3.8 Table 9-10 events, EVT1 to EVT19, each with a readable alias."""
 
-    EVT1 = 1
-    EVT2 = 2
-    EVT3 = 3
-    EVT4 = 4
-    EVT5 = 5
-    EVT6 = 6
-    EVT7 = 7
-    EVT8 = 8
-    EVT9 = 9
-    EVT10 = 10
-    EVT11 = 11
-    EVT12 = 12
-    EVT13 = 13
-    EVT14 = 14
-    EVT15 = 15
-    EVT16 = 16
-    EVT17 = 17
-    EVT18 = 18
-    EVT19 = 19
+    EVT1 = 1  # A-ASSOCIATE request (local user)
+    EVT2 = 2  # Transport connect confirmation (local transport service)
+    EVT3 = 3  # A-ASSOCIATE-AC PDU (received on transport connection)
+    EVT4 = 4  # A-ASSOCIATE-RJ PDU (received on transport connection)
+    EVT5 = 5  # Transport connection indication (local transport service)
+    EVT6 = 6  # A-ASSOCIATE-RQ PDU (received on transport connection)
+    EVT7 = 7  # A-ASSOCIATE response primitive (accept)
+    EVT8 = 8  # A-ASSOCIATE response primitive (reject)
+    EVT9 = 9  # P-DATA request primitive
+    EVT10 = 10  # P-DATA-TF PDU
+    EVT11 = 11  # A-RELEASE request primitive
+    EVT12 = 12  # A-RELEASE-RQ PDU (received on open transport connection)
+    EVT13 = 13  # A-RELEASE-RP PDU (received on transport connection)
+    EVT14 = 14  # A-RELEASE response primitive
+    EVT15 = 15  # A-ABORT request primitive
+    EVT16 = 16  # A-ABORT PDU (received on open transport connection)
+    EVT17 = 17  # Transport connection closed indication (local transport service)
+    EVT18 = 18  # ARTIM timer expired (association reject/release timer)
+    EVT19 = 19  # Unrecognized or invalid PDU received
+
     ASSOCIATE_REQUEST = 1
     TRANSPORT_CONNECT_CONFIRM = 2
     ASSOCIATE_AC_PDU = 3
@@ -82,7 +106,7 @@ class Event(enum.IntEnum):
 
 
 class Action(enum.Enum):
-    """PS3.8 Table 9-6 to 9-9 actions."""
+    """PS3.8 9.2.2 actions (Tables 9-6 to 9-9), valued by their standard names."""
 
     AE_1 = "AE-1"
     AE_2 = "AE-2"
@@ -116,7 +140,7 @@ class Action(enum.Enum):
 
 @dataclass(frozen=True)
 class ActionSpec:
-    """What an action asks the I/O layer to do."""
+    """What an action asks the I/O layer to do; AA-3's indication depends on the PDU source."""
 
     sends: str | None = None
     abort_source: int | None = None
@@ -126,14 +150,15 @@ class ActionSpec:
     connect_transport: bool = False
 
 
-_ABORT_INDICATION: Final = "A-ABORT indication"
-_P_ABORT_INDICATION: Final = "A-P-ABORT indication"
+_USER: Final = 0  # A-ABORT source: DICOM UL service-user (PS3.8 Table 9-26)
+_PROVIDER: Final = 2  # A-ABORT source: DICOM UL service-provider (PS3.8 Table 9-26)
 
 ACTIONS: Final[Mapping[Action, ActionSpec]] = {
     Action.AE_1: ActionSpec(connect_transport=True),
     Action.AE_2: ActionSpec(sends="A-ASSOCIATE-RQ"),
     Action.AE_3: ActionSpec(indication="A-ASSOCIATE confirmation (accept)"),
     Action.AE_4: ActionSpec(indication="A-ASSOCIATE confirmation (reject)", close_transport=True),
+    # Accepting the TCP connection is the transport's "response primitive"; only ARTIM is ours.
     Action.AE_5: ActionSpec(artim="start"),
     Action.AE_6: ActionSpec(indication="A-ASSOCIATE indication", artim="stop"),
     Action.AE_7: ActionSpec(sends="A-ASSOCIATE-AC"),
@@ -143,6 +168,7 @@ ACTIONS: Final[Mapping[Action, ActionSpec]] = {
     Action.AR_1: ActionSpec(sends="A-RELEASE-RQ"),
     Action.AR_2: ActionSpec(indication="A-RELEASE indication"),
     Action.AR_3: ActionSpec(indication="A-RELEASE confirmation", close_transport=True),
+    # The acceptor of the release waits (ARTIM) for the requestor to close (PS3.8 9.1.4).
     Action.AR_4: ActionSpec(sends="A-RELEASE-RP", artim="start"),
     Action.AR_5: ActionSpec(artim="stop"),
     Action.AR_6: ActionSpec(indication="P-DATA indication"),
@@ -150,107 +176,130 @@ ACTIONS: Final[Mapping[Action, ActionSpec]] = {
     Action.AR_8: ActionSpec(indication="A-RELEASE indication"),
     Action.AR_9: ActionSpec(sends="A-RELEASE-RP"),
     Action.AR_10: ActionSpec(indication="A-RELEASE confirmation"),
-    Action.AA_1: ActionSpec(sends="A-ABORT", abort_source=0, artim="restart"),
+    # "Start (or restart if already started)": in Sta2 ARTIM is already running from AE-5.
+    Action.AA_1: ActionSpec(sends="A-ABORT", abort_source=_USER, artim="restart"),
     Action.AA_2: ActionSpec(artim="stop", close_transport=True),
-    # AA-3: A-ABORT indication if the PDU's source was the service user, else A-P-ABORT.
-    Action.AA_3: ActionSpec(indication=_ABORT_INDICATION, close_transport=True),
-    Action.AA_4: ActionSpec(indication=_P_ABORT_INDICATION),
+    # Rule 5 of the module docstring: A-P-ABORT indication if the PDU's source is 2.
+    Action.AA_3: ActionSpec(indication="A-ABORT indication", close_transport=True),
+    Action.AA_4: ActionSpec(indication="A-P-ABORT indication"),
     Action.AA_5: ActionSpec(artim="stop"),
     Action.AA_6: ActionSpec(),
-    Action.AA_7: ActionSpec(sends="A-ABORT", abort_source=2),
+    Action.AA_7: ActionSpec(sends="A-ABORT", abort_source=_PROVIDER),
     Action.AA_8: ActionSpec(
-        sends="A-ABORT", abort_source=2, indication=_P_ABORT_INDICATION, artim="start"
+        sends="A-ABORT", abort_source=_PROVIDER, indication="A-P-ABORT indication", artim="start"
     ),
 }
 
-S = State
-A = Action
+_Cell = tuple[Action, State]
+_Row = dict[State, _Cell]
 
-# Rows shared by most PDU events: (state -> action) where the table repeats itself.
-_UNEXPECTED_PDU: Final = {
-    S.STA2: (A.AA_1, S.STA13),
-    S.STA3: (A.AA_8, S.STA13),
-    S.STA5: (A.AA_8, S.STA13),
-    **{state: (A.AA_8, S.STA13) for state in range(6, 13)},
-    S.STA13: (A.AA_6, S.STA13),
-}
+# Sta3 and Sta5 to Sta12: a transport is open and the local user takes part in an
+# association or its negotiation. Sta4 is absent: no transport yet, so no PDU can arrive.
+_ENGAGED: Final = (State.STA3, *(State(n) for n in range(5, 13)))
 
 
-def _row(base: Mapping[int, tuple[Action, State]], **cells: tuple[Action, State]) -> dict:
-    row = {State(state): cell for state, cell in base.items()}
-    row.update({State[name.upper()]: cell for name, cell in cells.items()})
+def _pdu_row(sta13: Action, **expected: _Cell) -> _Row:
+    """A row for a received PDU: unexpected everywhere except the named states."""
+    # Before an association is negotiated (Sta2) the provider aborts without telling a
+    # user (AA-1); once a user is involved it is told too (AA-8); in Sta13 the
+    # association is already gone (AA-6 ignores, AA-7 aborts again).
+    row: _Row = {State.STA2: (Action.AA_1, State.STA13)}
+    row.update({state: (Action.AA_8, State.STA13) for state in _ENGAGED})
+    row[State.STA13] = (sta13, State.STA13)
+    row.update({State[name.upper()]: cell for name, cell in expected.items()})
     return row
 
 
-# PS3.8 Table 9-10, one row per event: {state: (action, next state)}.
-_TABLE: Final[Mapping[Event, Mapping[State, tuple[Action, State]]]] = {
-    Event.EVT1: {S.STA1: (A.AE_1, S.STA4)},
-    Event.EVT2: {S.STA4: (A.AE_2, S.STA5)},
-    Event.EVT3: _row(_UNEXPECTED_PDU, sta5=(A.AE_3, S.STA6)),
-    Event.EVT4: _row(_UNEXPECTED_PDU, sta5=(A.AE_4, S.STA1)),
-    Event.EVT5: {S.STA1: (A.AE_5, S.STA2)},
-    Event.EVT6: _row(_UNEXPECTED_PDU, sta2=(A.AE_6, S.STA3), sta13=(A.AA_7, S.STA13)),
-    Event.EVT7: {S.STA3: (A.AE_7, S.STA6)},
-    Event.EVT8: {S.STA3: (A.AE_8, S.STA13)},
-    Event.EVT9: {S.STA6: (A.DT_1, S.STA6), S.STA8: (A.AR_7, S.STA8)},
-    Event.EVT10: _row(_UNEXPECTED_PDU, sta6=(A.DT_2, S.STA6), sta7=(A.AR_6, S.STA7)),
-    Event.EVT11: {S.STA6: (A.AR_1, S.STA7)},
-    Event.EVT12: _row(_UNEXPECTED_PDU, sta6=(A.AR_2, S.STA8), sta7=(A.AR_8, S.STA9)),
-    Event.EVT13: _row(
-        _UNEXPECTED_PDU,
-        sta7=(A.AR_3, S.STA1),
-        sta10=(A.AR_10, S.STA12),
-        sta11=(A.AR_3, S.STA1),
+# PS3.8 Table 9-10, one row per event: {state: (action, next state)}. Next states are
+# those of Tables 9-6 to 9-9; AR-8's acceptor branch is in StateMachine.fire.
+_TABLE: Final[Mapping[Event, _Row]] = {
+    Event.EVT1: {State.STA1: (Action.AE_1, State.STA4)},
+    Event.EVT2: {State.STA4: (Action.AE_2, State.STA5)},
+    Event.EVT3: _pdu_row(Action.AA_6, sta5=(Action.AE_3, State.STA6)),
+    Event.EVT4: _pdu_row(Action.AA_6, sta5=(Action.AE_4, State.STA1)),
+    Event.EVT5: {State.STA1: (Action.AE_5, State.STA2)},
+    # A second A-ASSOCIATE-RQ after the association ended is answered with A-ABORT (AA-7).
+    Event.EVT6: _pdu_row(Action.AA_7, sta2=(Action.AE_6, State.STA3)),
+    Event.EVT7: {State.STA3: (Action.AE_7, State.STA6)},
+    Event.EVT8: {State.STA3: (Action.AE_8, State.STA13)},
+    # After receiving A-RELEASE-RQ the acceptor may still send data (Sta8), PS3.8 7.2.2.
+    Event.EVT9: {State.STA6: (Action.DT_1, State.STA6), State.STA8: (Action.AR_7, State.STA8)},
+    # After sending A-RELEASE-RQ the requestor must still accept data (Sta7), PS3.8 7.2.2.
+    Event.EVT10: _pdu_row(
+        Action.AA_6, sta6=(Action.DT_2, State.STA6), sta7=(Action.AR_6, State.STA7)
+    ),
+    Event.EVT11: {State.STA6: (Action.AR_1, State.STA7)},
+    Event.EVT12: _pdu_row(
+        Action.AA_6, sta6=(Action.AR_2, State.STA8), sta7=(Action.AR_8, State.STA9)
+    ),
+    Event.EVT13: _pdu_row(
+        Action.AA_6,
+        sta7=(Action.AR_3, State.STA1),
+        sta10=(Action.AR_10, State.STA12),
+        sta11=(Action.AR_3, State.STA1),
     ),
     Event.EVT14: {
-        S.STA8: (A.AR_4, S.STA13),
-        S.STA9: (A.AR_9, S.STA11),
-        S.STA12: (A.AR_4, S.STA13),
+        State.STA8: (Action.AR_4, State.STA13),
+        State.STA9: (Action.AR_9, State.STA11),
+        State.STA12: (Action.AR_4, State.STA13),
     },
+    # Sta4 has no transport to send an A-ABORT PDU on, so the attempt is just dropped.
     Event.EVT15: {
-        S.STA3: (A.AA_1, S.STA13),
-        S.STA4: (A.AA_2, S.STA1),
-        S.STA5: (A.AA_1, S.STA13),
-        **{State(s): (A.AA_1, S.STA13) for s in range(6, 13)},
+        State.STA4: (Action.AA_2, State.STA1),
+        **{state: (Action.AA_1, State.STA13) for state in _ENGAGED},
     },
+    # Sta2 and Sta13 have no user to tell: just close.
     Event.EVT16: {
-        S.STA2: (A.AA_2, S.STA1),
-        S.STA3: (A.AA_3, S.STA1),
-        S.STA5: (A.AA_3, S.STA1),
-        **{State(s): (A.AA_3, S.STA1) for s in range(6, 13)},
-        S.STA13: (A.AA_2, S.STA1),
+        State.STA2: (Action.AA_2, State.STA1),
+        **{state: (Action.AA_3, State.STA1) for state in _ENGAGED},
+        State.STA13: (Action.AA_2, State.STA1),
     },
+    # Sta4 is included: a failed connect is reported as A-P-ABORT.
     Event.EVT17: {
-        S.STA2: (A.AA_5, S.STA1),
-        **{State(s): (A.AA_4, S.STA1) for s in range(3, 13)},
-        S.STA13: (A.AR_5, S.STA1),
+        State.STA2: (Action.AA_5, State.STA1),
+        **{State(n): (Action.AA_4, State.STA1) for n in range(3, 13)},
+        State.STA13: (Action.AR_5, State.STA1),
     },
-    Event.EVT18: {S.STA2: (A.AA_2, S.STA1), S.STA13: (A.AA_2, S.STA1)},
-    Event.EVT19: _row(_UNEXPECTED_PDU, sta13=(A.AA_7, S.STA13)),
+    # ARTIM runs only while waiting for A-ASSOCIATE-RQ (Sta2) or for the close (Sta13).
+    Event.EVT18: {State.STA2: (Action.AA_2, State.STA1), State.STA13: (Action.AA_2, State.STA1)},
+    Event.EVT19: _pdu_row(Action.AA_7),
 }
 
-TRANSITIONS: Final[Mapping[tuple[State, Event], tuple[Action, State]]] = {
+TRANSITIONS: Final[Mapping[tuple[State, Event], _Cell]] = {
     (state, event): cell for event, row in _TABLE.items() for state, cell in row.items()
 }
 
 
 class InvalidTransition(Exception):
-    """An event that Table 9-10 does not allow in the current state."""
+    """An event whose Table 9-10 cell is empty in the current state."""
+
+    def __init__(self, state: State, event: Event) -> None:
+        super().__init__(state, event)
+        self.state = state
+        self.event = event
+
+    def __str__(self) -> str:
+        """Name the empty cell the way the standard does."""
+        return f"Evt{int(self.event)} is not valid in Sta{int(self.state)} (PS3.8 Table 9-10)"
 
 
 class StateMachine:
-    """One association's PS3.8 state, moved only by `fire`."""
+    """One association's PS3.8 9.2 state; only `fire` moves it."""
+
+    state: State
+    requestor: bool
 
     def __init__(self, requestor: bool) -> None:
         self.requestor = requestor
         self.state = State.STA1
 
     def fire(self, event: Event) -> Action:
-        """Apply an event: return the action to perform and enter the next state."""
+        """Apply an event: enter the next state and return the action the caller must do."""
         cell = TRANSITIONS.get((self.state, event))
         if cell is None:
-            raise InvalidTransition(f"Evt{int(event)} is not valid in Sta{int(self.state)}")
+            raise InvalidTransition(self.state, event)
         action, next_state = cell
+        # AR-8 (PS3.8 Table 9-8): the association-acceptor's side of a collision is Sta10.
         if action is Action.AR_8 and not self.requestor:
             next_state = State.STA10
         self.state = next_state
