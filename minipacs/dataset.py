@@ -9,6 +9,7 @@ import io
 import mmap
 import struct
 import zlib
+from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
@@ -16,7 +17,7 @@ from pydicom import Dataset
 from pydicom.filebase import DicomBytesIO
 from pydicom.filereader import read_dataset
 from pydicom.filewriter import write_dataset
-from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
+from pydicom.uid import UID, DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian
 
 
 def _at_bulk_pixels(tag: int, vr: str | None, length: int) -> bool:
@@ -62,6 +63,7 @@ class _Walker:
 
     def __init__(self, data: bytes | memoryview | mmap.mmap, little: bool) -> None:
         self.data = data
+        self.pixel_offset: int | None = None
         order = "<" if little else ">"
         self.tag = struct.Struct(order + "HH")
         self.u16 = struct.Struct(order + "H")
@@ -76,6 +78,9 @@ class _Walker:
             if end - offset < 8:
                 raise DataSetError(f"element header truncated at byte {offset}")
             group, element = self.tag.unpack_from(data, offset)
+            if group == 0x7FE0 and not delimited and self.pixel_offset is None:
+                # Only the top level walks undelimited: this is where the bulk begins.
+                self.pixel_offset = offset
             if (group, element) == _ITEM_END:
                 if not delimited:
                     raise DataSetError(f"stray item delimiter at byte {offset}")
@@ -132,22 +137,43 @@ class _Walker:
         return offset
 
 
-def check_structure(source: bytes | Path, transfer_syntax: str) -> None:
-    """Raise DataSetError unless every length in the data set fits what was received."""
+@dataclass(frozen=True)
+class Inspected:
+    """A received data set, checked: its decoded header and that header's raw bytes."""
+
+    dataset: Dataset
+    # The encoded elements before group 7FE0, in `header_syntax`: what the index keeps.
+    header: bytes
+    header_syntax: str
+
+
+def inspect(source: bytes | Path, transfer_syntax: str) -> Inspected:
+    """Check every length in the data set, then decode everything before its pixel data.
+
+    Raises DataSetError for a data set that is truncated or cannot be decoded.
+    """
     implicit, little = _syntax(transfer_syntax)
+    syntax = transfer_syntax
     if transfer_syntax == DeflatedExplicitVRLittleEndian:
         raw = source.read_bytes() if isinstance(source, Path) else source
-        data = _inflate(raw)
-        _Walker(data, little).elements(0, len(data), False, implicit)
-        return
-    if isinstance(source, bytes):
-        _Walker(source, little).elements(0, len(source), False, implicit)
-        return
-    with (
-        open(source, "rb") as handle,
-        mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as mapped,
-    ):
-        _Walker(mapped, little).elements(0, len(mapped), False, implicit)
+        header = _walk(_inflate(raw), little, implicit)
+        syntax = ExplicitVRLittleEndian
+    elif isinstance(source, bytes):
+        header = _walk(source, little, implicit)
+    else:
+        with (
+            open(source, "rb") as handle,
+            mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as mapped,
+        ):
+            header = _walk(mapped, little, implicit)
+    return Inspected(_read(io.BytesIO(header), implicit, little), header, syntax)
+
+
+def _walk(data: bytes | mmap.mmap, little: bool, implicit: bool) -> bytes:
+    walker = _Walker(data, little)
+    walker.elements(0, len(data), False, implicit)
+    end = len(data) if walker.pixel_offset is None else walker.pixel_offset
+    return bytes(data[:end])
 
 
 def read_header(source: bytes | Path, transfer_syntax: str) -> Dataset:

@@ -154,8 +154,7 @@ class StoreService:
             raise StoreRefused(CANNOT_UNDERSTAND, f"Affected SOP Instance UID: {exc}") from exc
         source = _source(dataset)
         try:
-            dicom.check_structure(source, context.transfer_syntax)
-            header = dicom.read_header(source, context.transfer_syntax)
+            header = dicom.inspect(source, context.transfer_syntax).dataset
         except dicom.DataSetError as exc:
             raise StoreRefused(CANNOT_UNDERSTAND, str(exc)) from exc
         if str(header.get("SOPInstanceUID", "")).rstrip("\0 ") != sop_instance:
