@@ -1,16 +1,39 @@
-"""Atomic, durable instance files: write to a temp file, fsync, rename, fsync the directories."""
+"""Atomic, durable instance files: write to a temp file, fsync, rename, fsync the directories.
 
+A crash at any point leaves the old file, the new file, or an orphan temp file under
+``<root>/.tmp/``; never a partial file at an instance's path. Several nodes may share one
+store (on a network filesystem), so temp files are named after the host, process and
+process run that own them, and ``cleanup_temp`` only removes ones no live writer owns.
+"""
+
+import errno
 import os
+import re
+import secrets
 import shutil
-import tempfile
+import socket
+import time
 from collections.abc import Iterator
 from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
+from typing import BinaryIO
 
-_CHUNK = 1 << 20  # 1 MiB copy chunks keep memory flat for large data sets
+from minipacs.storage.layout import SUFFIX
+
 _TMP = ".tmp"
-_NOT_INSTANCES = frozenset({_TMP, ".spool"})
+_PART = ".part"
+# Files nobody has written to for this long are orphans whoever made them: a temp file is
+# written in one go, a spool file at least every idle timeout (300 s by default).
+STALE_SECONDS = 3600.0
+# A process's own run: a restarted container reuses its PID (often 1) but not this.
+_RUN_TOKEN = secrets.token_hex(4)
+_HOST = re.sub(r"[^A-Za-z0-9.-]", "_", socket.gethostname()) or "host"
+_SENDFILE_FALLBACK = frozenset({errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.EXDEV})
+# Directories whose own entry is known durable; bounded so it cannot grow with the archive.
+_DURABLE_DIRS_MAX = 100_000
+
+DatasetSource = bytes | memoryview | Path | list[bytes]
 
 
 class OutOfSpace(Exception):
@@ -35,24 +58,65 @@ def _fsync_dir(path: Path) -> None:
 
 
 def _check_rel(rel_path: str) -> str:
-    """Return rel_path if it stays inside the root, else raise ValueError."""
-    parts = PurePosixPath(rel_path).parts
-    if not parts or rel_path.startswith("/") or ".." in parts:
+    """Return rel_path if it names a file inside the root, outside the store's own folders."""
+    parts = rel_path.split("/")
+    # No absolute path, no "..", no empty or dot-led component (.tmp, .spool are ours).
+    if not rel_path or any(not p or p.startswith(".") or "\\" in p or "\0" in p for p in parts):
         raise ValueError(f"{rel_path!r} is not a safe relative path inside the store")
     return rel_path
+
+
+def _pid_alive(pid: int) -> bool:
+    """Whether a process with this PID exists on this host."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _copy_file(source: Path, out_fd: int) -> None:
+    """Append a whole file to out_fd, in the kernel when it can (sendfile)."""
+    with source.open("rb") as src:
+        offset = 0
+        remaining = os.fstat(src.fileno()).st_size
+        try:
+            while remaining > 0:
+                sent = os.sendfile(out_fd, src.fileno(), offset, min(remaining, 1 << 30))
+                if sent == 0:
+                    raise OSError(errno.EIO, f"{source} shrank while being copied")
+                offset += sent
+                remaining -= sent
+        except OSError as exc:
+            if exc.errno not in _SENDFILE_FALLBACK:
+                raise
+            src.seek(offset)
+            os.lseek(out_fd, 0, os.SEEK_END)
+            with open(out_fd, "wb", closefd=False) as out:
+                shutil.copyfileobj(src, out, 1 << 20)
 
 
 class FileStore:
     """Instance files under one root directory, written atomically and durably."""
 
-    def __init__(self, root: Path, min_free_bytes: int = 0, fsync: bool = True) -> None:
-        """Open the store at root, creating root and its temp directory if needed."""
-        self.root = Path(root)
+    def __init__(
+        self, root: Path, spool_dir: Path, min_free_bytes: int, fsync: bool = True
+    ) -> None:
+        """Open the store at root, creating root, its temp folder and the spool if needed."""
+        self.root = Path(root).absolute()
+        self.spool_dir = Path(spool_dir).absolute()
         self.min_free_bytes = min_free_bytes
         self.fsync = fsync
-        # The temp directory lives under root so os.replace never crosses filesystems.
+        # The temp folder lives under root so os.replace never crosses filesystems.
         self._tmp = self.root / _TMP
         self._tmp.mkdir(parents=True, exist_ok=True)
+        self.spool_dir.mkdir(parents=True, exist_ok=True)
+        self._durable_dirs: set[Path] = set()
+        if fsync:
+            _fsync_dir(self.root.parent)
+            _fsync_dir(self.root)
 
     def path(self, rel_path: str) -> Path:
         """Return the absolute path of a stored file."""
@@ -62,75 +126,136 @@ class FileStore:
         """Return whether a file is stored at rel_path."""
         return self.path(rel_path).is_file()
 
+    def open_instance(self, rel_path: str) -> BinaryIO:
+        """Open a stored file for reading (preamble, File Meta, data set)."""
+        return self.path(rel_path).open("rb")
+
     def remove(self, rel_path: str) -> None:
         """Delete the file at rel_path; a missing file is not an error."""
-        self.path(rel_path).unlink(missing_ok=True)
+        path = self.path(rel_path)
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            return
+        if self.fsync:
+            # Otherwise a replaced file could reappear after a crash and be reindexed.
+            _fsync_dir(path.parent)
 
     def ensure_free_space(self) -> None:
-        """Raise OutOfSpace if the filesystem's free space is below min_free_bytes."""
-        free = shutil.disk_usage(self.root).free
-        floor = self.min_free_bytes
-        if free < floor:
-            raise OutOfSpace(f"free space {free} bytes is below the floor of {floor} bytes")
+        """Raise OutOfSpace if the store's or the spool's free space is below the floor."""
+        checked: set[int] = set()
+        for folder in (self.root, self.spool_dir):
+            device = os.stat(folder).st_dev
+            if device in checked:
+                continue
+            checked.add(device)
+            free = shutil.disk_usage(folder).free
+            if free < self.min_free_bytes:
+                raise OutOfSpace(
+                    f"{free} bytes free under {folder}, below the floor of "
+                    f"{self.min_free_bytes} bytes"
+                )
 
-    def cleanup_temp(self) -> int:
-        """Delete everything left in the temp directory by a crash; return how many entries."""
-        count = 0
+    def cleanup_temp(self, stale_seconds: float = STALE_SECONDS) -> int:
+        """Delete temp and spool files left by dead writers; return how many were removed."""
+        removed = 0
+        cutoff = time.time() - stale_seconds
         for entry in self._tmp.iterdir():
-            if entry.is_dir() and not entry.is_symlink():
-                shutil.rmtree(entry)
-            else:
-                entry.unlink(missing_ok=True)
-            count += 1
-        return count
+            if self._orphan_temp(entry, cutoff):
+                removed += _delete(entry)
+        for entry in self.spool_dir.iterdir():
+            # Spool files carry no owner, and other nodes may share the folder: age decides.
+            if entry.is_file() and entry.suffix == ".spool" and _mtime(entry) < cutoff:
+                removed += _delete(entry)
+        return removed
+
+    def _orphan_temp(self, entry: Path, cutoff: float) -> bool:
+        """Whether a temp folder entry belongs to no writer that is still running."""
+        fields = entry.name.removesuffix(_PART).split("~")
+        if len(fields) == 4 and fields[0] == _HOST and fields[1].isdigit():
+            _, pid, run, _ = fields
+            if run == _RUN_TOKEN:
+                return False
+            # Same host: a dead PID is a crash leftover, and so is our own PID from an
+            # earlier run (containers restart with the same PID).
+            if int(pid) == os.getpid() or not _pid_alive(int(pid)):
+                return True
+        return _mtime(entry) < cutoff
 
     def iter_files(self) -> Iterator[str]:
-        """Yield the relative POSIX path of every stored .dcm file."""
+        """Yield the relative POSIX path of every stored instance file."""
         for dirpath, dirnames, filenames in os.walk(self.root):
-            # Temp and spool files are not committed instances.
-            dirnames[:] = [d for d in dirnames if d not in _NOT_INSTANCES]
+            # Temp and spool files are not committed instances; nor is anything hidden.
+            dirnames[:] = [
+                d for d in dirnames if not d.startswith(".") and Path(dirpath, d) != self.spool_dir
+            ]
             rel_dir = PurePosixPath(Path(dirpath).relative_to(self.root).as_posix())
             for name in filenames:
-                if name.endswith(".dcm"):
+                if name.endswith(SUFFIX) and not name.startswith("."):
                     yield str(rel_dir / name)
 
-    def write_instance(self, rel_path: str, header: bytes, dataset: bytes | Path) -> StoredFile:
-        """Write header + data set to rel_path atomically; the file is durable on return."""
+    def write_instance(
+        self, rel_path: str, preamble_and_meta: bytes, dataset_source: DatasetSource
+    ) -> StoredFile:
+        """Write preamble/meta + data set to rel_path atomically; durable on return."""
         dest = self.path(rel_path)
-        fd, tmp_name = tempfile.mkstemp(dir=self._tmp, suffix=".part")
+        tmp = self._tmp / f"{_HOST}~{os.getpid()}~{_RUN_TOKEN}~{secrets.token_hex(8)}{_PART}"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
         try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(header)
-                if isinstance(dataset, Path):
-                    with dataset.open("rb") as src:
-                        shutil.copyfileobj(src, f, _CHUNK)
+            with open(fd, "wb") as f:
+                f.write(preamble_and_meta)
+                if isinstance(dataset_source, Path):
+                    f.flush()
+                    _copy_file(dataset_source, f.fileno())
+                elif isinstance(dataset_source, list):
+                    f.writelines(dataset_source)
                 else:
-                    f.write(dataset)
+                    f.write(dataset_source)
                 f.flush()
-                size = f.tell()
+                size = os.fstat(f.fileno()).st_size
                 if self.fsync:
                     os.fsync(f.fileno())
-            created = self._make_parents(dest.parent)
-            # rename(2) is atomic: readers see either no file or the complete one.
-            os.replace(tmp_name, dest)
-            if self.fsync:
-                # The new entry lives in dest.parent; each created directory's entry in its parent.
-                for directory in {dest.parent, *(d.parent for d in created)}:
-                    _fsync_dir(directory)
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            # rename(2) is atomic: readers see the old file or the complete new one.
+            os.replace(tmp, dest)
         except BaseException:
             with suppress(FileNotFoundError):
-                os.unlink(tmp_name)
+                os.unlink(tmp)
             raise
+        if self.fsync:
+            self._sync_entries(dest.parent)
         return StoredFile(rel_path=rel_path, size=size)
 
-    def _make_parents(self, directory: Path) -> list[Path]:
-        """Create directory and its missing ancestors; return the ones created, top down."""
-        missing: list[Path] = []
-        while not directory.is_dir():
-            missing.append(directory)
+    def _sync_entries(self, directory: Path) -> None:
+        """Make the renamed file's entry durable, and every not-yet-durable folder above it.
+
+        A folder another thread or node created may not be fsynced yet when we use it, so
+        each folder's entry is flushed once by whoever first needs it, not by its creator.
+        """
+        _fsync_dir(directory)
+        if len(self._durable_dirs) > _DURABLE_DIRS_MAX:
+            self._durable_dirs.clear()
+        while directory != self.root and directory not in self._durable_dirs:
+            _fsync_dir(directory.parent)
+            self._durable_dirs.add(directory)
             directory = directory.parent
-        missing.reverse()
-        for d in missing:
-            # exist_ok: a concurrent writer may create the same study folder first.
-            d.mkdir(exist_ok=True)
-        return missing
+
+
+def _mtime(path: Path) -> float:
+    """Last modification time, or +inf if the entry vanished (someone else cleaned it)."""
+    try:
+        return path.lstat().st_mtime
+    except FileNotFoundError:
+        return float("inf")
+
+
+def _delete(entry: Path) -> int:
+    """Remove a file or folder; return 1 if this call removed it."""
+    try:
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink()
+    except FileNotFoundError:
+        return 0
+    return 1

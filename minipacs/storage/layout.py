@@ -1,15 +1,25 @@
 """Where an instance lives on disk, relative to the store root.
 
-Paths are ``h[:2]/h[2:4]/<study>/<series>/<sop>.dcm`` with ``h = sha1(study UID)``. Real UIDs
-share long organisational prefixes, so the hash (not the UID) picks the two fan-out levels,
-spreading studies evenly over 65536 folders and keeping every directory small. Keeping the
-study and series folders makes a study easy to find, copy or delete by hand. Every component
-is a validated UID (PS3.5 9.1: digits and dots only), so a path can never escape the root.
+Layout: ``h[:2]/h[2:4]/<StudyInstanceUID>/<SeriesInstanceUID>/<SOPInstanceUID>.dcm`` with
+``h = sha1(StudyInstanceUID)`` in hex.
+
+- Real UIDs share long organisational prefixes, so the hash (not the UID) picks the two
+  fan-out levels: studies spread evenly over 65536 folders and no directory grows large.
+- The study and series folders make a study easy to find, copy or delete by hand.
+- Every component is a validated UID (PS3.5 9.1: digits and dots only, at most 64
+  characters), so a path never escapes the root, never starts with a dot (the store's
+  own ``.tmp`` and ``.spool`` folders cannot be hit) and stays under 210 characters.
+- The path depends on the study and series as well as the SOP Instance UID, so an
+  instance re-sent under another study (duplicate policy "replace") gets a new path:
+  the new file is written and indexed first, and the old file is removed only after the
+  index commit that points away from it (the index outcome carries the old path).
 """
 
 import hashlib
 
 from minipacs.storage.uids import validate_uid
+
+SUFFIX = ".dcm"
 
 
 def instance_path(study_uid: str, series_uid: str, sop_uid: str) -> str:
@@ -19,4 +29,4 @@ def instance_path(study_uid: str, series_uid: str, sop_uid: str) -> str:
     sop = validate_uid(sop_uid)
     # sha1 for distribution, not security: the inputs are already validated.
     h = hashlib.sha1(study.encode("ascii"), usedforsecurity=False).hexdigest()
-    return f"{h[:2]}/{h[2:4]}/{study}/{series}/{sop}.dcm"
+    return f"{h[:2]}/{h[2:4]}/{study}/{series}/{sop}{SUFFIX}"

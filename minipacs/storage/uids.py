@@ -4,6 +4,7 @@ import re
 
 # PS3.5 9.1: components of digits, separated by dots; no leading zero unless the component is "0".
 _UID_RE = re.compile(r"(?:0|[1-9][0-9]*)(?:\.(?:0|[1-9][0-9]*))*")
+_DIGITS_AND_DOTS = frozenset("0123456789.")
 _MAX_LEN = 64  # PS3.5 9.1: "shall not exceed 64 characters"
 
 
@@ -12,14 +13,15 @@ class InvalidUID(ValueError):
 
 
 def validate_uid(value: str) -> str:
-    """Return the UID with its padding stripped, or raise InvalidUID if it breaks PS3.5 9.1."""
-    # UI values are NUL-padded to even length (PS3.5 6.2); tolerate a stray space pad too.
-    uid = value.rstrip("\0 ")
+    """Return the UID without its padding, or raise InvalidUID if it breaks PS3.5 9.1."""
+    # UI values are padded to even length with one NUL (PS3.5 6.2); some senders pad with a
+    # space instead. Only one pad byte is ever legitimate, so only one is removed.
+    uid = value[:-1] if value[-1:] in ("\0", " ") else value
     if not uid:
         raise InvalidUID(f"{value!r} is not a valid UID: it is empty")
     if len(uid) > _MAX_LEN:
         raise InvalidUID(f"{value!r} is not a valid UID: {len(uid)} characters exceeds {_MAX_LEN}")
-    if not set(uid) <= set("0123456789."):
+    if not _DIGITS_AND_DOTS.issuperset(uid):
         raise InvalidUID(f"{value!r} is not a valid UID: only digits and dots are allowed")
     if "" in uid.split("."):
         raise InvalidUID(f"{value!r} is not a valid UID: it has an empty component")
