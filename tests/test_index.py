@@ -1,30 +1,34 @@
-"""The SQL index on SQLite and PostgreSQL: schema, ingest, duplicates, group commit."""
+"""The SQL index on SQLite and PostgreSQL: ingest, duplicate policies, counts, group commit."""
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
+import threading
+from collections.abc import Sequence
 from datetime import UTC, datetime
-from pathlib import Path
 
 import pydicom
 import pytest
-from alembic.autogenerate import compare_metadata
-from alembic.runtime.migration import MigrationContext
-from pydicom import dcmread
-from sqlalchemy import func, select
+from pydicom.data import get_testdata_file
+from sqlalchemy import Engine, func, select
+from sqlalchemy.orm import Session
 
-from minipacs.index import schema
-from minipacs.index.db import make_engine
-from minipacs.index.ingest import IngestError, InstanceRecord, record_from_dataset
-from minipacs.index.models import Base, Instance, Patient, Series, Study
+from minipacs.index.db import make_engine, write_session
+from minipacs.index.ingest import (
+    IngestOutcome,
+    InstanceRecord,
+    apply_records,
+    instance_path_of,
+    record_from_dataset,
+)
+from minipacs.index.models import Instance, Patient, Series, Study
+from minipacs.index.stats import counts
 from minipacs.index.writer import IndexUnavailable, IndexWriter
 
-DATA = Path(pydicom.data.__file__).parent
 
-
-def _record(name: str, **changes: object) -> InstanceRecord:
-    ds = dcmread(DATA / name, stop_before_pixels=True)
+def _record(name: str = "CT_small.dcm", **changes: object) -> InstanceRecord:
+    ds = pydicom.dcmread(get_testdata_file(name), stop_before_pixels=True)
     record = record_from_dataset(
         ds,
         transfer_syntax_uid=str(ds.file_meta.TransferSyntaxUID),
@@ -36,9 +40,26 @@ def _record(name: str, **changes: object) -> InstanceRecord:
     return dataclasses.replace(record, **changes)
 
 
-def _submit_all(url: str, records: list[InstanceRecord], policy: str = "keep-first") -> list:
-    async def run() -> list:
-        writer = IndexWriter(make_engine(url), policy)
+@pytest.fixture
+def engine(db_url: str) -> Engine:
+    """An engine on the test's fresh database."""
+    engine = make_engine(db_url)
+    yield engine
+    engine.dispose()
+
+
+def _apply(engine: Engine, records: Sequence[InstanceRecord], policy: str) -> list[IngestOutcome]:
+    with write_session(engine) as session, session.begin():
+        return apply_records(session, records, policy)
+
+
+def _submit_all(
+    engine: Engine, records: Sequence[InstanceRecord], policy: str = "keep-first"
+) -> tuple[list[IngestOutcome | BaseException], int]:
+    """Submit all records at once through one IndexWriter; (outcomes, commits)."""
+
+    async def run() -> list[IngestOutcome | BaseException]:
+        writer = IndexWriter(engine, policy)
         writer.start()
         try:
             return await asyncio.gather(
@@ -46,115 +67,299 @@ def _submit_all(url: str, records: list[InstanceRecord], policy: str = "keep-fir
             )
         finally:
             await writer.close()
+            commits.append(writer.commits)
 
-    return asyncio.run(asyncio.wait_for(run(), 120))
-
-
-def _count(url: str, model: type) -> int:
-    engine = make_engine(url)
-    with engine.connect() as connection:
-        return int(connection.scalar(select(func.count()).select_from(model)) or 0)
+    commits: list[int] = []
+    outcomes = asyncio.run(asyncio.wait_for(run(), 60))
+    return outcomes, commits[0]
 
 
-def test_migration_matches_models(db_url: str) -> None:
-    engine = make_engine(db_url)
-    with engine.connect() as connection:
-        differences = compare_metadata(MigrationContext.configure(connection), Base.metadata)
-    assert differences == []
-    assert schema.current(engine) == schema.head()
+def _consistent(engine: Engine) -> None:
+    """Every maintained count equals what the rows say."""
+    with Session(engine) as session:
+        for series in session.scalars(select(Series)):
+            n = session.scalar(select(func.count()).where(Instance.series_fk == series.id))
+            assert series.num_instances == n, series.series_uid
+        for study in session.scalars(select(Study)):
+            series_ids = select(Series.id).where(Series.study_fk == study.id)
+            assert study.num_series == session.scalar(
+                select(func.count()).select_from(series_ids.subquery())
+            )
+            assert study.num_instances == session.scalar(
+                select(func.count()).where(Instance.series_fk.in_(series_ids))
+            )
+            modalities = session.scalars(
+                select(Series.modality).where(Series.study_fk == study.id).distinct()
+            ).all()
+            assert study.modalities == "\\".join(sorted(m for m in modalities if m))
+        for patient in session.scalars(select(Patient)):
+            study_ids = select(Study.id).where(Study.patient_fk == patient.id)
+            series_ids = select(Series.id).where(Series.study_fk.in_(study_ids))
+            assert patient.num_studies == session.scalar(
+                select(func.count()).select_from(study_ids.subquery())
+            )
+            assert patient.num_series == session.scalar(
+                select(func.count()).select_from(series_ids.subquery())
+            )
+            assert patient.num_instances == session.scalar(
+                select(func.count()).where(Instance.series_fk.in_(series_ids))
+            )
+            assert patient.num_studies > 0
 
 
-def test_non_ascii_names_are_decoded_and_normalised() -> None:
-    record = _record("charset_files/chrH31.dcm")
-    assert record.patient_name == "Yamada^Tarou=山田^太郎=やまだ^たろう"
-    assert _record("charset_files/chrRuss.dcm").patient_name.startswith("Люкceмбypг")
-    assert "00100010" in record.header
-
-
-def test_missing_uid_is_an_ingest_error() -> None:
-    ds = dcmread(DATA / "test_files/CT_small.dcm", stop_before_pixels=True)
-    del ds.StudyInstanceUID
-    with pytest.raises(IngestError, match="StudyInstanceUID"):
-        record_from_dataset(
-            ds,
-            transfer_syntax_uid="1.2.840.10008.1.2",
-            rel_path="a",
-            size=1,
-            calling_ae="X",
-            received_at=datetime.now(UTC),
-        )
-
-
-def test_ingest_counts_and_modalities(db_url: str) -> None:
-    ct = _record("test_files/CT_small.dcm")
-    second = dataclasses.replace(ct, sop_uid=ct.sop_uid + ".2", modality="CT")
-    other_series = dataclasses.replace(
+def test_ingest_builds_the_hierarchy_with_counts(engine: Engine) -> None:
+    ct = _record()
+    second = dataclasses.replace(ct, sop_uid=ct.sop_uid + ".2")
+    sr = dataclasses.replace(
         ct, sop_uid=ct.sop_uid + ".3", series_uid=ct.series_uid + ".9", modality="SR"
     )
-    outcomes = _submit_all(db_url, [ct, second, other_series])
-    assert all(o.stored for o in outcomes)
-    engine = make_engine(db_url)
-    with engine.connect() as connection:
-        study = connection.execute(select(Study)).one()
+    mr = _record("MR_small.dcm")
+    outcomes = _apply(engine, [ct, second, sr, mr], "keep-first")
+    assert [o.stored for o in outcomes] == [True] * 4
+    with Session(engine) as session:
+        study = session.scalars(select(Study).where(Study.study_uid == ct.study_uid)).one()
         assert (study.num_series, study.num_instances, study.modalities) == (2, 3, "CT\\SR")
-        patient = connection.execute(select(Patient)).one()
+        patient = session.get(Patient, study.patient_fk)
+        assert patient is not None
+        assert (patient.patient_id, patient.patient_name) == ("1CT1", "CompressedSamples^CT1")
+        assert patient.patient_name_norm == "COMPRESSEDSAMPLES^CT1"
         assert (patient.num_studies, patient.num_series, patient.num_instances) == (1, 2, 3)
+        instance = session.scalars(select(Instance).where(Instance.sop_uid == ct.sop_uid)).one()
+        assert (instance.rel_path, instance.size, instance.calling_ae) == (ct.rel_path, 123, "TEST")
+        assert instance.header["00100020"]["Value"] == ["1CT1"]
+        assert instance_path_of(session, mr.sop_uid) == mr.rel_path
+    assert counts(engine) == {
+        "patients": 2,
+        "studies": 2,
+        "series": 3,
+        "instances": 4,
+        "bytes": 4 * 123,
+    }
+    _consistent(engine)
+
+
+def test_patient_identity_includes_the_issuer(engine: Engine) -> None:
+    ct = _record()
+    other = dataclasses.replace(
+        ct, sop_uid="1.2.3.1", study_uid="1.2.3", series_uid="1.2.3.4", issuer="OTHER"
+    )
+    _apply(engine, [ct, other], "keep-first")
+    assert counts(engine)["patients"] == 2
+
+
+def test_non_ascii_names_are_stored_and_normalised(engine: Engine) -> None:
+    ds = pydicom.dcmread(pydicom.data.get_charset_files("chrH31.dcm")[0])
+    record = record_from_dataset(
+        ds,
+        transfer_syntax_uid="1.2.840.10008.1.2.1",
+        rel_path="a/b.dcm",
+        size=1,
+        calling_ae="",
+        received_at=datetime.now(UTC),
+    )
+    _apply(engine, [record], "keep-first")
+    with Session(engine) as session:
+        patient = session.scalars(select(Patient)).one()
+        assert patient.patient_name == "Yamada^Tarou=山田^太郎=やまだ^たろう"
+        assert patient.patient_name_norm == "YAMADA^TAROU=山田^太郎=やまだ^たろう"
+        hits = session.scalars(
+            select(Patient.id).where(Patient.patient_name_norm.like("%山田%"))
+        ).all()
+        assert hits == [patient.id]
 
 
 @pytest.mark.parametrize("policy", ["keep-first", "replace", "reject"])
-def test_duplicate_policies(db_url: str, policy: str) -> None:
-    first = _record("test_files/MR_small.dcm")
+def test_duplicate_policies(engine: Engine, policy: str) -> None:
+    first = _record("MR_small.dcm")
     again = dataclasses.replace(first, rel_path="elsewhere/mr.dcm", size=999)
-    outcomes = _submit_all(db_url, [first], policy) + _submit_all(db_url, [again], policy)
-    assert _count(db_url, Instance) == 1
-    engine = make_engine(db_url)
-    with engine.connect() as connection:
-        row = connection.execute(select(Instance.rel_path, Instance.size)).one()
-        series = connection.execute(select(Series.num_instances)).scalar_one()
-    assert series == 1
+    (stored,) = _apply(engine, [first], policy)
+    (outcome,) = _apply(engine, [again], policy)
+    assert stored.stored and not stored.duplicate
+    assert outcome.duplicate
+    with Session(engine) as session:
+        row = session.execute(select(Instance.rel_path, Instance.size)).one()
+        assert session.scalar(select(Series.num_instances)) == 1
     if policy == "replace":
+        assert outcome.stored and not outcome.rejected
+        assert outcome.stale_path == first.rel_path
         assert tuple(row) == ("elsewhere/mr.dcm", 999)
-        assert outcomes[1].stored and outcomes[1].stale_path == first.rel_path
     else:
+        assert not outcome.stored
+        assert outcome.rejected == (policy == "reject")
+        assert outcome.existing_path == first.rel_path
         assert tuple(row) == (first.rel_path, 123)
-        assert outcomes[1].duplicate and not outcomes[1].stored
-        assert outcomes[1].rejected == (policy == "reject")
+    _consistent(engine)
 
 
-def test_group_commit_of_500_concurrent_records(db_url: str) -> None:
-    base = _record("test_files/CT_small.dcm")
+def test_replace_corrects_the_levels_above(engine: Engine) -> None:
+    first = _record()
+    _apply(engine, [first], "replace")
+    corrected = dataclasses.replace(
+        first, patient_name="Fixed^Name", study_description="Fixed", modality="OT"
+    )
+    _apply(engine, [corrected], "replace")
+    with Session(engine) as session:
+        assert session.scalars(select(Patient.patient_name_norm)).one() == "FIXED^NAME"
+        assert session.scalars(select(Study.description)).one() == "Fixed"
+        assert session.scalars(select(Study.modalities)).one() == "OT"
+    # keep-first ignores what a duplicate says.
+    _apply(engine, [dataclasses.replace(first, patient_name="Other")], "keep-first")
+    with Session(engine) as session:
+        assert session.scalars(select(Patient.patient_name)).one() == "Fixed^Name"
+    _consistent(engine)
+
+
+def test_replace_at_the_same_path_has_no_stale_file(engine: Engine) -> None:
+    first = _record()
+    _apply(engine, [first], "replace")
+    (outcome,) = _apply(engine, [dataclasses.replace(first, size=5)], "replace")
+    assert outcome.stored and outcome.duplicate and outcome.stale_path is None
+
+
+def test_replace_into_another_study_prunes_what_it_left_empty(engine: Engine) -> None:
+    ct = _record()
+    keep = _record("MR_small.dcm")
+    _apply(engine, [ct, keep], "replace")
+    moved = dataclasses.replace(
+        ct,
+        study_uid=keep.study_uid,
+        series_uid=keep.series_uid,
+        patient_id=keep.patient_id,
+        rel_path="new/place.dcm",
+    )
+    (outcome,) = _apply(engine, [moved], "replace")
+    assert outcome.stale_path == ct.rel_path
+    with Session(engine) as session:
+        assert session.scalars(select(Study.study_uid)).all() == [keep.study_uid]
+        assert session.scalars(select(Series.series_uid)).all() == [keep.series_uid]
+        assert session.scalars(select(Patient.patient_id)).all() == [keep.patient_id]
+        assert session.scalar(select(Series.num_instances)) == 2
+    _consistent(engine)
+
+
+def test_duplicates_within_one_batch(engine: Engine) -> None:
+    first = _record()
+    twin = dataclasses.replace(first, rel_path="twin.dcm")
+    outcomes = _apply(engine, [first, twin], "keep-first")
+    assert [(o.stored, o.duplicate) for o in outcomes] == [(True, False), (False, True)]
+    assert counts(engine)["instances"] == 1
+
+
+def test_unknown_policy_is_refused(engine: Engine) -> None:
+    with pytest.raises(ValueError, match="keep-first"):
+        _apply(engine, [_record()], "overwrite")
+
+
+def test_group_commit_of_500_concurrent_submits(engine: Engine) -> None:
+    base = _record()
     records = [
         dataclasses.replace(
             base,
             sop_uid=f"{base.sop_uid}.{i}",
             series_uid=f"{base.series_uid}.{i % 3}.{i % 7}",
             study_uid=f"{base.study_uid}.{i % 3}",
+            modality=("CT", "MR", "SR")[i % 7 % 3],
         )
         for i in range(500)
     ]
-    # A header that cannot be serialised fails its own commit and nobody else's.
+    outcomes, commits = _submit_all(engine, records)
+    assert all(isinstance(o, IngestOutcome) and o.stored for o in outcomes)
+    assert commits < 100  # many records per transaction
+    assert counts(engine)["instances"] == 500
+    assert counts(engine)["series"] == 21
+    assert counts(engine)["studies"] == 3
+    _consistent(engine)
+
+
+def test_a_bad_record_fails_alone(engine: Engine) -> None:
+    base = _record()
+    good = [dataclasses.replace(base, sop_uid=f"{base.sop_uid}.{i}") for i in range(40)]
+    # A header that cannot be stored as JSON fails its own commit and nobody else's.
     bad = dataclasses.replace(base, sop_uid="9.9.9", header={"bad": {1, 2}})
-    outcomes = _submit_all(db_url, [*records[:250], bad, *records[250:]])
-    failures = [o for o in outcomes if isinstance(o, Exception)]
-    assert len(failures) == 1 and isinstance(failures[0], IndexUnavailable)
-    assert outcomes[250] is failures[0]
-    assert _count(db_url, Instance) == 500
-    assert _count(db_url, Series) == 21
-    assert _count(db_url, Study) == 3
+    outcomes, _ = _submit_all(engine, [*good[:20], bad, *good[20:]])
+    assert isinstance(outcomes[20], IndexUnavailable)
+    assert isinstance(outcomes[20].__cause__, Exception)
+    assert all(isinstance(o, IngestOutcome) and o.stored for i, o in enumerate(outcomes) if i != 20)
+    assert counts(engine)["instances"] == 40
+    _consistent(engine)
 
 
-def test_out_of_date_schema_is_refused_with_the_command_to_run(tmp_path: Path) -> None:
-    url = f"sqlite:///{tmp_path / 'old.sqlite'}"
-    make_engine(url).connect().close()
-    with pytest.raises(schema.SchemaOutOfDate, match="minipacs db upgrade"):
-        schema.ensure_schema(url, auto_upgrade=False)
-    schema.ensure_schema(url, auto_upgrade=True)
-    assert schema.current(make_engine(url)) == schema.head()
+def test_outcome_arrives_only_after_the_commit(engine: Engine, db_url: str) -> None:
+    record = _record()
+    other = make_engine(db_url)
+
+    async def run() -> bool:
+        writer = IndexWriter(engine, "keep-first")
+        writer.start()
+        await writer.submit(record)
+        # Another connection (another node) sees the row as soon as the caller is told.
+        with other.connect() as connection:
+            visible = connection.scalar(
+                select(func.count()).where(Instance.sop_uid == record.sop_uid)
+            )
+        await writer.close()
+        return visible == 1
+
+    try:
+        assert asyncio.run(run())
+    finally:
+        other.dispose()
 
 
-def test_postgres_is_never_auto_upgraded(postgres: object) -> None:
-    url = postgres.create_database()  # type: ignore[attr-defined]
-    with pytest.raises(schema.SchemaOutOfDate, match="minipacs db upgrade"):
-        schema.ensure_schema(url, auto_upgrade=True)
-    schema.upgrade(url)
-    schema.ensure_schema(url, auto_upgrade=True)
+def test_submit_after_close_is_refused(engine: Engine) -> None:
+    async def run() -> None:
+        writer = IndexWriter(engine, "keep-first")
+        writer.start()
+        await writer.close()
+        await writer.close()
+        with pytest.raises(IndexUnavailable, match="closed"):
+            await writer.submit(_record())
+
+    asyncio.run(run())
+
+
+@pytest.mark.parametrize("policy", ["keep-first", "replace"])
+def test_concurrent_writers_never_duplicate_an_instance(db_url: str, policy: str) -> None:
+    """Two nodes (own engines, own writers) store the same instances at the same time."""
+    base = _record()
+    records = [
+        dataclasses.replace(
+            base,
+            sop_uid=f"{base.sop_uid}.{i}",
+            series_uid=f"{base.series_uid}.{i % 5}",
+            study_uid=f"{base.study_uid}.{i % 2}",
+        )
+        for i in range(150)
+    ]
+    engines = [make_engine(db_url) for _ in range(3)]
+    results: list[list[IngestOutcome | BaseException]] = []
+    barrier = threading.Barrier(len(engines))
+
+    def node(engine: Engine, shift: int) -> None:
+        mine = [
+            dataclasses.replace(r, rel_path=f"node{shift}/{r.sop_uid}")
+            for r in records[shift:] + records[:shift]
+        ]
+        barrier.wait()
+        results.append(_submit_all(engine, mine, policy)[0])
+
+    threads = [
+        threading.Thread(target=node, args=(engine, 50 * n)) for n, engine in enumerate(engines)
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    try:
+        assert len(results) == len(engines)
+        outcomes = [o for result in results for o in result]
+        assert all(isinstance(o, IngestOutcome) for o in outcomes), outcomes
+        stored = [o for o in outcomes if isinstance(o, IngestOutcome) and o.stored]
+        expected = len(records) * (len(engines) if policy == "replace" else 1)
+        assert len(stored) == expected
+        assert counts(engines[0])["instances"] == len(records)
+        assert counts(engines[0])["series"] == 5
+        _consistent(engines[0])
+    finally:
+        for engine in engines:
+            engine.dispose()

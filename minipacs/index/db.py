@@ -5,12 +5,16 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Connection, Engine, create_engine, event
 from sqlalchemy.engine import make_url
+from sqlalchemy.orm import Session
+
+# Execution option that makes a SQLite transaction take the write lock when it begins.
+_IMMEDIATE = "minipacs_immediate"
 
 
 def normalise_url(url: str) -> str:
-    """Pick our drivers: `postgresql://` means psycopg 3."""
+    """Pick our drivers: `postgresql://` (or `postgres://`) means psycopg 3."""
     parsed = make_url(url)
     if parsed.drivername in ("postgresql", "postgres"):
         parsed = parsed.set(drivername="postgresql+psycopg")
@@ -22,15 +26,30 @@ def is_sqlite(url: str) -> bool:
     return make_url(url).get_backend_name() == "sqlite"
 
 
-def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+def _sqlite_connect(dbapi_connection: Any, _record: Any) -> None:
+    # pysqlite's own transaction handling is off: _sqlite_begin emits BEGIN itself.
+    dbapi_connection.isolation_level = None
     cursor = dbapi_connection.cursor()
-    # WAL lets readers (C-FIND) run beside the writer; FULL makes a commit durable
-    # before C-STORE success goes back; busy_timeout rides out a concurrent writer.
+    # WAL lets readers (C-FIND) run beside the writer; FULL fsyncs the WAL at every commit,
+    # so a commit is durable before C-STORE success goes back; busy_timeout makes a second
+    # writer (reindex, another process) wait for the lock instead of failing.
     cursor.execute("PRAGMA journal_mode=WAL")
     cursor.execute("PRAGMA synchronous=FULL")
     cursor.execute("PRAGMA foreign_keys=ON")
     cursor.execute("PRAGMA busy_timeout=30000")
+    # LIKE is case-sensitive on PostgreSQL; make SQLite agree (PS3.4 C.2.2.2.4: matching is
+    # case-sensitive except for PN, which uses the normalised columns). It also lets a plain
+    # index serve LIKE 'prefix%'.
+    cursor.execute("PRAGMA case_sensitive_like=ON")
     cursor.close()
+
+
+def _sqlite_begin(connection: Connection) -> None:
+    # A deferred transaction that reads and then writes fails at once with SQLITE_BUSY when
+    # another writer committed in between (busy_timeout cannot help); writers take the lock
+    # up front instead. Readers stay deferred so they never wait for the writer.
+    immediate = connection.get_execution_options().get(_IMMEDIATE, False)
+    connection.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
 
 
 def make_engine(url: str, pool_size: int = 5) -> Engine:
@@ -40,7 +59,18 @@ def make_engine(url: str, pool_size: int = 5) -> Engine:
         database = make_url(url).database
         if database and database != ":memory:":
             Path(database).parent.mkdir(parents=True, exist_ok=True)
-        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
-        event.listen(engine, "connect", _sqlite_pragmas)
+        engine = create_engine(url, connect_args={"check_same_thread": False})
+        event.listen(engine, "connect", _sqlite_connect)
+        event.listen(engine, "begin", _sqlite_begin)
         return engine
-    return create_engine(url, pool_size=pool_size, pool_pre_ping=True)
+    return create_engine(
+        url,
+        pool_size=pool_size,
+        pool_pre_ping=True,
+        connect_args={"application_name": "minipacs"},
+    )
+
+
+def write_session(engine: Engine) -> Session:
+    """A session for index writes (on SQLite its transactions take the write lock first)."""
+    return Session(engine.execution_options(**{_IMMEDIATE: True}))

@@ -1,65 +1,51 @@
-"""Ingest: a decoded data set becomes an InstanceRecord, and records become index rows."""
+"""Ingest: records become index rows under a duplicate policy, with the counts kept.
+
+Patient, study and series rows take their values from the first instance stored in them;
+an instance stored again under the "replace" policy is taken as a correction, and its
+values overwrite those of the series, study and patient it lands in.
+
+`apply_records` runs inside the caller's transaction. It never leaves two rows for one
+SOP Instance UID, also with several nodes writing to one PostgreSQL: each transaction
+first takes a transaction-scoped advisory lock per SOP Instance UID (in one global order,
+so two batches cannot deadlock on them), and patients, studies and series are created
+with INSERT ... ON CONFLICT DO NOTHING so that concurrent creators end up sharing a row.
+On SQLite the writer holds the database lock for the whole transaction (db.write_session).
+"""
 
 from __future__ import annotations
 
-import re
+import hashlib
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from datetime import datetime
-from typing import Any
+from typing import Any, Final
 
-from pydicom import Dataset
-from sqlalchemy import func, select, update
+from sqlalchemy import ColumnElement, delete, exists, insert, select, text, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
-from minipacs.index.models import Instance, Patient, Series, Study
+from minipacs.index.models import Base, Instance, Patient, Series, Study
+from minipacs.index.records import (
+    IngestError,
+    InstanceRecord,
+    normalise_name,
+    record_from_dataset,
+)
 
-# Binary values above this many bytes are left out of the stored header (PS3.18 F.2.7
-# would make them BulkDataURIs; the files hold them).
-BULK_THRESHOLD = 1024
-_UID = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
+__all__ = [
+    "DUPLICATE_POLICIES",
+    "IngestError",
+    "IngestOutcome",
+    "InstanceRecord",
+    "apply_record",
+    "apply_records",
+    "instance_path_of",
+    "normalise_name",
+    "record_from_dataset",
+]
 
-
-class IngestError(ValueError):
-    """A data set that cannot be indexed (missing or malformed identifying UIDs)."""
-
-
-@dataclass(frozen=True)
-class InstanceRecord:
-    """Everything the index stores for one instance, free of any ORM object."""
-
-    patient_id: str
-    issuer: str
-    patient_name: str
-    birth_date: str
-    sex: str
-    study_uid: str
-    study_date: str
-    study_time: str
-    accession_number: str
-    study_id: str
-    study_description: str
-    referring_name: str
-    series_uid: str
-    modality: str
-    series_number: int | None
-    series_description: str
-    body_part: str
-    series_date: str
-    series_time: str
-    sop_uid: str
-    sop_class_uid: str
-    instance_number: int | None
-    transfer_syntax: str
-    number_of_frames: int | None
-    rows: int | None
-    columns: int | None
-    rel_path: str
-    size: int
-    received_at: datetime
-    calling_ae: str
-    charset: str
-    header: dict[str, Any]
+DUPLICATE_POLICIES: Final = ("keep-first", "replace", "reject")
+_MODALITIES_MAX = 160  # the studies.modalities column
 
 
 @dataclass(frozen=True)
@@ -70,255 +56,294 @@ class IngestOutcome:
     stored: bool
     duplicate: bool = False
     rejected: bool = False
-    # The file of an instance this one replaced, when it lives at another path.
+    # "replace": the replaced instance's file when it lives at another path; the caller
+    # deletes it once the transaction has committed.
     stale_path: str | None = None
+    # "keep-first"/"reject": the file of the instance the index keeps.
+    existing_path: str | None = None
 
 
-def normalise_name(name: str) -> str:
-    """Upper-cased person name, for case-insensitive PN matching (PS3.4 C.2.2.2.1)."""
-    return name.upper()
+class _Pending:
+    """Changes to patient, study and series rows, gathered over a batch and written at the end.
 
+    Rows are written once each, patients then studies then series, each level by id: every
+    writer takes its row locks in that one order, so concurrent writers (several nodes on
+    one PostgreSQL) do not deadlock on them.
+    """
 
-def _text(ds: Dataset, keyword: str, limit: int) -> str:
-    value = ds.get(keyword)
-    if value is None or value == "":
-        return ""
-    if isinstance(value, list | tuple) or type(value).__name__ == "MultiValue":
-        text = "\\".join(str(v) for v in value)
-    else:
-        text = str(value)
-    return text.strip()[:limit]
-
-
-def _int(ds: Dataset, keyword: str) -> int | None:
-    value = ds.get(keyword)
-    if value is None or value == "":
-        return None
-    try:
-        return int(value)
-    except (TypeError, ValueError):
-        return None
-
-
-def _uid(ds: Dataset, keyword: str) -> str:
-    value = str(ds.get(keyword, "") or "").rstrip("\0 ")
-    if not value or len(value) > 64 or not _UID.match(value):
-        raise IngestError(f"{keyword} {value!r} is missing or not a valid UID (PS3.5 9.1)")
-    return value
-
-
-def _bulk(_element: Any) -> str:
-    return ""
-
-
-def header_json(ds: Dataset) -> dict[str, Any]:
-    """The data set as DICOM JSON without bulk binary values."""
-    data = ds.to_json_dict(bulk_data_threshold=BULK_THRESHOLD, bulk_data_element_handler=_bulk)
-    return _drop_bulk(data)
-
-
-def _drop_bulk(data: dict[str, Any]) -> dict[str, Any]:
-    result = {}
-    for tag, element in data.items():
-        if "BulkDataURI" in element:
-            continue
-        if element.get("vr") == "SQ" and "Value" in element:
-            element = {**element, "Value": [_drop_bulk(item) for item in element["Value"]]}
-        result[tag] = element
-    return result
-
-
-def record_from_dataset(
-    ds: Dataset,
-    *,
-    transfer_syntax_uid: str,
-    rel_path: str,
-    size: int,
-    calling_ae: str,
-    received_at: datetime,
-) -> InstanceRecord:
-    """Extract the indexed attributes; names are decoded with the data set's charset."""
-    charset = _text(ds, "SpecificCharacterSet", 128)
-    try:
-        header = header_json(ds)
-        patient_name = _text(ds, "PatientName", 324)
-        referring = _text(ds, "ReferringPhysicianName", 324)
-    except (ValueError, TypeError, LookupError) as exc:
-        raise IngestError(f"data set values cannot be decoded: {exc}") from exc
-    return InstanceRecord(
-        patient_id=_text(ds, "PatientID", 64),
-        issuer=_text(ds, "IssuerOfPatientID", 64),
-        patient_name=patient_name,
-        birth_date=_text(ds, "PatientBirthDate", 8),
-        sex=_text(ds, "PatientSex", 16),
-        study_uid=_uid(ds, "StudyInstanceUID"),
-        study_date=_text(ds, "StudyDate", 8),
-        study_time=_text(ds, "StudyTime", 16),
-        accession_number=_text(ds, "AccessionNumber", 16),
-        study_id=_text(ds, "StudyID", 16),
-        study_description=_text(ds, "StudyDescription", 64),
-        referring_name=referring,
-        series_uid=_uid(ds, "SeriesInstanceUID"),
-        modality=_text(ds, "Modality", 16),
-        series_number=_int(ds, "SeriesNumber"),
-        series_description=_text(ds, "SeriesDescription", 64),
-        body_part=_text(ds, "BodyPartExamined", 64),
-        series_date=_text(ds, "SeriesDate", 8),
-        series_time=_text(ds, "SeriesTime", 16),
-        sop_uid=_uid(ds, "SOPInstanceUID"),
-        sop_class_uid=_uid(ds, "SOPClassUID"),
-        instance_number=_int(ds, "InstanceNumber"),
-        transfer_syntax=transfer_syntax_uid,
-        number_of_frames=_int(ds, "NumberOfFrames"),
-        rows=_int(ds, "Rows"),
-        columns=_int(ds, "Columns"),
-        rel_path=rel_path,
-        size=size,
-        received_at=received_at,
-        calling_ae=calling_ae[:16],
-        charset=charset,
-        header=header,
-    )
-
-
-def _insert_ignore(session: Session, model: type, values: dict[str, Any]) -> None:
-    # INSERT ... ON CONFLICT DO NOTHING: concurrent writers (several nodes on one
-    # PostgreSQL) may create the same patient/study/series at once.
-    dialect = session.get_bind().dialect.name
-    builder = postgresql.insert if dialect == "postgresql" else sqlite.insert
-    session.execute(builder(model).values(**values).on_conflict_do_nothing())
-
-
-def _patient_id(session: Session, record: InstanceRecord) -> int:
-    key = (Patient.patient_id == record.patient_id, Patient.issuer == record.issuer)
-    found = session.scalar(select(Patient.id).where(*key))
-    if found is not None:
-        return found
-    _insert_ignore(
-        session,
-        Patient,
-        {
-            "patient_id": record.patient_id,
-            "issuer": record.issuer,
-            "patient_name": record.patient_name,
-            "patient_name_norm": normalise_name(record.patient_name),
-            "birth_date": record.birth_date,
-            "sex": record.sex,
-            "num_studies": 0,
-            "num_series": 0,
-            "num_instances": 0,
-        },
-    )
-    return session.scalars(select(Patient.id).where(*key)).one()
-
-
-def _study_id(session: Session, record: InstanceRecord, patient: int) -> tuple[int, bool]:
-    found = session.scalar(select(Study.id).where(Study.study_uid == record.study_uid))
-    if found is not None:
-        return found, False
-    _insert_ignore(
-        session,
-        Study,
-        {
-            "patient_fk": patient,
-            "study_uid": record.study_uid,
-            "study_date": record.study_date,
-            "study_time": record.study_time,
-            "accession_number": record.accession_number,
-            "study_id": record.study_id,
-            "description": record.study_description,
-            "referring_name": record.referring_name,
-            "referring_name_norm": normalise_name(record.referring_name),
-            "modalities": "",
-            "num_series": 0,
-            "num_instances": 0,
-        },
-    )
-    study = session.scalars(select(Study.id).where(Study.study_uid == record.study_uid)).one()
-    session.execute(
-        update(Patient).where(Patient.id == patient).values(num_studies=Patient.num_studies + 1)
-    )
-    return study, True
-
-
-def _series_id(session: Session, record: InstanceRecord, study: int, patient: int) -> int:
-    found = session.scalar(select(Series.id).where(Series.series_uid == record.series_uid))
-    if found is not None:
-        return found
-    _insert_ignore(
-        session,
-        Series,
-        {
-            "study_fk": study,
-            "series_uid": record.series_uid,
-            "modality": record.modality,
-            "series_number": record.series_number,
-            "description": record.series_description,
-            "body_part": record.body_part,
-            "series_date": record.series_date,
-            "series_time": record.series_time,
-            "num_instances": 0,
-        },
-    )
-    series = session.scalars(select(Series.id).where(Series.series_uid == record.series_uid)).one()
-    modalities = session.scalars(
-        select(Series.modality).where(Series.study_fk == study).distinct()
-    ).all()
-    session.execute(
-        update(Study)
-        .where(Study.id == study)
-        .values(
-            num_series=Study.num_series + 1,
-            modalities="\\".join(sorted(m for m in modalities if m)),
+    def __init__(self) -> None:
+        self._deltas: defaultdict[tuple[type[Base], int], defaultdict[str, int]] = defaultdict(
+            lambda: defaultdict(int)
         )
-    )
+        self._values: defaultdict[tuple[type[Base], int], dict[str, Any]] = defaultdict(dict)
+        self._modalities: set[int] = set()
+
+    def add(self, model: type[Base], row_id: int, column: str, delta: int) -> None:
+        """Add delta to a count column of one row."""
+        self._deltas[(model, row_id)][column] += delta
+
+    def instance(self, chain: tuple[int, int, int], delta: int) -> None:
+        """One instance more or less in a (series, study, patient) chain."""
+        series, study, patient = chain
+        self.add(Series, series, "num_instances", delta)
+        self.add(Study, study, "num_instances", delta)
+        self.add(Patient, patient, "num_instances", delta)
+
+    def set(self, model: type[Base], row_id: int, values: dict[str, Any]) -> None:
+        """Overwrite attribute columns of one row."""
+        self._values[(model, row_id)].update(values)
+
+    def refresh_modalities(self, study: int) -> None:
+        """Recompute a study's ModalitiesInStudy (0008,0061) from its series."""
+        self._modalities.add(study)
+
+    def _modalities_of(self, session: Session, study: int) -> str:
+        rows = session.execute(select(Series.id, Series.modality).where(Series.study_fk == study))
+        found = {self._values.get((Series, sid), {}).get("modality", mod) for sid, mod in rows}
+        return "\\".join(sorted(m for m in found if m))[:_MODALITIES_MAX]
+
+    def flush(self, session: Session) -> None:
+        """Write everything gathered, in lock order."""
+        for study in self._modalities:
+            self.set(Study, study, {"modalities": self._modalities_of(session, study)})
+        for model in (Patient, Study, Series):
+            rows = {r for m, r in self._deltas if m is model} | {
+                r for m, r in self._values if m is model
+            }
+            for row_id in sorted(rows):
+                changes = dict(self._values.get((model, row_id), {}))
+                for column, delta in self._deltas.get((model, row_id), {}).items():
+                    if delta:
+                        changes[column] = getattr(model, column) + delta
+                if changes:
+                    session.execute(update(model).where(model.id == row_id).values(changes))
+        self._deltas.clear()
+        self._values.clear()
+        self._modalities.clear()
+
+
+def _lock_key(sop_uid: str) -> int:
+    """A signed 64-bit advisory lock key for a SOP Instance UID."""
+    digest = hashlib.sha1(sop_uid.encode("ascii"), usedforsecurity=False).digest()
+    return int.from_bytes(digest[:8], "big", signed=True)
+
+
+def _lock_instances(session: Session, sop_uids: Iterable[str]) -> None:
+    """Serialise writers of the same SOP Instance UIDs across connections (PostgreSQL)."""
+    if session.get_bind().dialect.name != "postgresql":
+        return
+    keys = sorted({_lock_key(uid) for uid in sop_uids})
+    # Volatile functions in the select list run after ORDER BY: locks are taken in key order.
     session.execute(
-        update(Patient).where(Patient.id == patient).values(num_series=Patient.num_series + 1)
+        text(
+            "SELECT pg_advisory_xact_lock(k) FROM unnest(CAST(:keys AS bigint[])) AS t(k) "
+            "ORDER BY k"
+        ),
+        {"keys": keys},
     )
-    return series
 
 
-def _count_instance(session: Session, series: int, delta: int) -> None:
-    study, patient = session.execute(
-        select(Series.study_fk, Study.patient_fk)
-        .join(Study, Study.id == Series.study_fk)
-        .where(Series.id == series)
+def _insert_or_get(
+    session: Session, model: type[Base], values: dict[str, Any], key: ColumnElement[bool]
+) -> tuple[int, bool]:
+    """Insert a row unless its unique key exists; return (id, whether we created it)."""
+    builder = (
+        postgresql.insert if session.get_bind().dialect.name == "postgresql" else sqlite.insert
+    )
+    created = session.scalar(
+        builder(model).values(**values).on_conflict_do_nothing().returning(model.id)
+    )
+    if created is not None:
+        return created, True
+    return session.scalars(select(model.id).where(key)).one(), False
+
+
+def _refresh_modalities(session: Session, study: int) -> None:
+    """Recompute ModalitiesInStudy (0008,0061) from the study's series."""
+    modalities = session.scalars(
+        select(Series.modality).where(Series.study_fk == study, Series.modality != "").distinct()
+    ).all()
+    value = "\\".join(sorted(modalities))[:_MODALITIES_MAX]
+    session.execute(update(Study).where(Study.id == study).values(modalities=value))
+
+
+def _patient_attributes(record: InstanceRecord) -> dict[str, Any]:
+    """Patient-level values of a record, beyond its identity."""
+    return {
+        "patient_name": record.patient_name,
+        "patient_name_norm": normalise_name(record.patient_name),
+        "birth_date": record.birth_date,
+        "sex": record.sex,
+    }
+
+
+def _study_attributes(record: InstanceRecord) -> dict[str, Any]:
+    """Study-level values of a record."""
+    return {
+        "study_date": record.study_date,
+        "study_time": record.study_time,
+        "accession_number": record.accession_number,
+        "study_id": record.study_id,
+        "description": record.study_description,
+        "referring_name": record.referring_name,
+        "referring_name_norm": normalise_name(record.referring_name),
+    }
+
+
+def _series_attributes(record: InstanceRecord) -> dict[str, Any]:
+    """Series-level values of a record."""
+    return {
+        "modality": record.modality,
+        "series_number": record.series_number,
+        "description": record.series_description,
+        "body_part": record.body_part,
+        "series_date": record.series_date,
+        "series_time": record.series_time,
+    }
+
+
+def _overwrite_levels(
+    session: Session, record: InstanceRecord, chain: tuple[int, int, int], pending: _Pending
+) -> None:
+    """Let a replacing instance's patient, study and series values win (a correction)."""
+    series, study, patient = chain
+    pending.set(Series, series, _series_attributes(record))
+    pending.set(Study, study, _study_attributes(record))
+    pending.refresh_modalities(study)
+    # Only the demographics of the same patient: a study keeps the patient it belongs to.
+    identity = session.execute(
+        select(Patient.patient_id, Patient.issuer).where(Patient.id == patient)
     ).one()
-    session.execute(
-        update(Series).where(Series.id == series).values(num_instances=Series.num_instances + delta)
-    )
-    session.execute(
-        update(Study).where(Study.id == study).values(num_instances=Study.num_instances + delta)
-    )
-    session.execute(
-        update(Patient)
-        .where(Patient.id == patient)
-        .values(num_instances=Patient.num_instances + delta)
-    )
+    if tuple(identity) == (record.patient_id, record.issuer):
+        pending.set(Patient, patient, _patient_attributes(record))
 
 
-def apply_record(session: Session, record: InstanceRecord, duplicate_policy: str) -> IngestOutcome:
-    """Add one record to the index under the duplicate policy (keep-first/replace/reject)."""
+def _patient(session: Session, record: InstanceRecord) -> int:
+    """The patient of a new study: found or created by (PatientID, IssuerOfPatientID)."""
+    key = (Patient.patient_id == record.patient_id) & (Patient.issuer == record.issuer)
+    found = session.scalar(select(Patient.id).where(key))
+    if found is not None:
+        return found
+    values = {
+        "patient_id": record.patient_id,
+        "issuer": record.issuer,
+        **_patient_attributes(record),
+        "num_studies": 0,
+        "num_series": 0,
+        "num_instances": 0,
+    }
+    return _insert_or_get(session, Patient, values, key)[0]
+
+
+def _study(session: Session, record: InstanceRecord, pending: _Pending) -> tuple[int, int]:
+    """(study, patient) of a record, creating the study (and patient) if new."""
+    found = session.execute(
+        select(Study.id, Study.patient_fk).where(Study.study_uid == record.study_uid)
+    ).first()
+    if found is not None:
+        # The study keeps the patient it was first stored under.
+        return found.id, found.patient_fk
+    patient = _patient(session, record)
+    values = {
+        "patient_fk": patient,
+        "study_uid": record.study_uid,
+        **_study_attributes(record),
+        "modalities": "",
+        "num_series": 0,
+        "num_instances": 0,
+    }
+    study, created = _insert_or_get(session, Study, values, Study.study_uid == record.study_uid)
+    if created:
+        pending.add(Patient, patient, "num_studies", 1)
+        return study, patient
+    # Another writer created it meanwhile, perhaps under another patient.
+    return study, session.scalars(select(Study.patient_fk).where(Study.id == study)).one()
+
+
+def _chain_where(session: Session, where: ColumnElement[bool]) -> tuple[int, int, int] | None:
+    """(series, study, patient) of the series matching a condition, if any."""
+    row = session.execute(
+        select(Series.id, Series.study_fk, Study.patient_fk)
+        .join(Study, Study.id == Series.study_fk)
+        .where(where)
+    ).first()
+    return None if row is None else (row[0], row[1], row[2])
+
+
+def _chain(session: Session, record: InstanceRecord, pending: _Pending) -> tuple[int, int, int]:
+    """(series, study, patient) of a record, creating what is missing."""
+    found = _chain_where(session, Series.series_uid == record.series_uid)
+    if found is not None:
+        # The series keeps the study it was first stored under.
+        return found
+    study, patient = _study(session, record, pending)
+    values = {
+        "study_fk": study,
+        "series_uid": record.series_uid,
+        **_series_attributes(record),
+        "num_instances": 0,
+    }
+    series, created = _insert_or_get(
+        session, Series, values, Series.series_uid == record.series_uid
+    )
+    if not created:
+        chain = _chain_where(session, Series.id == series)
+        assert chain is not None  # _insert_or_get just found it
+        return chain
+    pending.add(Study, study, "num_series", 1)
+    pending.add(Patient, patient, "num_series", 1)
+    pending.refresh_modalities(study)
+    return series, study, patient
+
+
+def _prune(session: Session, chain: tuple[int, int, int]) -> None:
+    """Delete the series, study and patient of a chain that were left empty, with counts."""
+    series, study, patient = chain
+    if session.scalar(select(exists().where(Instance.series_fk == series))):
+        return
+    session.execute(delete(Series).where(Series.id == series))
+    session.execute(update(Study).where(Study.id == study).values(num_series=Study.num_series - 1))
+    session.execute(
+        update(Patient).where(Patient.id == patient).values(num_series=Patient.num_series - 1)
+    )
+    if session.scalar(select(exists().where(Series.study_fk == study))):
+        _refresh_modalities(session, study)
+        return
+    session.execute(delete(Study).where(Study.id == study))
+    session.execute(
+        update(Patient).where(Patient.id == patient).values(num_studies=Patient.num_studies - 1)
+    )
+    if not session.scalar(select(exists().where(Study.patient_fk == patient))):
+        session.execute(delete(Patient).where(Patient.id == patient))
+
+
+def _apply(
+    session: Session, record: InstanceRecord, policy: str, pending: _Pending
+) -> IngestOutcome:
+    """Add one record under the duplicate policy."""
     existing = session.execute(
         select(Instance.id, Instance.series_fk, Instance.rel_path).where(
             Instance.sop_uid == record.sop_uid
         )
     ).first()
-    stale_path = None
+    if existing is not None and policy != "replace":
+        return IngestOutcome(
+            record.sop_uid,
+            stored=False,
+            duplicate=True,
+            rejected=policy == "reject",
+            existing_path=existing.rel_path,
+        )
+    old_chain = None
     if existing is not None:
-        if duplicate_policy == "keep-first":
-            return IngestOutcome(record.sop_uid, stored=False, duplicate=True)
-        if duplicate_policy == "reject":
-            return IngestOutcome(record.sop_uid, stored=False, duplicate=True, rejected=True)
-        session.execute(Instance.__table__.delete().where(Instance.id == existing.id))
-        _count_instance(session, existing.series_fk, -1)
-        stale_path = existing.rel_path if existing.rel_path != record.rel_path else None
-    patient = _patient_id(session, record)
-    study, _ = _study_id(session, record, patient)
-    series = _series_id(session, record, study, patient)
-    session.add(
-        Instance(
-            series_fk=series,
+        session.execute(delete(Instance).where(Instance.id == existing.id))
+        old_chain = _chain_where(session, Series.id == existing.series_fk)
+        assert old_chain is not None  # the foreign key guarantees it
+        pending.instance(old_chain, -1)
+    chain = _chain(session, record, pending)
+    session.execute(
+        insert(Instance).values(
+            series_fk=chain[0],
             sop_uid=record.sop_uid,
             sop_class_uid=record.sop_class_uid,
             instance_number=record.instance_number,
@@ -334,18 +359,36 @@ def apply_record(session: Session, record: InstanceRecord, duplicate_policy: str
             header=record.header,
         )
     )
-    session.flush()
-    _count_instance(session, series, +1)
-    return IngestOutcome(
-        record.sop_uid, stored=True, duplicate=existing is not None, stale_path=stale_path
-    )
+    pending.instance(chain, +1)
+    if existing is None:
+        return IngestOutcome(record.sop_uid, stored=True)
+    _overwrite_levels(session, record, chain, pending)
+    if old_chain is not None and old_chain != chain:
+        # The instance moved (another series or study): drop what it left empty.
+        pending.flush(session)
+        _prune(session, old_chain)
+    stale = existing.rel_path if existing.rel_path != record.rel_path else None
+    return IngestOutcome(record.sop_uid, stored=True, duplicate=True, stale_path=stale)
+
+
+def apply_records(
+    session: Session, records: Sequence[InstanceRecord], duplicate_policy: str
+) -> list[IngestOutcome]:
+    """Add records to the index in the session's transaction; one outcome per record."""
+    if duplicate_policy not in DUPLICATE_POLICIES:
+        raise ValueError(f"duplicate policy must be one of {', '.join(DUPLICATE_POLICIES)}")
+    _lock_instances(session, (r.sop_uid for r in records))
+    pending = _Pending()
+    outcomes = [_apply(session, record, duplicate_policy, pending) for record in records]
+    pending.flush(session)
+    return outcomes
+
+
+def apply_record(session: Session, record: InstanceRecord, duplicate_policy: str) -> IngestOutcome:
+    """Add one record to the index in the session's transaction."""
+    return apply_records(session, [record], duplicate_policy)[0]
 
 
 def instance_path_of(session: Session, sop_uid: str) -> str | None:
     """The stored file of an instance, if indexed."""
     return session.scalar(select(Instance.rel_path).where(Instance.sop_uid == sop_uid))
-
-
-def total_instances(session: Session) -> int:
-    """Number of indexed instances."""
-    return int(session.scalar(select(func.count(Instance.id))) or 0)

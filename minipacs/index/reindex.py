@@ -1,96 +1,110 @@
-"""Rebuild the index from the files in the store (after a lost or restored database)."""
+"""Rebuild the index from the files in the store (after losing or restoring the database)."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
-from pydicom import dcmread
-from sqlalchemy import Engine
-from sqlalchemy.exc import SQLAlchemyError
-from sqlalchemy.orm import Session
+import pydicom
+from sqlalchemy import Engine, delete
 
-from minipacs.index.ingest import InstanceRecord, apply_record, record_from_dataset
+from minipacs.index.db import write_session
+from minipacs.index.ingest import InstanceRecord, apply_records, record_from_dataset
+from minipacs.index.models import Instance, Patient, Series, Study
 from minipacs.storage.filestore import FileStore
-
-BATCH = 200
 
 
 @dataclass
 class ReindexReport:
-    """How many files were indexed, and each file that was not with the reason."""
+    """What a reindex found: files seen, rows written, and the files it had to skip."""
 
+    files: int = 0
     indexed: int = 0
+    # Files holding a SOP Instance UID that a newer file also holds: left on disk, not indexed.
+    superseded: list[str] = field(default_factory=list)
+    # (relative path, reason) of files that could not be read or indexed.
     failed: list[tuple[str, str]] = field(default_factory=list)
 
 
-def _reason(exc: BaseException) -> str:
-    # One line per failed file: pydicom and database messages can span several lines.
-    lines = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
-
-
-def read_record(store: FileStore, rel_path: str) -> InstanceRecord:
-    """Read a stored file's header and turn it into an index record."""
-    path = store.path(rel_path)
-    stat = path.stat()
-    ds = dcmread(path, stop_before_pixels=True)
-    meta = ds.file_meta
-    syntax = str(meta.get("TransferSyntaxUID", "") or "")
+def _read(store: FileStore, rel_path: str, stat: os.stat_result) -> InstanceRecord:
+    """The index record of one stored file, from its File Meta and header."""
+    with store.open_instance(rel_path) as handle:
+        ds = pydicom.dcmread(handle, stop_before_pixels=True)
+    syntax = ds.file_meta.get("TransferSyntaxUID")
     if not syntax:
-        raise ValueError("file meta has no TransferSyntaxUID")
+        raise ValueError("no Transfer Syntax UID in its File Meta Information")
     return record_from_dataset(
         ds,
-        transfer_syntax_uid=syntax,
+        transfer_syntax_uid=str(syntax),
         rel_path=rel_path,
         size=stat.st_size,
-        calling_ae=str(meta.get("SourceApplicationEntityTitle", "") or "").strip(),
+        calling_ae=str(ds.file_meta.get("SourceApplicationEntityTitle", "") or ""),
         received_at=datetime.fromtimestamp(stat.st_mtime, UTC),
     )
 
 
-def _commit(engine: Engine, batch: list[InstanceRecord], report: ReindexReport) -> None:
+def _commit(engine: Engine, items: list[tuple[str, InstanceRecord]], report: ReindexReport) -> None:
+    """Index a batch in one transaction; if that fails, each file in its own."""
     try:
-        with Session(engine) as session, session.begin():
-            for record in batch:
-                apply_record(session, record, "replace")
-        report.indexed += len(batch)
+        with write_session(engine) as session, session.begin():
+            outcomes = apply_records(session, [record for _, record in items], "replace")
+    except Exception as exc:
+        if len(items) == 1:
+            report.failed.append((items[0][0], f"cannot be indexed: {exc}"))
+            return
+        for item in items:
+            _commit(engine, [item], report)
         return
-    except SQLAlchemyError:
-        pass
-    # One record broke the batch's transaction: replay it record by record to find it,
-    # so that the good records are still indexed.
-    for record in batch:
-        try:
-            with Session(engine) as session, session.begin():
-                apply_record(session, record, "replace")
+    for outcome in outcomes:
+        if outcome.stale_path:
+            # A newer file took over a row this reindex wrote: the row count is unchanged.
+            report.superseded.append(outcome.stale_path)
+        else:
             report.indexed += 1
-        except SQLAlchemyError as exc:
-            report.failed.append((record.rel_path, _reason(exc)))
 
 
 def reindex(
     store: FileStore,
     engine: Engine,
     progress: Callable[[int, int], None] | None = None,
+    *,
+    clear: bool = True,
+    batch_size: int = 200,
 ) -> ReindexReport:
-    """Index every file of the store (replacing existing rows); report unreadable files."""
-    files = sorted(store.iter_files())
+    """Index every file in the store (the index is emptied first unless clear=False).
+
+    Files are taken oldest first under the "replace" policy, so when two files hold one
+    SOP Instance UID the newer wins, as it did when it was received. Unreadable files are
+    reported, never fatal. progress(done, total) is called after each batch.
+    """
     report = ReindexReport()
-    batch: list[InstanceRecord] = []
-    for done, rel_path in enumerate(files, start=1):
+    found: list[tuple[float, str, os.stat_result]] = []
+    for rel_path in store.iter_files():
         try:
-            batch.append(read_record(store, rel_path))
-        # Any file may be damaged in any way pydicom can trip over; each is reported
-        # and skipped so one bad file does not stop the rebuild.
-        except Exception as exc:
-            report.failed.append((rel_path, _reason(exc)))
-        if len(batch) >= BATCH:
-            _commit(engine, batch, report)
-            batch = []
+            stat = store.path(rel_path).stat()
+        except OSError as exc:
+            report.failed.append((rel_path, f"cannot be read: {exc}"))
+            continue
+        found.append((stat.st_mtime, rel_path, stat))
+    found.sort(key=lambda item: item[:2])
+    total = report.files = len(found) + len(report.failed)
+    if clear:
+        with write_session(engine) as session, session.begin():
+            for model in (Instance, Series, Study, Patient):
+                session.execute(delete(model))
+    done = len(report.failed)
+    for start in range(0, len(found), batch_size):
+        items: list[tuple[str, InstanceRecord]] = []
+        for _, rel_path, stat in found[start : start + batch_size]:
+            try:
+                items.append((rel_path, _read(store, rel_path, stat)))
+            except Exception as exc:  # any unreadable file is reported, never fatal
+                report.failed.append((rel_path, f"cannot be read: {exc}"))
+        if items:
+            _commit(engine, items, report)
+        done += len(found[start : start + batch_size])
         if progress is not None:
-            progress(done, len(files))
-    if batch:
-        _commit(engine, batch, report)
+            progress(done, total)
     return report

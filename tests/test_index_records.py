@@ -1,0 +1,144 @@
+"""Data set -> InstanceRecord: UIDs, decoded and normalised names, cleaned values, header JSON."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+
+import pydicom
+import pytest
+from pydicom import Dataset
+from pydicom.data import get_charset_files, get_testdata_file
+
+from minipacs.index.ingest import IngestError, InstanceRecord, normalise_name, record_from_dataset
+
+NOW = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
+
+
+def _record(ds: Dataset) -> InstanceRecord:
+    return record_from_dataset(
+        ds,
+        transfer_syntax_uid="1.2.840.10008.1.2.1",
+        rel_path="aa/bb/x.dcm",
+        size=10,
+        calling_ae=" MODALITY ",
+        received_at=NOW,
+    )
+
+
+def _charset_file(name: str) -> Dataset:
+    return pydicom.dcmread(get_charset_files(name)[0], stop_before_pixels=True)
+
+
+def test_ct_small() -> None:
+    ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"), stop_before_pixels=True)
+    record = _record(ds)
+    assert record.patient_name == "CompressedSamples^CT1"
+    assert record.patient_id == "1CT1"
+    assert record.study_uid == ds.StudyInstanceUID
+    assert record.series_uid == ds.SeriesInstanceUID
+    assert record.sop_uid == ds.SOPInstanceUID
+    assert record.sop_class_uid == "1.2.840.10008.5.1.4.1.1.2"
+    assert (record.modality, record.study_date) == ("CT", "20040119")
+    assert (record.rows, record.columns, record.number_of_frames) == (128, 128, None)
+    assert record.calling_ae == "MODALITY"
+    assert record.header["00100020"] == {"vr": "LO", "Value": ["1CT1"]}
+    assert "7FE00010" not in record.header
+
+
+def test_mr_small() -> None:
+    ds = pydicom.dcmread(get_testdata_file("MR_small.dcm"), stop_before_pixels=True)
+    record = _record(ds)
+    assert (record.patient_name, record.modality, record.study_date) == (
+        "CompressedSamples^MR1",
+        "MR",
+        "20040826",
+    )
+    json.dumps(record.header)
+
+
+@pytest.mark.parametrize(
+    ("name", "patient_name"),
+    [
+        ("chrH31.dcm", "Yamada^Tarou=山田^太郎=やまだ^たろう"),  # ISO 2022 IR 87
+        ("chrH32.dcm", "ﾔﾏﾀﾞ^ﾀﾛｳ=山田^太郎=やまだ^たろう"),  # ISO 2022 IR 13 + 87
+        ("chrJapMulti.dcm", "やまだ^たろう"),
+        ("chrI2.dcm", "Hong^Gildong=洪^吉洞=홍^길동"),  # ISO 2022 IR 149
+        ("chrX1.dcm", "Wang^XiaoDong=王^小東"),  # ISO_IR 192 (UTF-8)
+        ("chrX2.dcm", "Wang^XiaoDong=王^小东"),  # GB18030
+        ("chrFren.dcm", "Buc^Jérôme"),  # ISO_IR 100
+        ("chrRuss.dcm", "Люкceмбypг"),  # ISO_IR 144
+        ("chrGreek.dcm", "Διονυσιος"),  # ISO_IR 126
+    ],
+)
+def test_names_are_decoded_with_the_data_sets_charset(name: str, patient_name: str) -> None:
+    ds = _charset_file(name)
+    record = _record(ds)
+    assert record.patient_name == patient_name
+    charset = ds.SpecificCharacterSet
+    assert record.charset == (charset if isinstance(charset, str) else "\\".join(charset))
+    assert normalise_name(record.patient_name) == patient_name.upper()
+    assert json.loads(json.dumps(record.header))["00100010"]["Value"][0]
+
+
+@pytest.mark.parametrize(
+    ("name", "normalised"),
+    [
+        ("Doe^John", "DOE^JOHN"),
+        ("DOE^JOHN^^^", "DOE^JOHN"),
+        ("Doe^John^^^=", "DOE^JOHN"),
+        ("Yamada^Tarou=山田^太郎=", "YAMADA^TAROU=山田^太郎"),
+        ("=山田^太郎", "=山田^太郎"),
+        ("", ""),
+    ],
+)
+def test_normalise_name(name: str, normalised: str) -> None:
+    assert normalise_name(name) == normalised
+
+
+@pytest.mark.parametrize(
+    "keyword", ["StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID"]
+)
+@pytest.mark.parametrize("value", [None, "", "1.02.3", "../../etc", "1." + "2" * 70])
+def test_missing_or_malformed_uid_is_an_ingest_error(keyword: str, value: str | None) -> None:
+    ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"), stop_before_pixels=True)
+    if value is None:
+        delattr(ds, keyword)
+    else:
+        setattr(ds, keyword, value)
+    with pytest.raises(IngestError, match=keyword):
+        _record(ds)
+
+
+def test_values_are_cleaned_for_the_index() -> None:
+    ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"), stop_before_pixels=True)
+    ds.StudyDate = "2004.01.19"  # ACR-NEMA date form
+    ds.SeriesDate = "yesterday"
+    ds.StudyTime = "10:11:12"
+    ds.SeriesTime = "101112.123456"
+    ds.InstanceNumber = "99999999999"  # beyond the IS range
+    ds.SeriesNumber = "  7 "
+    ds.StudyDescription = "x" * 80 + "\0"
+    ds.AccessionNumber = "ACC\0"
+    record = _record(ds)
+    assert (record.study_date, record.series_date) == ("20040119", "")
+    assert (record.study_time, record.series_time) == ("101112", "101112.123456")
+    assert (record.instance_number, record.series_number) == (None, 7)
+    assert record.study_description == "x" * 64
+    assert record.accession_number == "ACC"
+
+
+def test_header_json_leaves_bulk_data_out() -> None:
+    ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))  # pixel data included
+    ds.add_new(0x00091010, "OB", b"\1" * 5000)
+    ds.add_new(0x00091011, "OB", b"\2" * 16)
+    item = Dataset()
+    item.add_new(0x00091012, "OB", b"\3" * 5000)
+    item.CodeValue = "123"
+    ds.add_new(0x00091013, "SQ", [item])
+    header = _record(ds).header
+    assert "7FE00010" not in header
+    assert "00091010" not in header
+    assert header["00091011"]["InlineBinary"]
+    assert header["00091013"]["Value"] == [{"00080100": {"vr": "SH", "Value": ["123"]}}]
+    assert len(json.dumps(header)) < 20_000
