@@ -96,6 +96,8 @@ def test_normalise_name(name: str, normalised: str) -> None:
     assert normalise_name(name) == normalised
 
 
+# pydicom warns about the invalid values these tests set on purpose.
+@pytest.mark.filterwarnings("ignore::UserWarning")
 @pytest.mark.parametrize(
     "keyword", ["StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID"]
 )
@@ -110,6 +112,7 @@ def test_missing_or_malformed_uid_is_an_ingest_error(keyword: str, value: str | 
         _record(ds)
 
 
+@pytest.mark.filterwarnings("ignore::UserWarning")
 def test_values_are_cleaned_for_the_index() -> None:
     ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"), stop_before_pixels=True)
     ds.StudyDate = "2004.01.19"  # ACR-NEMA date form
