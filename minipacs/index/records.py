@@ -197,7 +197,7 @@ def record_from_dataset(
             rel_path=rel_path,
             size=size,
             received_at=received_at,
-            calling_ae=calling_ae.strip()[:16],
+            calling_ae=calling_ae.replace("\0", "").strip()[:16],
             charset=_text(ds, "SpecificCharacterSet", 128),
             header=header_json(ds),
         )

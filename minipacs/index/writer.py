@@ -171,6 +171,7 @@ def _settle(job: _Job, result: IngestOutcome | Exception) -> None:
     """Resolve a caller's future from the writer thread, on the caller's loop."""
 
     def settle() -> None:
+        """Runs on the caller's loop: futures are not thread-safe."""
         if job.future.done():  # the caller was cancelled
             return
         if isinstance(result, Exception):
