@@ -245,6 +245,22 @@ def test_crash_between_write_and_rename(tmp_path: Path) -> None:
     assert store.cleanup_temp() == 1
     assert list((tmp_path / "store" / ".tmp").iterdir()) == []
     assert list(store.iter_files()) == []
+    # The path it was about to rename into place is journalled for the index's recovery.
+    (journal,) = store.dead_journals()
+    assert journal.rel_paths == ["ab/cd/1.2/1.2.3/1.2.3.4.dcm"]
+
+
+def test_journals_rotate_and_keep_two(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(filestore, "JOURNAL_ROTATE_SECONDS", -1.0)  # rotate at every write
+    store = _store(tmp_path, fsync=False)
+    paths = [instance_path(STUDY, SERIES, f"1.2.3.{n}") for n in range(5)]
+    for rel in paths:
+        store.write_instance(rel, b"", b"x")
+    journals = sorted((tmp_path / "store" / ".journals").iterdir())
+    assert [j.read_text() for j in journals] == [f"{paths[3]}\n", f"{paths[4]}\n"]
+    assert store.dead_journals() == []  # ours, while we run
+    store.close()
+    assert list((tmp_path / "store" / ".journals").iterdir()) == []
 
 
 def test_cleanup_temp_spares_live_writers(tmp_path: Path) -> None:

@@ -28,8 +28,11 @@ class ReindexReport:
     failed: list[tuple[str, str]] = field(default_factory=list)
 
 
-def _read(store: FileStore, rel_path: str, stat: os.stat_result) -> InstanceRecord:
+def read_record(
+    store: FileStore, rel_path: str, stat: os.stat_result | None = None
+) -> InstanceRecord:
     """The index record of one stored file, from its File Meta and header."""
+    stat = stat or store.path(rel_path).stat()
     with store.open_instance(rel_path) as handle:
         ds = pydicom.dcmread(handle, stop_before_pixels=True)
     syntax = ds.file_meta.get("TransferSyntaxUID")
@@ -99,7 +102,7 @@ def reindex(
         items: list[tuple[str, InstanceRecord]] = []
         for _, rel_path, stat in found[start : start + batch_size]:
             try:
-                items.append((rel_path, _read(store, rel_path, stat)))
+                items.append((rel_path, read_record(store, rel_path, stat)))
             except Exception as exc:  # any unreadable file is reported, never fatal
                 report.failed.append((rel_path, f"cannot be read: {exc}"))
         if items:

@@ -4,6 +4,15 @@ A crash at any point leaves the old file, the new file, or an orphan temp file u
 ``<root>/.tmp/``; never a partial file at an instance's path. Several nodes may share one
 store (on a network filesystem), so temp files are named after the host, process and
 process run that own them, and ``cleanup_temp`` only removes ones no live writer owns.
+
+A file renamed into place whose index row was never committed (the process died in
+between) would be an orphan. So every writer notes the paths it is about to rename into a
+journal of its own, ``<root>/.journals/<host>~<pid>~<run>~<n>.journal``; journals rotate every
+minute and only the last two are kept, since an index commit takes far less. After a
+crash, ``dead_journals`` hands the paths of dead writers to the index's recovery
+(minipacs.index.recover), which indexes or removes each orphan. The journal is not
+fsynced: it survives a process crash; after a power loss an orphan can remain, which
+reindex picks up.
 """
 
 import errno
@@ -12,6 +21,7 @@ import re
 import secrets
 import shutil
 import socket
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import suppress
@@ -22,7 +32,10 @@ from typing import BinaryIO
 from minipacs.storage.layout import SUFFIX
 
 _TMP = ".tmp"
+_JOURNALS = ".journals"
 _PART = ".part"
+_JOURNAL = ".journal"
+JOURNAL_ROTATE_SECONDS = 60.0
 # Files nobody has written to for this long are orphans whoever made them: a temp file is
 # written in one go, a spool file at least every idle timeout (300 s by default).
 STALE_SECONDS = 3600.0
@@ -38,6 +51,15 @@ DatasetSource = bytes | memoryview | Path | list[bytes]
 
 class OutOfSpace(Exception):
     """Free space on the store's filesystem is below the configured floor."""
+
+
+@dataclass(frozen=True)
+class DeadJournal:
+    """The paths a dead writer was renaming into place, and when it last noted one."""
+
+    path: Path
+    mtime: float
+    rel_paths: list[str]
 
 
 @dataclass(frozen=True)
@@ -112,8 +134,14 @@ class FileStore:
         # The temp folder lives under root so os.replace never crosses filesystems.
         self._tmp = self.root / _TMP
         self._tmp.mkdir(parents=True, exist_ok=True)
+        self._journals = self.root / _JOURNALS
+        self._journals.mkdir(exist_ok=True)
         self.spool_dir.mkdir(parents=True, exist_ok=True)
         self._durable_dirs: set[Path] = set()
+        self._journal_lock = threading.Lock()
+        self._journal_fd: int | None = None
+        self._journal_seq = 0
+        self._journal_since = 0.0
         if fsync:
             _fsync_dir(self.root.parent)
             _fsync_dir(self.root)
@@ -157,11 +185,18 @@ class FileStore:
                 )
 
     def cleanup_temp(self, stale_seconds: float = STALE_SECONDS) -> int:
-        """Delete temp and spool files left by dead writers; return how many were removed."""
+        """Delete temp and spool files left by dead writers; return how many were removed.
+
+        Journals of dead writers are left for recovery, unless untouched for stale_seconds.
+        """
         removed = 0
         cutoff = time.time() - stale_seconds
         for entry in self._tmp.iterdir():
             if self._orphan_temp(entry, cutoff):
+                removed += _delete(entry)
+        for entry in self._journals.iterdir():
+            # Left for recovery (dead_journals), unless nobody recovered it for long.
+            if _mtime(entry) < cutoff:
                 removed += _delete(entry)
         for entry in self.spool_dir.iterdir():
             # Spool files carry no owner, and other nodes may share the folder: age decides.
@@ -216,6 +251,7 @@ class FileStore:
                 if self.fsync:
                     os.fsync(f.fileno())
             dest.parent.mkdir(parents=True, exist_ok=True)
+            self._note_pending(rel_path)
             # rename(2) is atomic: readers see the old file or the complete new one.
             os.replace(tmp, dest)
         except BaseException:
@@ -225,6 +261,61 @@ class FileStore:
         if self.fsync:
             self._sync_entries(dest.parent)
         return StoredFile(rel_path=rel_path, size=size)
+
+    def _note_pending(self, rel_path: str) -> None:
+        """Journal a path about to be renamed into place (see the module docstring)."""
+        line = (rel_path + "\n").encode("ascii")
+        with self._journal_lock:
+            now = time.monotonic()
+            if self._journal_fd is None or now - self._journal_since > JOURNAL_ROTATE_SECONDS:
+                self._rotate_journal(now)
+            assert self._journal_fd is not None
+            os.write(self._journal_fd, line)
+
+    def _journal_path(self, seq: int) -> Path:
+        return self._journals / f"{_HOST}~{os.getpid()}~{_RUN_TOKEN}~{seq}{_JOURNAL}"
+
+    def _rotate_journal(self, now: float) -> None:
+        """Start a new journal; the one before it stays, older ones are settled."""
+        if self._journal_fd is not None:
+            os.close(self._journal_fd)
+        self._journal_seq += 1
+        flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC
+        self._journal_fd = os.open(self._journal_path(self._journal_seq), flags, 0o666)
+        self._journal_since = now
+        if self._journal_seq > 2:
+            self._journal_path(self._journal_seq - 2).unlink(missing_ok=True)
+
+    def close(self) -> None:
+        """Release the journal at a clean stop: everything written has been settled."""
+        with self._journal_lock:
+            if self._journal_fd is not None:
+                os.close(self._journal_fd)
+                self._journal_fd = None
+            for seq in (self._journal_seq - 1, self._journal_seq):
+                if seq > 0:
+                    self._journal_path(seq).unlink(missing_ok=True)
+
+    def dead_journals(self) -> list[DeadJournal]:
+        """Journals of writers that are no longer running, for the index to recover."""
+        found = []
+        for entry in self._journals.glob(f"*{_JOURNAL}"):
+            fields = entry.name.removesuffix(_JOURNAL).split("~")
+            if len(fields) != 4 or not fields[1].isdigit():
+                continue
+            host, pid, run, _ = fields
+            if host != _HOST or run == _RUN_TOKEN:
+                continue  # another node's (it recovers its own) or ours
+            if int(pid) != os.getpid() and _pid_alive(int(pid)):
+                continue
+            try:
+                text = entry.read_text("ascii", errors="replace")
+                mtime = entry.stat().st_mtime
+            except FileNotFoundError:
+                continue
+            paths = list(dict.fromkeys(line for line in text.splitlines() if line))
+            found.append(DeadJournal(entry, mtime, paths))
+        return found
 
     def _sync_entries(self, directory: Path) -> None:
         """Make the renamed file's entry durable, and every not-yet-durable folder above it.

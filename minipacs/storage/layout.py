@@ -30,3 +30,8 @@ def instance_path(study_uid: str, series_uid: str, sop_uid: str) -> str:
     # sha1 for distribution, not security: the inputs are already validated.
     h = hashlib.sha1(study.encode("ascii"), usedforsecurity=False).hexdigest()
     return f"{h[:2]}/{h[2:4]}/{study}/{series}/{sop}{SUFFIX}"
+
+
+def sop_uid_of(rel_path: str) -> str:
+    """The SOP Instance UID an instance path was built from."""
+    return rel_path.rsplit("/", 1)[-1].removesuffix(SUFFIX)
