@@ -6,10 +6,10 @@ store (on a network filesystem), so temp files are named after the host, process
 process run that own them, and ``cleanup_temp`` only removes ones no live writer owns.
 
 A file renamed into place whose index row was never committed (the process died in
-between) would be an orphan. So every writer notes the paths it is about to rename into a
-journal of its own, ``<root>/.journals/<host>~<pid>~<run>~<n>.journal``; journals rotate every
-minute and only the last two are kept, since an index commit takes far less. After a
-crash, ``dead_journals`` hands the paths of dead writers to the index's recovery
+between) would be an orphan. So every writer notes the paths it is about to rename into
+a journal of its own, ``<root>/.journals/<host>~<pid>~<run>~<store>-<n>.journal``; they
+rotate every minute and only the last two are kept, since an index commit takes far
+less. After a crash, ``dead_journals`` hands the paths of dead writers to the index's recovery
 (minipacs.index.recover), which indexes or removes each orphan. The journal is not
 fsynced: it survives a process crash; after a power loss an orphan can remain, which
 reindex picks up.
@@ -142,6 +142,8 @@ class FileStore:
         self._journal_fd: int | None = None
         self._journal_seq = 0
         self._journal_since = 0.0
+        # Two stores in one process (tests, tools) must not share a journal.
+        self._journal_id = secrets.token_hex(3)
         if fsync:
             _fsync_dir(self.root.parent)
             _fsync_dir(self.root)
@@ -273,7 +275,8 @@ class FileStore:
             os.write(self._journal_fd, line)
 
     def _journal_path(self, seq: int) -> Path:
-        return self._journals / f"{_HOST}~{os.getpid()}~{_RUN_TOKEN}~{seq}{_JOURNAL}"
+        name = f"{_HOST}~{os.getpid()}~{_RUN_TOKEN}~{self._journal_id}-{seq}{_JOURNAL}"
+        return self._journals / name
 
     def _rotate_journal(self, now: float) -> None:
         """Start a new journal; the one before it stays, older ones are settled."""
