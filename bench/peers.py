@@ -1,8 +1,9 @@
-"""Start the servers a benchmark compares: minipacs and DCMTK's storescp."""
+"""Start the servers a benchmark compares: minipacs (SQLite or PostgreSQL), storescp, Orthanc."""
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import signal
@@ -14,8 +15,12 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import psutil
+
+if TYPE_CHECKING:
+    from tests.pgserver import PostgresServer
 
 
 def free_port() -> int:
@@ -113,5 +118,59 @@ def storescp(*extra: str) -> Iterator[Peer]:
             process.terminate()
             try:
                 process.wait(10)
+            except subprocess.TimeoutExpired:
+                process.kill()
+
+
+@contextlib.contextmanager
+def minipacs_pg(server: PostgresServer, **env: str) -> Iterator[Peer]:
+    """Run minipacs on a fresh, upgraded database of a running PostgreSQL server."""
+    from minipacs.index.schema import upgrade
+
+    url = server.create_database()
+    upgrade(url)
+    with minipacs(MINIPACS_DATABASE_URL=url, **env) as peer:
+        peer.name = "minipacs-pg"
+        yield peer
+
+
+@contextlib.contextmanager
+def orthanc(*, timeout: float = 60.0) -> Iterator[Peer]:
+    """Run Debian's Orthanc with a generated config: free ports, temporary SQLite store."""
+    binary = shutil.which("Orthanc") or "/usr/sbin/Orthanc"
+    if not Path(binary).exists():
+        raise SystemExit("Orthanc not found: apt-get install orthanc")
+    with tempfile.TemporaryDirectory(prefix="bench-orthanc-") as tmp:
+        root = Path(tmp)
+        port = free_port()
+        config = {
+            "Name": "bench",
+            "DicomAet": "ORTHANC",
+            "DicomPort": port,
+            "HttpPort": free_port(),
+            "DicomCheckCalledAet": False,
+            "RemoteAccessAllowed": False,
+            "StorageDirectory": str(root / "storage"),
+            "IndexDirectory": str(root / "index"),
+            "Plugins": [],
+        }
+        (root / "config.json").write_text(json.dumps(config, indent=2))
+        log = root / "orthanc.log"
+        process = subprocess.Popen(
+            [binary, str(root / "config.json")],
+            cwd=root,
+            stdout=subprocess.DEVNULL,
+            stderr=open(log, "wb"),  # noqa: SIM115
+        )
+        try:
+            try:
+                _wait_port(port, process, timeout)
+            except (RuntimeError, TimeoutError) as exc:
+                raise RuntimeError(f"{exc}\n{log.read_text(errors='replace')[-3000:]}") from exc
+            yield Peer("orthanc", port, "ORTHANC", process)
+        finally:
+            process.terminate()
+            try:
+                process.wait(30)
             except subprocess.TimeoutExpired:
                 process.kill()
