@@ -1,6 +1,6 @@
 """The `minipacs` command: parses arguments, loads settings, then calls into the app.
 
-Exit codes: 0 success, 1 runtime failure, 2 usage or configuration error.
+Exit codes: 0 success, 1 runtime failure, 2 usage or configuration error, 130 interrupted.
 """
 
 from __future__ import annotations
@@ -27,7 +27,9 @@ from minipacs.logs import configure_logging
 from minipacs.storage.filestore import FileStore
 
 DEFAULT_CONFIG = Path("config/minipacs.toml")
-EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+log = logging.getLogger("minipacs.cli")
 
 
 def _version() -> str:
@@ -52,9 +54,10 @@ def _settings(args: argparse.Namespace) -> Settings:
 def _settings_and_logging(args: argparse.Namespace) -> Settings:
     settings = _settings(args)
     configure_logging(settings.log)
-    # alembic narrates every migration step at INFO; only -v wants that.
-    verbose = getattr(args, "verbose", False)
-    logging.getLogger("alembic").setLevel(logging.INFO if verbose else logging.WARNING)
+    # alembic narrates every migration step at INFO; only -v (or [log.levels]) wants that.
+    if "alembic" not in settings.log.levels:
+        verbose = getattr(args, "verbose", False)
+        logging.getLogger("alembic").setLevel(logging.INFO if verbose else logging.WARNING)
     return settings
 
 
@@ -134,7 +137,12 @@ def _reindex(args: argparse.Namespace) -> int:
     engine = make_engine(settings.database.url)
     try:
         # Like serve: an embedded SQLite index is migrated, a shared one must be by hand.
-        schema.ensure_schema(settings.database.url, settings.database.auto_upgrade, engine)
+        schema.ensure_schema(
+            settings.database.url,
+            settings.database.auto_upgrade,
+            engine,
+            config_path=settings.config_path,
+        )
         report = reindex(store, engine, _progress_printer())
     finally:
         engine.dispose()
@@ -149,7 +157,7 @@ def _stats(args: argparse.Namespace) -> int:
     engine = make_engine(settings.database.url)
     try:
         # Read-only: never migrate, but say so plainly instead of "no such table".
-        schema.ensure_schema(settings.database.url, False, engine)
+        schema.ensure_schema(settings.database.url, False, engine, config_path=settings.config_path)
         values = counts(engine)
     finally:
         engine.dispose()
@@ -202,7 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
     """The argument parser with every subcommand."""
     parser = argparse.ArgumentParser(
         prog="minipacs",
-        description="minipacs: an asyncio DICOM archive (C-ECHO, C-STORE, C-FIND, C-MOVE, C-GET).",
+        description="minipacs: an asyncio DICOM archive.",
     )
     parser.add_argument("--version", action="version", version=f"minipacs {_version()}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -254,8 +262,13 @@ def main(argv: list[str] | None = None) -> int:
         # The driver's message comes first; SQL text and help links follow on more lines.
         print(f"minipacs: database error: {str(exc).strip().splitlines()[0]}", file=sys.stderr)
         return EXIT_FAILURE
+    except OSError as exc:
+        # Port in use, folder not writable...: the message says it all; DEBUG logs the trace.
+        log.debug("command failed", exc_info=True)
+        print(f"minipacs: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
     except KeyboardInterrupt:
-        return EXIT_OK
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

@@ -1,13 +1,16 @@
-"""One Settings object: config/minipacs.toml, then MINIPACS_<SECTION>_<KEY> environment.
+"""One Settings object: a TOML file, then MINIPACS_<SECTION>_<KEY> environment variables.
 
-Every key, its type, default and allowed range is declared once in the dataclasses
-below; loading checks each value and reports the first problem as one line naming the
-source (file or environment variable), the key and what is wrong.
+Every key, its type, default and allowed values are declared once, in the dataclasses
+below. Loading checks each value and reports the first problem as one line naming where
+the value came from (file or environment variable), the key and what is wrong, e.g.
+``config/minipacs.toml: server.port: must be an integer 1-65535, got "abc"``.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import json
 import os
 import tomllib
 from collections.abc import Callable, Mapping
@@ -16,58 +19,83 @@ from pathlib import Path
 from typing import Any, get_type_hints
 
 ENV_PREFIX = "MINIPACS_"
+# Variables with our prefix that name no setting; any other MINIPACS_* must name one.
+ENV_RESERVED = frozenset({"MINIPACS_CONFIG"})
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+_TRUE = ("1", "true", "yes", "on")
+_FALSE = ("0", "false", "no", "off")
 
 
 class ConfigError(Exception):
     """A configuration problem, stated in one line."""
 
 
-def _ae_title(value: str) -> str | None:
-    if not 1 <= len(value) <= 16 or not value.strip():
-        return "must be 1-16 characters and not all spaces"
-    if "\\" in value or any(ord(c) < 32 or ord(c) > 126 for c in value):
-        return "must be printable ASCII without backslash (PS3.5 AE)"
+def ae_title_problem(value: str) -> str | None:
+    """Why value is not a valid AE title (PS3.5 AE: 1-16 characters), or None."""
+    if not 1 <= len(value) <= 16:
+        return "must be an AE title of 1-16 characters"
+    if not value.strip(" "):
+        return "must be an AE title, not all spaces"
+    if "\\" in value or any(not " " <= c <= "~" for c in value):
+        return "must be an AE title of printable ASCII characters without backslash"
     return None
 
 
-def _between(low: float, high: float) -> Callable[[Any], str | None]:
-    def check(value: Any) -> str | None:
-        return None if low <= value <= high else f"must be between {low:g} and {high:g}"
-
-    return check
+def _not_empty(value: str) -> str | None:
+    return None if value else "must not be empty"
 
 
-def _one_of(*choices: str) -> Callable[[Any], str | None]:
-    def check(value: Any) -> str | None:
-        return None if value in choices else f"must be one of {', '.join(choices)}"
-
-    return check
+def _log_level(value: str) -> str | None:
+    return None if value.upper() in LOG_LEVELS else f"must be one of {', '.join(LOG_LEVELS)}"
 
 
-def _key(default: Any, check: Callable[[Any], str | None] | None = None, doc: str = "") -> Any:
-    factory = (lambda: list(default)) if isinstance(default, list) else None
-    metadata = {"check": check, "doc": doc}
-    if factory is not None:
-        return field(default_factory=factory, metadata=metadata)
-    return field(default=default, metadata=metadata)
+def _database_url(value: str) -> str | None:
+    scheme = value.partition("://")[0].partition("+")[0]
+    if "://" in value and scheme in ("sqlite", "postgresql", "postgres"):
+        return None
+    # Never echo the value: it may carry a password.
+    return "must be a sqlite:///PATH or postgresql://USER:PASSWORD@HOST/DB URL"
+
+
+@dataclass(frozen=True)
+class _Rule:
+    """How one key is checked beyond its type."""
+
+    low: float | None = None
+    high: float | None = None
+    choices: tuple[str, ...] = ()
+    check: Callable[[Any], str | None] | None = None
+    # For lists and tables: a check of each item (list) or each value (table).
+    item: Callable[[str], str | None] | None = None
+    secret: bool = False
+
+
+def _key(default: Any = dataclasses.MISSING, **rule: Any) -> Any:
+    """A settings field with its default (none: required) and its _Rule."""
+    metadata = {"rule": _Rule(**rule)}
+    # A secret (a URL with a password) stays out of repr(settings), hence out of logs.
+    shown = not rule.get("secret", False)
+    if isinstance(default, list | dict):
+        return field(default_factory=lambda: default.copy(), repr=shown, metadata=metadata)
+    return field(default=default, repr=shown, metadata=metadata)
 
 
 @dataclass(frozen=True)
 class ServerSettings:
     """[server]: the DICOM listener and its limits."""
 
-    ae_title: str = _key("MINIPACS", _ae_title)
-    host: str = _key("0.0.0.0")
-    port: int = _key(11112, _between(1, 65535))
+    ae_title: str = _key("MINIPACS", check=ae_title_problem)
+    host: str = _key("0.0.0.0", check=_not_empty)
+    port: int = _key(11112, low=1, high=65535)
     check_called_ae: bool = _key(True)
-    allowed_calling_aes: list[str] = _key([])
-    max_associations: int = _key(400, _between(1, 100_000))
-    max_pdu_length: int = _key(1_048_576, _between(4096, 134_217_728))
-    max_associate_rq_length: int = _key(1_048_576, _between(4096, 16_777_216))
-    artim_timeout: float = _key(30.0, _between(0.1, 3600))
-    idle_timeout: float = _key(300.0, _between(0.1, 86_400))
-    shutdown_grace: float = _key(30.0, _between(0, 3600))
-    spool_threshold: int = _key(8_388_608, _between(65_536, 1 << 31))
+    allowed_calling_aes: list[str] = _key([], item=ae_title_problem)
+    max_associations: int = _key(400, low=1, high=100_000)
+    max_pdu_length: int = _key(1_048_576, low=4096, high=134_217_728)
+    max_associate_rq_length: int = _key(1_048_576, low=4096, high=16_777_216)
+    artim_timeout: float = _key(30.0, low=0.1, high=3600)
+    idle_timeout: float = _key(300.0, low=0.1, high=86_400)
+    shutdown_grace: float = _key(30.0, low=0, high=3600)
+    spool_threshold: int = _key(8_388_608, low=65_536, high=1 << 31)
     use_uvloop: bool = _key(True)
 
 
@@ -75,10 +103,10 @@ class ServerSettings:
 class StorageSettings:
     """[storage]: the filesystem store."""
 
-    path: str = _key("./minipacs-data/store")
+    path: str = _key("./minipacs-data/store", check=_not_empty)
     spool_path: str = _key("")
-    min_free_bytes: int = _key(1_073_741_824, _between(0, 1 << 50))
-    duplicate_policy: str = _key("keep-first", _one_of("keep-first", "replace", "reject"))
+    min_free_bytes: int = _key(1_073_741_824, low=0)
+    duplicate_policy: str = _key("keep-first", choices=("keep-first", "replace", "reject"))
     fsync: bool = _key(True)
 
 
@@ -86,28 +114,29 @@ class StorageSettings:
 class DatabaseSettings:
     """[database]: the SQL index."""
 
-    url: str = _key("sqlite:///./minipacs-data/index.sqlite")
+    url: str = _key("sqlite:///./minipacs-data/index.sqlite", check=_database_url, secret=True)
     auto_upgrade: bool = _key(True)
-    pool_size: int = _key(5, _between(1, 100))
-    batch_max: int = _key(64, _between(1, 10_000))
-    batch_wait_ms: float = _key(2.0, _between(0, 1000))
+    pool_size: int = _key(5, low=1, high=100)
+    batch_max: int = _key(64, low=1, high=10_000)
+    batch_wait_ms: float = _key(2.0, low=0, high=1000)
 
 
 @dataclass(frozen=True)
 class LogSettings:
-    """[log]: level and format of the structured logs."""
+    """[log]: level and format of the structured logs, and levels per logger."""
 
-    level: str = _key("INFO", _one_of("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"))
-    format: str = _key("auto", _one_of("auto", "json", "text"))
+    level: str = _key("INFO", check=_log_level)
+    format: str = _key("auto", choices=("auto", "json", "text"))
+    levels: dict[str, str] = _key({}, item=_log_level)
 
 
 @dataclass(frozen=True)
 class Destination:
-    """A C-MOVE destination: where an AE title may be reached."""
+    """[destinations.<AE title>]: where a C-MOVE destination AE can be reached."""
 
-    host: str
-    port: int
-    tls: bool = False
+    host: str = _key(check=_not_empty)
+    port: int = _key(low=1, high=65535)
+    tls: bool = _key(False)
 
 
 @dataclass(frozen=True)
@@ -119,6 +148,8 @@ class Settings:
     database: DatabaseSettings = field(default_factory=DatabaseSettings)
     log: LogSettings = field(default_factory=LogSettings)
     destinations: dict[str, Destination] = field(default_factory=dict)
+    # Where the settings were read from (None: built-in defaults), for messages only.
+    config_path: Path | None = field(default=None, compare=False)
 
     @property
     def store_dir(self) -> Path:
@@ -127,7 +158,7 @@ class Settings:
 
     @property
     def spool_dir(self) -> Path:
-        """Where large incoming data sets are spooled: on the store's filesystem."""
+        """Where large incoming data sets are spooled: by default inside the store's folder."""
         if self.storage.spool_path:
             return Path(self.storage.spool_path)
         return self.store_dir / ".spool"
@@ -141,106 +172,198 @@ _SECTIONS: dict[str, type] = {
 }
 
 
-def _convert(kind: Any, value: Any, from_env: bool) -> Any:
+class _Invalid(Exception):
+    """A value's problem, without where it came from."""
+
+
+def _show(value: Any) -> str:
+    """A value as the user would write it: strings in double quotes."""
+    return json.dumps(value, ensure_ascii=False, default=str)
+
+
+def _span(rule: _Rule) -> str:
+    if rule.low is not None and rule.high is not None:
+        return f" {rule.low:g}-{rule.high:g}"
+    if rule.low is not None:
+        return f" >= {rule.low:g}"
+    return ""
+
+
+def _expected(kind: Any, rule: _Rule) -> str:
+    """What a key must be, as in "must be <...>"."""
     if kind is bool:
+        return "true or false"
+    if kind is int:
+        return "an integer" + _span(rule)
+    if kind is float:
+        return "a number" + _span(rule)
+    if kind == list[str]:
+        return "a list of strings"
+    if kind == dict[str, str]:
+        return "a table of name = string"
+    if rule.choices:
+        return "one of " + ", ".join(rule.choices)
+    return "a string"
+
+
+def _typed(kind: Any, value: Any, from_env: bool) -> Any:
+    """Convert value to kind, parsing environment strings; raise ValueError if it is not one."""
+    if kind is bool:
+        if from_env and value.lower() in _TRUE + _FALSE:
+            return value.lower() in _TRUE
         if isinstance(value, bool):
             return value
-        if from_env and str(value).lower() in ("1", "true", "yes", "on", "0", "false", "no", "off"):
-            return str(value).lower() in ("1", "true", "yes", "on")
-        raise ValueError(f"must be true or false, got {value!r}")
-    if kind is int:
-        if isinstance(value, bool) or not isinstance(value, int | str):
-            raise ValueError(f"must be an integer, got {value!r}")
-        try:
+    elif kind is int:
+        if from_env:
             return int(value)
-        except ValueError:
-            raise ValueError(f"must be an integer, got {value!r}") from None
-    if kind is float:
-        if isinstance(value, bool):
-            raise ValueError(f"must be a number, got {value!r}")
-        try:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif kind is float:
+        if from_env:
             return float(value)
-        except (TypeError, ValueError):
-            raise ValueError(f"must be a number, got {value!r}") from None
-    if kind == list[str]:
-        if from_env and isinstance(value, str):
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+    elif kind == list[str]:
+        if from_env:
             return [item.strip() for item in value.split(",") if item.strip()]
-        if not isinstance(value, list) or not all(isinstance(i, str) for i in value):
-            raise ValueError(f"must be a list of strings, got {value!r}")
-        return list(value)
-    if not isinstance(value, str):
-        raise ValueError(f"must be a string, got {value!r}")
+        if isinstance(value, list) and all(isinstance(item, str) for item in value):
+            return list(value)
+    elif kind == dict[str, str]:
+        if from_env:
+            pairs = [item.partition("=") for item in value.split(",") if item.strip()]
+            if all(sep and name.strip() for name, sep, _ in pairs):
+                return {name.strip(): item.strip() for name, _, item in pairs}
+        elif isinstance(value, dict) and all(isinstance(item, str) for item in value.values()):
+            return dict(value)
+    elif isinstance(value, str):
+        return value
+    raise ValueError
+
+
+def _value(kind: Any, rule: _Rule, raw: Any, from_env: bool) -> Any:
+    """The checked value of one key; raise _Invalid naming the problem."""
+    got = "" if rule.secret else f", got {_show(raw)}"
+    try:
+        value = _typed(kind, raw, from_env)
+    except ValueError:
+        raise _Invalid(f"must be {_expected(kind, rule)}{got}") from None
+    outside = (rule.low is not None and not value >= rule.low) or (
+        rule.high is not None and not value <= rule.high
+    )
+    if outside or (rule.choices and value not in rule.choices):
+        raise _Invalid(f"must be {_expected(kind, rule)}{got}")
+    problem = rule.check(value) if rule.check else None
+    if problem:
+        raise _Invalid(f"{problem}{got}")
+    if rule.item:
+        if isinstance(value, dict):
+            items = [(name, f", got {_show(item)}", item) for name, item in value.items()]
+        else:
+            items = [(f"item {_show(item)}", "", item) for item in value]
+        for label, shown, item in items:
+            problem = rule.item(item)
+            if problem:
+                raise _Invalid(f"{label}: {problem}{shown}")
     return value
 
 
-def _section(cls: type, values: Mapping[str, tuple[Any, str]]) -> Any:
+def _did_you_mean(name: str, known: list[str]) -> str:
+    close = difflib.get_close_matches(name, known, n=1)
+    return f" (did you mean {close[0]}?)" if close else ""
+
+
+# One key's raw value, where it came from, and whether it is an environment string.
+_Raw = tuple[Any, str, bool]
+
+
+def _build(cls: type, prefix: str, values: Mapping[str, _Raw], origin: str) -> Any:
+    """Instantiate a settings dataclass from raw values; raise ConfigError."""
     hints = get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     kwargs = {}
-    for name, (raw, source) in values.items():
-        if name not in fields:
-            raise ConfigError(f"{source}: unknown key")
+    for key, (raw, source, from_env) in values.items():
+        where = f"{source}: {prefix}.{key}"
+        if key not in fields:
+            raise ConfigError(f"{where}: unknown key{_did_you_mean(key, list(fields))}")
         try:
-            value = _convert(hints[name], raw, from_env=source.startswith(ENV_PREFIX))
-        except ValueError as exc:
-            raise ConfigError(f"{source}: {exc}") from None
-        check = fields[name].metadata.get("check")
-        problem = check(value) if check else None
-        if problem:
-            raise ConfigError(f"{source}: {problem}, got {value!r}")
-        kwargs[name] = value
+            kwargs[key] = _value(hints[key], fields[key].metadata["rule"], raw, from_env)
+        except _Invalid as exc:
+            raise ConfigError(f"{where}: {exc}") from None
+    for name, spec in fields.items():
+        required = (
+            spec.default is dataclasses.MISSING and spec.default_factory is dataclasses.MISSING
+        )
+        if required and name not in kwargs:
+            expected = _expected(hints[name], spec.metadata["rule"])
+            raise ConfigError(f"{origin}: {prefix}.{name}: missing, must be {expected}")
     return cls(**kwargs)
 
 
+def _read(path: Path) -> dict[str, Any]:
+    """Parse a TOML file; raise ConfigError."""
+    try:
+        return tomllib.loads(path.read_bytes().decode("utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: file not found") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not UTF-8 text") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: invalid TOML: {exc}") from None
+
+
+def _env_key(var: str) -> tuple[str, str]:
+    """The (section, key) a MINIPACS_<SECTION>_<KEY> variable sets; raise ConfigError."""
+    rest = var[len(ENV_PREFIX) :]
+    for section in _SECTIONS:
+        if rest.startswith(section.upper() + "_"):
+            return section, rest[len(section) + 1 :].lower()
+    if rest.startswith("DESTINATIONS_"):
+        raise ConfigError(f"{var}: destinations can only be set in the configuration file")
+    names = ", ".join(s.upper() for s in _SECTIONS)
+    raise ConfigError(f"{var}: unknown setting, expected {ENV_PREFIX}<SECTION>_<KEY> ({names})")
+
+
 def _destinations(raw: Any, origin: str) -> dict[str, Destination]:
+    """The [destinations] table: AE title -> Destination."""
     if not isinstance(raw, dict):
-        raise ConfigError(f"{origin}: destinations: must be a table of AE title -> host/port")
+        raise ConfigError(f"{origin}: destinations: must be a table of AE title = {{host, port}}")
     result = {}
     for title, entry in raw.items():
-        where = f"{origin}: destinations.{title}"
-        if _ae_title(title):
-            raise ConfigError(f"{where}: AE title {_ae_title(title)}")
-        if not isinstance(entry, dict) or set(entry) - {"host", "port", "tls"}:
-            raise ConfigError(f"{where}: must have host, port and optional tls")
-        host, port = entry.get("host"), entry.get("port")
-        if not isinstance(host, str) or not host:
-            raise ConfigError(f"{where}.host: must be a host name or address")
-        if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
-            raise ConfigError(f"{where}.port: must be an integer 1-65535, got {port!r}")
-        tls = entry.get("tls", False)
-        if not isinstance(tls, bool):
-            raise ConfigError(f"{where}.tls: must be true or false")
-        result[title] = Destination(host, port, tls)
+        where = f"destinations.{title}"
+        problem = ae_title_problem(title)
+        if problem:
+            raise ConfigError(f"{origin}: {where}: {problem}, got {_show(title)}")
+        if not isinstance(entry, dict):
+            raise ConfigError(
+                f"{origin}: {where}: must be a table {{host, port, tls}}, got {_show(entry)}"
+            )
+        values = {key: (value, origin, False) for key, value in entry.items()}
+        result[title] = _build(Destination, where, values, origin)
     return result
 
 
 def load_settings(path: Path | None = None, environ: Mapping[str, str] | None = None) -> Settings:
-    """Load settings from a TOML file (optional) and the environment; raise ConfigError."""
+    """Load settings from a TOML file (None: defaults only), then the environment."""
     environ = os.environ if environ is None else environ
-    data: dict[str, Any] = {}
-    origin = str(path) if path is not None else "defaults"
-    if path is not None:
-        try:
-            data = tomllib.loads(path.read_text())
-        except FileNotFoundError:
-            raise ConfigError(f"{path}: file not found") from None
-        except OSError as exc:
-            raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigError(f"{path}: invalid TOML: {exc}") from None
-    unknown = set(data) - set(_SECTIONS) - {"destinations"}
-    if unknown:
-        raise ConfigError(f"{origin}: unknown section [{sorted(unknown)[0]}]")
-    sections = {}
-    for name, cls in _SECTIONS.items():
-        table = data.get(name, {})
+    data = _read(path) if path is not None else {}
+    origin = str(path)
+    values: dict[str, dict[str, _Raw]] = {name: {} for name in _SECTIONS}
+    for name, table in data.items():
+        if name == "destinations":
+            continue
+        if name not in _SECTIONS:
+            known = [*_SECTIONS, "destinations"]
+            raise ConfigError(f"{origin}: [{name}]: unknown section{_did_you_mean(name, known)}")
         if not isinstance(table, dict):
-            raise ConfigError(f"{origin}: {name}: must be a table")
-        values = {key: (value, f"{origin}: {name}.{key}") for key, value in table.items()}
-        prefix = f"{ENV_PREFIX}{name.upper()}_"
-        for var, value in environ.items():
-            if var.startswith(prefix):
-                values[var[len(prefix) :].lower()] = (value, var)
-        sections[name] = _section(cls, values)
+            raise ConfigError(f"{origin}: {name}: must be a table [{name}], got {_show(table)}")
+        values[name] = {key: (value, origin, False) for key, value in table.items()}
+    # Sorted so that, of several bad variables, the same one is reported every time.
+    for var in sorted(environ):
+        if var.startswith(ENV_PREFIX) and var not in ENV_RESERVED:
+            section, key = _env_key(var)
+            values[section][key] = (environ[var], var, True)
+    sections = {name: _build(cls, name, values[name], origin) for name, cls in _SECTIONS.items()}
     destinations = _destinations(data.get("destinations", {}), origin)
-    return Settings(destinations=destinations, **sections)
+    return Settings(**sections, destinations=destinations, config_path=path)

@@ -6,18 +6,27 @@ import json
 import logging
 import sys
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TextIO
 
 from minipacs.config import LogSettings
 
+# The event's fields travel in one `extra` attribute rather than one attribute each, so a
+# field may be called `name`, `module` or `process` without clashing with LogRecord's own.
 _FIELDS = "minipacs_fields"
+_CORE = ("time", "level", "logger", "event")
 
 
 def log_event(logger: logging.Logger, event: str, level: int = logging.INFO, **fields: Any) -> None:
-    """Log one event with its fields; None-valued fields are left out."""
+    """Log one event with its fields; fields whose value is None are left out."""
     if logger.isEnabledFor(level):
-        clean = {key: value for key, value in fields.items() if value is not None}
-        logger.log(level, event, extra={_FIELDS: clean})
+        present = {key: value for key, value in fields.items() if value is not None}
+        logger.log(level, event, extra={_FIELDS: present}, stacklevel=2)
+
+
+def _fields(record: logging.LogRecord) -> dict[str, Any]:
+    fields = getattr(record, _FIELDS, {})
+    # A field named like a core key must not overwrite it, nor be lost.
+    return {f"{key}_" if key in _CORE else key: value for key, value in fields.items()}
 
 
 class JsonFormatter(logging.Formatter):
@@ -30,31 +39,48 @@ class JsonFormatter(logging.Formatter):
             "level": record.levelname,
             "logger": record.name,
             "event": record.getMessage(),
+            **_fields(record),
         }
-        entry.update(getattr(record, _FIELDS, {}))
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
+        if record.stack_info:
+            entry["stack"] = self.formatStack(record.stack_info)
         return json.dumps(entry, default=str, ensure_ascii=False)
+
+
+def _text_value(value: Any) -> str:
+    text = str(value)
+    # Quote what would otherwise be ambiguous in `key=value key=value`.
+    if not text or any(c in text for c in ' ="\n'):
+        return json.dumps(text, ensure_ascii=False)
+    return text
 
 
 class TextFormatter(logging.Formatter):
     """`time level logger event key=value ...` for people at a terminal."""
 
     def format(self, record: logging.LogRecord) -> str:
-        """Render a record as one readable line."""
+        """Render a record as one readable line (plus a traceback, if any)."""
         when = datetime.fromtimestamp(record.created).strftime("%H:%M:%S.%f")[:-3]
-        fields = " ".join(f"{k}={v}" for k, v in getattr(record, _FIELDS, {}).items())
-        line = f"{when} {record.levelname:<7} {record.name} {record.getMessage()} {fields}"
+        fields = "".join(f" {key}={_text_value(v)}" for key, v in _fields(record).items())
+        line = f"{when} {record.levelname:<7} {record.name} {record.getMessage()}{fields}"
         if record.exc_info:
             line += "\n" + self.formatException(record.exc_info)
-        return line.rstrip()
+        if record.stack_info:
+            line += "\n" + self.formatStack(record.stack_info)
+        return line
 
 
-def configure_logging(settings: LogSettings) -> None:
-    """Send logs to stderr in the configured format and level."""
-    handler = logging.StreamHandler(sys.stderr)
-    use_json = settings.format == "json" or (settings.format == "auto" and not sys.stderr.isatty())
+def configure_logging(settings: LogSettings, stream: TextIO | None = None) -> None:
+    """Send every log record to stream (stderr) in the configured format and levels."""
+    stream = sys.stderr if stream is None else stream
+    use_json = settings.format == "json" or (settings.format == "auto" and not stream.isatty())
+    handler = logging.StreamHandler(stream)
     handler.setFormatter(JsonFormatter() if use_json else TextFormatter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
-    root.setLevel(settings.level)
+    root.setLevel(settings.level.upper())
+    for name, level in settings.levels.items():
+        logging.getLogger(name).setLevel(level.upper())
+    # warnings.warn output would otherwise be the one non-JSON line on stderr.
+    logging.captureWarnings(True)
