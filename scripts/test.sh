@@ -1,20 +1,43 @@
 #!/usr/bin/env bash
-# Install what the tests need (DCMTK, PostgreSQL, the venv) and run lint + the whole suite.
-# Extra arguments go to pytest.
+# Install what the tests need (DCMTK, PostgreSQL, Python's venv; with apt-get, via sudo when
+# not root), create or update .venv with the test extras, then run lint and the whole suite.
+# Extra arguments go to pytest, e.g. scripts/test.sh -k config -x.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+
+apt_install() {
+    local sudo=()
+    if ! command -v apt-get >/dev/null; then
+        echo "test.sh: please install $* (no apt-get on this machine)" >&2
+        exit 1
+    fi
+    if [ "$(id -u)" -ne 0 ]; then
+        command -v sudo >/dev/null || { echo "test.sh: run as root to install $*" >&2; exit 1; }
+        sudo=(sudo)
+    fi
+    echo "test.sh: installing $* with apt-get" >&2
+    "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get update -qq
+    "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >/dev/null
+}
+
 need=()
 command -v echoscu >/dev/null || need+=(dcmtk)
-ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || need+=(postgresql)
-if [ ${#need[@]} -gt 0 ]; then
-    SUDO=""
-    if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
-    export DEBIAN_FRONTEND=noninteractive
-    $SUDO apt-get update -qq
-    $SUDO apt-get install -y -qq "${need[@]}" >/dev/null
+# The tests run their own PostgreSQL from its binaries (initdb, pg_ctl), not the service.
+compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null || need+=(postgresql)
+# Debian ships venv's ensurepip separately; without it `python3 -m venv` half-creates .venv.
+if [ ! -x .venv/bin/python ] && ! python3 -c 'import ensurepip' 2>/dev/null; then
+    need+=(python3 python3-venv)
 fi
-source "$ROOT/scripts/_venv.sh" "[test]"
-cd "$ROOT"
-"$ROOT/.venv/bin/ruff" check .
-"$ROOT/.venv/bin/ruff" format --check .
-exec "$ROOT/.venv/bin/python" -m pytest -q "$@"
+if [ ${#need[@]} -gt 0 ]; then
+    apt_install "${need[@]}"
+fi
+if ! python3 -c 'import sys; sys.exit(sys.version_info < (3, 11))'; then
+    echo "test.sh: minipacs needs Python 3.11 or newer, python3 is $(python3 -V 2>&1)" >&2
+    exit 1
+fi
+source scripts/_venv.sh "[test]"
+.venv/bin/ruff check .
+.venv/bin/ruff format --check .
+# pytest's exit code is the script's: 5 (no tests collected) counts as a failure too.
+exec .venv/bin/python -m pytest -q "$@"
