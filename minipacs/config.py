@@ -181,11 +181,16 @@ def _show(value: Any) -> str:
     return json.dumps(value, ensure_ascii=False, default=str)
 
 
+def _number(value: float) -> str:
+    # Not :g, which would print 134217728 as 1.34218e+08.
+    return str(int(value)) if float(value).is_integer() else str(value)
+
+
 def _span(rule: _Rule) -> str:
     if rule.low is not None and rule.high is not None:
-        return f" {rule.low:g}-{rule.high:g}"
+        return f" {_number(rule.low)}-{_number(rule.high)}"
     if rule.low is not None:
-        return f" >= {rule.low:g}"
+        return f" >= {_number(rule.low)}"
     return ""
 
 

@@ -195,7 +195,7 @@ def test_the_documented_message(tmp_path: Path) -> None:
         # Ranges and choices.
         ("[server]\nport = 0\n", "server.port: must be an integer 1-65535, got 0"),
         ("[server]\nport = 70000\n", "server.port: must be an integer 1-65535, got 70000"),
-        ("[server]\nmax_pdu_length = 0\n", "server.max_pdu_length: must be an integer 4096-"),
+        ("[server]\nmax_pdu_length = 0\n", "max_pdu_length: must be an integer 4096-134217728,"),
         ("[server]\nmax_associations = 0\n", "server.max_associations: must be an integer 1-"),
         ("[server]\nartim_timeout = 0\n", "server.artim_timeout: must be a number 0.1-3600"),
         ("[server]\nartim_timeout = nan\n", "server.artim_timeout: must be a number"),
