@@ -13,6 +13,7 @@ from sqlalchemy import Engine
 
 from minipacs.config import Settings
 from minipacs.index.db import make_engine
+from minipacs.index.recover import recover
 from minipacs.index.schema import ensure_schema
 from minipacs.index.writer import IndexWriter
 from minipacs.logs import log_event
@@ -59,19 +60,35 @@ class Archive:
         """Commit what is queued and release threads and connections."""
         await self.writer.close()
         self.executor.shutdown(wait=True)
+        self.store.close()
         self.engine.dispose()
 
 
 def open_archive(settings: Settings) -> Archive:
     """Open store and index (blocking: schema check, temp cleanup); raise SchemaOutOfDate."""
     engine = make_engine(settings.database.url, settings.database.pool_size)
-    ensure_schema(settings.database.url, settings.database.auto_upgrade, engine)
-    store = FileStore(settings.store_dir, settings.storage.min_free_bytes, settings.storage.fsync)
+    ensure_schema(
+        settings.database.url, settings.database.auto_upgrade, engine, settings.config_path
+    )
+    store = FileStore(
+        settings.store_dir,
+        settings.spool_dir,
+        settings.storage.min_free_bytes,
+        settings.storage.fsync,
+    )
+    # Recovery reads the journals of dead writers, so it runs before cleanup may age them out.
+    report = recover(store, engine)
+    if report.checked:
+        log_event(
+            log,
+            "store.recovered",
+            level=logging.WARNING,
+            checked=report.checked,
+            indexed=len(report.indexed),
+            removed=len(report.removed),
+            failed=len(report.failed),
+        )
     removed = store.cleanup_temp()
-    spool = settings.spool_dir
-    if spool.is_dir():
-        for leftover in spool.glob("*.spool"):
-            leftover.unlink(missing_ok=True)
     if removed:
         log_event(log, "store.temp_cleaned", level=logging.WARNING, files=removed)
     writer = IndexWriter(
