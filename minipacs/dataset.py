@@ -45,6 +45,8 @@ def _inflate(raw: bytes) -> bytes:
         raise DataSetError(f"deflated data set does not inflate: {exc}") from exc
 
 
+# The preamble and "DICM" prefix come before the File Meta Information (PS3.10 7.1).
+_META_START = 132
 _LONG_VRS = frozenset(
     {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"UC", b"UN", b"UR", b"UT", b"SV", b"UV"}
 )
@@ -147,29 +149,61 @@ class Inspected:
     header_syntax: str
 
 
-def inspect(source: bytes | Path, transfer_syntax: str) -> Inspected:
-    """Check every length in the data set, then decode everything before its pixel data.
+def header_syntax(transfer_syntax: str) -> str:
+    """The transfer syntax of a data set's header bytes as inspect() keeps them."""
+    # A deflated data set is kept inflated (PS3.5 A.5): Explicit VR Little Endian.
+    if transfer_syntax == DeflatedExplicitVRLittleEndian:
+        return ExplicitVRLittleEndian
+    return transfer_syntax
+
+
+def inspect(source: bytes | Path, transfer_syntax: str, offset: int = 0) -> Inspected:
+    """Check every length in the data set (from `offset`), then decode its header.
 
     Raises DataSetError for a data set that is truncated or cannot be decoded.
     """
     implicit, little = _syntax(transfer_syntax)
-    syntax = transfer_syntax
     if transfer_syntax == DeflatedExplicitVRLittleEndian:
         raw = source.read_bytes() if isinstance(source, Path) else source
-        header = _walk(_inflate(raw), little, implicit)
-        syntax = ExplicitVRLittleEndian
+        header = _walk(_inflate(raw[offset:]), little, implicit)
     elif isinstance(source, bytes):
-        header = _walk(source, little, implicit)
+        header = _walk(memoryview(source)[offset:], little, implicit)
     else:
         with (
             open(source, "rb") as handle,
             mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as mapped,
         ):
-            header = _walk(mapped, little, implicit)
-    return Inspected(_read(io.BytesIO(header), implicit, little), header, syntax)
+            header = _walk(memoryview(mapped)[offset:], little, implicit)
+    return Inspected(
+        _read(io.BytesIO(header), implicit, little), header, header_syntax(transfer_syntax)
+    )
 
 
-def _walk(data: bytes | mmap.mmap, little: bool, implicit: bool) -> bytes:
+def read_part10(path: Path) -> tuple[Dataset, Inspected]:
+    """A Part 10 file's File Meta Information and its inspected data set (PS3.10 7.1)."""
+    with open(path, "rb") as handle:
+        lead = handle.read(_META_START + 12)
+    # The group length (0002,0000) is Type 1 (PS3.10 Table 7.1-1): it tells where the
+    # data set starts without decoding the meta elements one by one.
+    if len(lead) < _META_START + 12 or lead[128:132] != b"DICM":
+        raise DataSetError("not a DICOM Part 10 file (no DICM prefix)")
+    if lead[_META_START : _META_START + 6] != b"\x02\x00\x00\x00UL":
+        raise DataSetError("File Meta Information does not start with its group length")
+    length = struct.unpack_from("<L", lead, _META_START + 8)[0]
+    start = _META_START + 12 + length
+    with open(path, "rb") as handle:
+        handle.seek(_META_START)
+        meta_bytes = handle.read(start - _META_START)
+    if len(meta_bytes) != start - _META_START:
+        raise DataSetError("File Meta Information truncated")
+    meta = _read(io.BytesIO(meta_bytes), False, True)
+    syntax = meta.get("TransferSyntaxUID")
+    if not syntax:
+        raise DataSetError("no Transfer Syntax UID in its File Meta Information")
+    return meta, inspect(path, str(syntax), start)
+
+
+def _walk(data: bytes | memoryview, little: bool, implicit: bool) -> bytes:
     walker = _Walker(data, little)
     walker.elements(0, len(data), False, implicit)
     end = len(data) if walker.pixel_offset is None else walker.pixel_offset

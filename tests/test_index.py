@@ -7,6 +7,7 @@ import dataclasses
 import threading
 from collections.abc import Sequence
 from datetime import UTC, datetime
+from pathlib import Path
 
 import pydicom
 import pytest
@@ -14,6 +15,7 @@ from pydicom.data import get_testdata_file
 from sqlalchemy import Engine, func, select
 from sqlalchemy.orm import Session
 
+from minipacs.dataset import encode, header_syntax, read_header, read_part10
 from minipacs.index.db import make_engine, write_session
 from minipacs.index.ingest import (
     IngestOutcome,
@@ -28,10 +30,11 @@ from minipacs.index.writer import IndexUnavailable, IndexWriter
 
 
 def _record(name: str = "CT_small.dcm", **changes: object) -> InstanceRecord:
-    ds = pydicom.dcmread(get_testdata_file(name), stop_before_pixels=True)
+    meta, inspected = read_part10(Path(get_testdata_file(name)))
     record = record_from_dataset(
-        ds,
-        transfer_syntax_uid=str(ds.file_meta.TransferSyntaxUID),
+        inspected.dataset,
+        header=inspected.header,
+        transfer_syntax_uid=str(meta.TransferSyntaxUID),
         rel_path=f"x/{name}",
         size=123,
         calling_ae="TEST",
@@ -126,7 +129,9 @@ def test_ingest_builds_the_hierarchy_with_counts(engine: Engine) -> None:
         assert (patient.num_studies, patient.num_series, patient.num_instances) == (1, 2, 3)
         instance = session.scalars(select(Instance).where(Instance.sop_uid == ct.sop_uid)).one()
         assert (instance.rel_path, instance.size, instance.calling_ae) == (ct.rel_path, 123, "TEST")
-        assert instance.header["00100020"]["Value"] == ["1CT1"]
+        assert instance.header is not None
+        stored = read_header(instance.header, header_syntax(instance.transfer_syntax))
+        assert stored.PatientID == "1CT1"
         assert instance_path_of(session, mr.sop_uid) == mr.rel_path
     assert counts(engine) == {
         "patients": 2,
@@ -151,6 +156,7 @@ def test_non_ascii_names_are_stored_and_normalised(engine: Engine) -> None:
     ds = pydicom.dcmread(pydicom.data.get_charset_files("chrH31.dcm")[0])
     record = record_from_dataset(
         ds,
+        header=encode(ds, "1.2.840.10008.1.2.1"),
         transfer_syntax_uid="1.2.840.10008.1.2.1",
         rel_path="a/b.dcm",
         size=1,
@@ -274,8 +280,8 @@ def test_group_commit_of_500_concurrent_submits(engine: Engine) -> None:
 def test_a_bad_record_fails_alone(engine: Engine) -> None:
     base = _record()
     good = [dataclasses.replace(base, sop_uid=f"{base.sop_uid}.{i}") for i in range(40)]
-    # A header that cannot be stored as JSON fails its own commit and nobody else's.
-    bad = dataclasses.replace(base, sop_uid="9.9.9", header={"bad": {1, 2}})
+    # A row the database refuses (NOT NULL) fails its own commit and nobody else's.
+    bad = dataclasses.replace(base, sop_uid="9.9.9", rel_path=None)
     outcomes, _ = _submit_all(engine, [*good[:20], bad, *good[20:]])
     assert isinstance(outcomes[20], IndexUnavailable)
     assert isinstance(outcomes[20].__cause__, Exception)

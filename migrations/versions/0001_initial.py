@@ -107,7 +107,7 @@ def upgrade() -> None:
         sa.Column("received_at", sa.DateTime(timezone=True), nullable=False),
         sa.Column("calling_ae", sa.String(16), nullable=False),
         sa.Column("charset", sa.String(128), nullable=False),
-        sa.Column("header", sa.JSON(), nullable=False),
+        sa.Column("header", sa.LargeBinary(), nullable=True),
         sa.ForeignKeyConstraint(["series_fk"], ["series.id"], name="fk_instances_series_fk_series"),
         sa.PrimaryKeyConstraint("id", name="pk_instances"),
         sa.UniqueConstraint("sop_uid", name="uq_instances_sop_uid"),

@@ -317,16 +317,41 @@ def _prune(session: Session, chain: tuple[int, int, int]) -> None:
         session.execute(delete(Patient).where(Patient.id == patient))
 
 
+def _instance_row(record: InstanceRecord, series: int) -> dict[str, Any]:
+    """The instances row of a record in a series."""
+    return {
+        "series_fk": series,
+        "sop_uid": record.sop_uid,
+        "sop_class_uid": record.sop_class_uid,
+        "instance_number": record.instance_number,
+        "transfer_syntax": record.transfer_syntax,
+        "number_of_frames": record.number_of_frames,
+        "rows": record.rows,
+        "columns": record.columns,
+        "rel_path": record.rel_path,
+        "size": record.size,
+        "received_at": record.received_at,
+        "calling_ae": record.calling_ae,
+        "charset": record.charset,
+        "header": record.header,
+    }
+
+
 def _apply(
     session: Session, record: InstanceRecord, policy: str, pending: _Pending
 ) -> IngestOutcome:
-    """Add one record under the duplicate policy."""
+    """Add one record whose SOP Instance UID may already be indexed, under the policy."""
     existing = session.execute(
         select(Instance.id, Instance.series_fk, Instance.rel_path).where(
             Instance.sop_uid == record.sop_uid
         )
     ).first()
-    if existing is not None and policy != "replace":
+    if existing is None:
+        chain = _chain(session, record, pending)
+        session.execute(insert(Instance), [_instance_row(record, chain[0])])
+        pending.instance(chain, +1)
+        return IngestOutcome(record.sop_uid, stored=True)
+    if policy != "replace":
         return IngestOutcome(
             record.sop_uid,
             stored=False,
@@ -334,36 +359,15 @@ def _apply(
             rejected=policy == "reject",
             existing_path=existing.rel_path,
         )
-    old_chain = None
-    if existing is not None:
-        session.execute(delete(Instance).where(Instance.id == existing.id))
-        old_chain = _chain_where(session, Series.id == existing.series_fk)
-        assert old_chain is not None  # the foreign key guarantees it
-        pending.instance(old_chain, -1)
+    session.execute(delete(Instance).where(Instance.id == existing.id))
+    old_chain = _chain_where(session, Series.id == existing.series_fk)
+    assert old_chain is not None  # the foreign key guarantees it
+    pending.instance(old_chain, -1)
     chain = _chain(session, record, pending)
-    session.execute(
-        insert(Instance).values(
-            series_fk=chain[0],
-            sop_uid=record.sop_uid,
-            sop_class_uid=record.sop_class_uid,
-            instance_number=record.instance_number,
-            transfer_syntax=record.transfer_syntax,
-            number_of_frames=record.number_of_frames,
-            rows=record.rows,
-            columns=record.columns,
-            rel_path=record.rel_path,
-            size=record.size,
-            received_at=record.received_at,
-            calling_ae=record.calling_ae,
-            charset=record.charset,
-            header=record.header,
-        )
-    )
+    session.execute(insert(Instance), [_instance_row(record, chain[0])])
     pending.instance(chain, +1)
-    if existing is None:
-        return IngestOutcome(record.sop_uid, stored=True)
     _overwrite_levels(session, record, chain, pending)
-    if old_chain is not None and old_chain != chain:
+    if old_chain != chain:
         # The instance moved (another series or study): drop what it left empty.
         pending.flush(session)
         _prune(session, old_chain)
@@ -371,15 +375,45 @@ def _apply(
     return IngestOutcome(record.sop_uid, stored=True, duplicate=True, stale_path=stale)
 
 
+def _indexed_uids(session: Session, sop_uids: set[str]) -> set[str]:
+    """The SOP Instance UIDs among sop_uids that the index already holds."""
+    return set(session.scalars(select(Instance.sop_uid).where(Instance.sop_uid.in_(sop_uids))))
+
+
 def apply_records(
     session: Session, records: Sequence[InstanceRecord], duplicate_policy: str
 ) -> list[IngestOutcome]:
-    """Add records to the index in the session's transaction; one outcome per record."""
+    """Add records to the index in the session's transaction; one outcome per record.
+
+    New instances (the usual case) cost one lookup for the whole batch, one lookup per new
+    series, and one multi-row insert; duplicates take the record-by-record path.
+    """
     if duplicate_policy not in DUPLICATE_POLICIES:
         raise ValueError(f"duplicate policy must be one of {', '.join(DUPLICATE_POLICIES)}")
     _lock_instances(session, (r.sop_uid for r in records))
+    taken = _indexed_uids(session, {r.sop_uid for r in records})
     pending = _Pending()
-    outcomes = [_apply(session, record, duplicate_policy, pending) for record in records]
+    chains: dict[str, tuple[int, int, int]] = {}
+    rows: list[dict[str, Any]] = []
+    outcomes = []
+    for record in records:
+        if record.sop_uid in taken:
+            # Duplicates see the rows inserted before them, and may prune chains.
+            if rows:
+                session.execute(insert(Instance), rows)
+                rows = []
+            outcomes.append(_apply(session, record, duplicate_policy, pending))
+            chains.clear()
+            continue
+        chain = chains.get(record.series_uid)
+        if chain is None:
+            chain = chains[record.series_uid] = _chain(session, record, pending)
+        rows.append(_instance_row(record, chain[0]))
+        pending.instance(chain, +1)
+        taken.add(record.sop_uid)
+        outcomes.append(IngestOutcome(record.sop_uid, stored=True))
+    if rows:
+        session.execute(insert(Instance), rows)
     pending.flush(session)
     return outcomes
 

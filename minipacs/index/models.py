@@ -4,9 +4,11 @@ Every C-FIND matching key of these levels is a column. Person names are kept as 
 (decoded to Unicode) and normalised (upper case) for case-insensitive PN matching
 (PS3.4 C.2.2.2.1). Dates are DA ``YYYYMMDD`` and times TM ``HHMMSS.FFFFFF`` strings, which
 order like the values they stand for, so range matching (PS3.4 C.2.2.2.5) is a string
-comparison. Every instance also keeps its whole non-bulk header as DICOM JSON (PS3.18 F.2)
-so any return key can be answered without reading files, and the counts behind "Number
-of ... Related ..." return keys (PS3.4 C.3.2-C.3.4) are maintained at ingest.
+comparison. Every instance also keeps its encoded header (every element before Pixel
+Data, in its transfer syntax, inflated when deflated) so any return key can be answered
+without reading files: copying bytes costs nothing at ingest, where converting to DICOM
+JSON cost more than everything else together; a query decodes only what it returns. The
+counts behind "Number of ... Related ..." return keys (PS3.4 C.3.2-C.3.4) are maintained at ingest.
 
 Text matched with wildcards gets, on PostgreSQL, a ``varchar_pattern_ops`` index: LIKE
 'ABC%' can use it whatever the database collation is (a plain index only serves LIKE
@@ -17,9 +19,17 @@ index serves prefix LIKE there.
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any
 
-from sqlalchemy import JSON, BigInteger, DateTime, ForeignKey, Index, Integer, MetaData, String
+from sqlalchemy import (
+    BigInteger,
+    DateTime,
+    ForeignKey,
+    Index,
+    Integer,
+    LargeBinary,
+    MetaData,
+    String,
+)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 UID = String(64)  # PS3.5 Table 6.2-1: UI at most 64 characters
@@ -134,4 +144,5 @@ class Instance(Base):
     calling_ae: Mapped[str] = mapped_column(String(16), default="")
     # Specific Character Set (0008,0005) as sent; the text columns are already decoded.
     charset: Mapped[str] = mapped_column(String(128), default="")
-    header: Mapped[dict[str, Any]] = mapped_column(JSON)
+    # None when the header was too long to copy (records.HEADER_MAX): the file has it.
+    header: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)

@@ -11,16 +11,15 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
 
 from pydicom import Dataset
 from pydicom.multival import MultiValue
 
 from minipacs.storage.uids import InvalidUID, validate_uid
 
-# Binary values longer than this are left out of the stored header: the file holds them
-# (PS3.18 F.2.7 would make them BulkDataURIs).
-BULK_THRESHOLD = 1024
+# A header longer than this (waveforms, large private blocks) is not copied into the index;
+# queries needing it read the file instead.
+HEADER_MAX = 256 * 1024
 _INT32 = range(-(2**31), 2**31)  # IS range, PS3.5 Table 6.2-1
 _DA = re.compile(r"\d{8}")
 _TM = re.compile(r"\d{2}(?:\d{2}(?:\d{2}(?:\.\d{1,6})?)?)?")
@@ -65,7 +64,9 @@ class InstanceRecord:
     received_at: datetime
     calling_ae: str
     charset: str
-    header: dict[str, Any]
+    # The encoded elements before Pixel Data, as dataset.inspect() yields them; None when
+    # longer than HEADER_MAX.
+    header: bytes | None
 
 
 def normalise_name(name: str) -> str:
@@ -129,32 +130,10 @@ def _uid(ds: Dataset, keyword: str) -> str:
         raise IngestError(f"{keyword}: {exc}") from exc
 
 
-def _drop_bulk(data: dict[str, Any]) -> dict[str, Any]:
-    """DICOM JSON without the elements that were turned into BulkDataURIs."""
-    result = {}
-    for tag, element in data.items():
-        if "BulkDataURI" in element:
-            continue
-        if element.get("vr") == "SQ" and "Value" in element:
-            element = {**element, "Value": [_drop_bulk(item) for item in element["Value"]]}
-        result[tag] = element
-    return result
-
-
-def header_json(ds: Dataset) -> dict[str, Any]:
-    """The data set as DICOM JSON (PS3.18 F.2) without bulk binary values or pixel data."""
-    data = ds.to_json_dict(
-        bulk_data_threshold=BULK_THRESHOLD,
-        bulk_data_element_handler=lambda _element: "",
-        # An element that cannot be expressed is dropped rather than refusing the instance.
-        suppress_invalid_tags=True,
-    )
-    return _drop_bulk(data)
-
-
 def record_from_dataset(
     ds: Dataset,
     *,
+    header: bytes,
     transfer_syntax_uid: str,
     rel_path: str,
     size: int,
@@ -199,7 +178,7 @@ def record_from_dataset(
             received_at=received_at,
             calling_ae=calling_ae.replace("\0", "").strip()[:16],
             charset=_text(ds, "SpecificCharacterSet", 128),
-            header=header_json(ds),
+            header=header if len(header) <= HEADER_MAX else None,
         )
     except (ValueError, TypeError, LookupError) as exc:
         # e.g. a value that cannot be decoded in the declared character set.

@@ -7,9 +7,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
-import pydicom
 from sqlalchemy import Engine, delete
 
+from minipacs.dataset import read_part10
 from minipacs.index.db import write_session
 from minipacs.index.ingest import InstanceRecord, apply_records, record_from_dataset
 from minipacs.index.models import Instance, Patient, Series, Study
@@ -32,18 +32,16 @@ def read_record(
     store: FileStore, rel_path: str, stat: os.stat_result | None = None
 ) -> InstanceRecord:
     """The index record of one stored file, from its File Meta and header."""
-    stat = stat or store.path(rel_path).stat()
-    with store.open_instance(rel_path) as handle:
-        ds = pydicom.dcmread(handle, stop_before_pixels=True)
-    syntax = ds.file_meta.get("TransferSyntaxUID")
-    if not syntax:
-        raise ValueError("no Transfer Syntax UID in its File Meta Information")
+    path = store.path(rel_path)
+    stat = stat or path.stat()
+    meta, inspected = read_part10(path)
     return record_from_dataset(
-        ds,
-        transfer_syntax_uid=str(syntax),
+        inspected.dataset,
+        header=inspected.header,
+        transfer_syntax_uid=str(meta.TransferSyntaxUID),
         rel_path=rel_path,
         size=stat.st_size,
-        calling_ae=str(ds.file_meta.get("SourceApplicationEntityTitle", "") or ""),
+        calling_ae=str(meta.get("SourceApplicationEntityTitle", "") or ""),
         received_at=datetime.fromtimestamp(stat.st_mtime, UTC),
     )
 

@@ -154,9 +154,10 @@ class StoreService:
             raise StoreRefused(CANNOT_UNDERSTAND, f"Affected SOP Instance UID: {exc}") from exc
         source = _source(dataset)
         try:
-            header = dicom.inspect(source, context.transfer_syntax).dataset
+            inspected = dicom.inspect(source, context.transfer_syntax)
         except dicom.DataSetError as exc:
             raise StoreRefused(CANNOT_UNDERSTAND, str(exc)) from exc
+        header = inspected.dataset
         if str(header.get("SOPInstanceUID", "")).rstrip("\0 ") != sop_instance:
             raise StoreRefused(DATASET_DOES_NOT_MATCH, "SOP Instance UID differs from the command")
         if str(header.get("SOPClassUID", "")).rstrip("\0 ") != sop_class:
@@ -165,6 +166,7 @@ class StoreService:
         try:
             record = record_from_dataset(
                 header,
+                header=inspected.header,
                 transfer_syntax_uid=context.transfer_syntax,
                 rel_path="",
                 size=0,
