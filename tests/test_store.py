@@ -501,6 +501,7 @@ def bulk_dirs(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
     return dirs
 
 
+@pytest.mark.timeout(600)
 def test_eight_concurrent_storescu_associations(
     archive: MinipacsProcess, bulk_dirs: list[Path]
 ) -> None:
