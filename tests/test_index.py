@@ -132,6 +132,7 @@ def test_ingest_builds_the_hierarchy_with_counts(engine: Engine) -> None:
         assert instance.header is not None
         stored = read_header(instance.header, header_syntax(instance.transfer_syntax))
         assert stored.PatientID == "1CT1"
+        assert "PixelData" not in stored
         assert instance_path_of(session, mr.sop_uid) == mr.rel_path
     assert counts(engine) == {
         "patients": 2,

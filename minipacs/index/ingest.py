@@ -340,17 +340,12 @@ def _instance_row(record: InstanceRecord, series: int) -> dict[str, Any]:
 def _apply(
     session: Session, record: InstanceRecord, policy: str, pending: _Pending
 ) -> IngestOutcome:
-    """Add one record whose SOP Instance UID may already be indexed, under the policy."""
+    """Add one record whose SOP Instance UID the index already holds, under the policy."""
     existing = session.execute(
         select(Instance.id, Instance.series_fk, Instance.rel_path).where(
             Instance.sop_uid == record.sop_uid
         )
-    ).first()
-    if existing is None:
-        chain = _chain(session, record, pending)
-        session.execute(insert(Instance), [_instance_row(record, chain[0])])
-        pending.instance(chain, +1)
-        return IngestOutcome(record.sop_uid, stored=True)
+    ).one()
     if policy != "replace":
         return IngestOutcome(
             record.sop_uid,

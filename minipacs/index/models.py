@@ -8,7 +8,8 @@ comparison. Every instance also keeps its encoded header (every element before P
 Data, in its transfer syntax, inflated when deflated) so any return key can be answered
 without reading files: copying bytes costs nothing at ingest, where converting to DICOM
 JSON cost more than everything else together; a query decodes only what it returns. The
-counts behind "Number of ... Related ..." return keys (PS3.4 C.3.2-C.3.4) are maintained at ingest.
+counts behind "Number of ... Related ..." return keys (PS3.4 C.3.2-C.3.4) are maintained
+at ingest.
 
 Text matched with wildcards gets, on PostgreSQL, a ``varchar_pattern_ops`` index: LIKE
 'ABC%' can use it whatever the database collation is (a plain index only serves LIKE

@@ -157,15 +157,15 @@ class StoreService:
             inspected = dicom.inspect(source, context.transfer_syntax)
         except dicom.DataSetError as exc:
             raise StoreRefused(CANNOT_UNDERSTAND, str(exc)) from exc
-        header = inspected.dataset
-        if str(header.get("SOPInstanceUID", "")).rstrip("\0 ") != sop_instance:
+        ds = inspected.dataset
+        if str(ds.get("SOPInstanceUID", "")).rstrip("\0 ") != sop_instance:
             raise StoreRefused(DATASET_DOES_NOT_MATCH, "SOP Instance UID differs from the command")
-        if str(header.get("SOPClassUID", "")).rstrip("\0 ") != sop_class:
+        if str(ds.get("SOPClassUID", "")).rstrip("\0 ") != sop_class:
             raise StoreRefused(DATASET_DOES_NOT_MATCH, "SOP Class UID differs from the command")
         calling_ae = operation.session.calling_ae
         try:
             record = record_from_dataset(
-                header,
+                ds,
                 header=inspected.header,
                 transfer_syntax_uid=context.transfer_syntax,
                 rel_path="",
