@@ -21,6 +21,7 @@ from minipacs.net.association import Limits
 from minipacs.net.server import Server, ServerConfig
 from minipacs.net.session import Timeouts
 from minipacs.services import build_services
+from minipacs.services.find import FindOptions, FindService
 from minipacs.services.store import StoreService
 from minipacs.storage.filestore import FileStore
 
@@ -55,11 +56,14 @@ class Archive:
     engine: Engine
     writer: IndexWriter
     executor: ThreadPoolExecutor
+    # C-FIND reads: apart from the store's threads, so queries never wait behind fsyncs.
+    query_executor: ThreadPoolExecutor
 
     async def close(self) -> None:
         """Commit what is queued and release threads and connections."""
         await self.writer.close()
         self.executor.shutdown(wait=True)
+        self.query_executor.shutdown(wait=True, cancel_futures=True)
         self.store.close()
         self.engine.dispose()
 
@@ -100,7 +104,10 @@ def open_archive(settings: Settings) -> Archive:
     writer.start()
     # fsync-bound work: more threads than cores keeps the disk queue full.
     executor = ThreadPoolExecutor(max_workers=16, thread_name_prefix="store")
-    return Archive(store, engine, writer, executor)
+    query_executor = ThreadPoolExecutor(
+        max_workers=settings.query.threads, thread_name_prefix="query"
+    )
+    return Archive(store, engine, writer, executor, query_executor)
 
 
 async def serve(settings: Settings, started: asyncio.Event | None = None) -> None:
@@ -114,7 +121,17 @@ async def serve(settings: Settings, started: asyncio.Event | None = None) -> Non
         archive.executor,
         settings.storage.duplicate_policy,
     )
-    server = Server(server_config(settings), build_services(store_service))
+    find_service = FindService(
+        archive.engine,
+        archive.store,
+        archive.query_executor,
+        FindOptions(
+            ae_title=settings.server.ae_title,
+            pn_case_insensitive=settings.query.pn_case_insensitive,
+            max_results=settings.query.max_results,
+        ),
+    )
+    server = Server(server_config(settings), build_services(store_service, find_service))
     try:
         await server.start()
         stop = asyncio.Event()

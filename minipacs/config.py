@@ -122,6 +122,15 @@ class DatabaseSettings:
 
 
 @dataclass(frozen=True)
+class QuerySettings:
+    """[query]: C-FIND matching and limits."""
+
+    pn_case_insensitive: bool = _key(True)
+    max_results: int = _key(100_000, low=0, high=100_000_000)
+    threads: int = _key(4, low=1, high=64)
+
+
+@dataclass(frozen=True)
 class LogSettings:
     """[log]: level and format of the structured logs, and levels per logger."""
 
@@ -146,6 +155,7 @@ class Settings:
     server: ServerSettings = field(default_factory=ServerSettings)
     storage: StorageSettings = field(default_factory=StorageSettings)
     database: DatabaseSettings = field(default_factory=DatabaseSettings)
+    query: QuerySettings = field(default_factory=QuerySettings)
     log: LogSettings = field(default_factory=LogSettings)
     destinations: dict[str, Destination] = field(default_factory=dict)
     # Where the settings were read from (None: built-in defaults), for messages only.
@@ -168,6 +178,7 @@ _SECTIONS: dict[str, type] = {
     "server": ServerSettings,
     "storage": StorageSettings,
     "database": DatabaseSettings,
+    "query": QuerySettings,
     "log": LogSettings,
 }
 

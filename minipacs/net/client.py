@@ -18,6 +18,7 @@ from minipacs.net.association import (
     Limits,
 )
 from minipacs.net.commands import (
+    C_CANCEL_RQ,
     C_ECHO_RQ,
     C_STORE_RQ,
     DATASET_PRESENT,
@@ -139,10 +140,15 @@ class ClientAssociation:
         raise LookupError(f"no accepted context for {abstract_syntax} {transfer_syntax or ''}")
 
     async def request(
-        self, context_id: int, command: Command, dataset: bytes | None = None
+        self,
+        context_id: int,
+        command: Command,
+        dataset: bytes | None = None,
+        message_id: int | None = None,
     ) -> AsyncIterator[DimseMessage]:
         """Send a request and yield its responses, the final (non-Pending) one last."""
-        message_id = self.session.next_message_id()
+        if message_id is None:
+            message_id = self.session.next_message_id()
         command = {**command, "MessageID": message_id}
         queue = await self.session.request(context_id, command, dataset)
         try:
@@ -193,6 +199,15 @@ class ClientAssociation:
             command["MoveOriginatorApplicationEntityTitle"] = move_originator[0]
             command["MoveOriginatorMessageID"] = move_originator[1]
         return await self._single(context_id, command, dataset)
+
+    async def cancel(self, context_id: int, message_id: int) -> None:
+        """Send C-CANCEL-RQ for a C-FIND/C-MOVE/C-GET in progress (PS3.7 9.3.2.3)."""
+        command: Command = {
+            "CommandField": C_CANCEL_RQ,
+            "MessageIDBeingRespondedTo": message_id,
+            "CommandDataSetType": NO_DATASET,
+        }
+        await self.session.send(context_id, command)
 
     async def release(self, timeout: float = 30.0) -> None:
         """Release the association and wait for the connection to end."""

@@ -1,0 +1,159 @@
+"""Query/Retrieve FIND as SCP: C-FIND (PS3.4 C.4.1, PS3.7 9.1.2).
+
+The identifier is checked (PS3.4 C.4.1.3.1.1 hierarchical search), then the index is
+read one page at a time in an executor: each page's responses are built and encoded
+there too, so the event loop only sends them. One Pending response per matching entity,
+then Success; C-CANCEL ends the stream with Cancel (0xFE00) before the next response.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from concurrent.futures import Executor
+from dataclasses import dataclass
+from typing import Final
+
+from pydicom import Dataset
+from sqlalchemy import Engine
+from sqlalchemy.exc import SQLAlchemyError
+
+from minipacs import dataset as dicom
+from minipacs.index.keys import FIND_MODELS, InformationModel
+from minipacs.index.query import FindPlan, FindQuery, QueryError, plan_find
+from minipacs.net.operations import (
+    CANCEL,
+    OUT_OF_RESOURCES,
+    PENDING,
+    PENDING_WARNING,
+    SOP_CLASS_NOT_SUPPORTED,
+    SUCCESS,
+    Operation,
+)
+from minipacs.services.find_responses import response_identifier
+from minipacs.storage.filestore import FileStore
+
+log = logging.getLogger("minipacs.find")
+
+# C-FIND statuses, PS3.4 Table C.4-1.
+IDENTIFIER_DOES_NOT_MATCH: Final = 0xA900
+UNABLE_TO_PROCESS: Final = 0xC000
+INDEX_UNAVAILABLE: Final = 0xC001
+
+
+@dataclass(frozen=True)
+class FindOptions:
+    """How C-FIND answers: our AE title, PN case folding, result cap, page size."""
+
+    ae_title: str
+    pn_case_insensitive: bool = True
+    # 0: no cap. Past it the query ends with 0xA700 after the first max_results matches.
+    max_results: int = 0
+    page_size: int = 200
+
+
+@dataclass
+class _Page:
+    responses: list[bytes]
+    following: int | None
+
+
+class FindService:
+    """Answers C-FIND-RQ on the Patient Root and Study Root FIND models."""
+
+    def __init__(
+        self, engine: Engine, store: FileStore, executor: Executor, options: FindOptions
+    ) -> None:
+        self.engine = engine
+        self.store = store
+        self.executor = executor
+        self.options = options
+
+    async def handle(self, operation: Operation) -> None:
+        """Serve one C-FIND-RQ, streaming Pending responses."""
+        context = operation.context
+        model = FIND_MODELS.get(context.abstract_syntax)
+        if model is None:
+            await operation.respond(
+                SOP_CLASS_NOT_SUPPORTED,
+                error_comment=f"{context.abstract_syntax} is not a C-FIND model we serve",
+            )
+            return
+        sop_class = str(operation.command.get("AffectedSOPClassUID", ""))
+        if sop_class != context.abstract_syntax:
+            await operation.respond(
+                IDENTIFIER_DOES_NOT_MATCH,
+                error_comment=f"SOP Class {sop_class} sent on a {model.name} FIND context",
+            )
+            return
+        loop = asyncio.get_running_loop()
+        try:
+            plan = await loop.run_in_executor(self.executor, self._plan, operation, model)
+        except dicom.DataSetError as exc:
+            await operation.respond(UNABLE_TO_PROCESS, error_comment=f"identifier: {exc}")
+            return
+        except QueryError as exc:
+            fields = {"OffendingElement": [exc.tag]} if exc.tag is not None else {}
+            await operation.respond(IDENTIFIER_DOES_NOT_MATCH, error_comment=str(exc), **fields)
+            return
+        await self._stream(operation, plan)
+
+    def _plan(self, operation: Operation, model: InformationModel) -> FindPlan:
+        message = operation.message
+        if message.dataset is None:
+            raise QueryError("C-FIND-RQ without an identifier")
+        identifier = dicom.inspect(message.dataset.getvalue(), operation.context.transfer_syntax)
+        return plan_find(model, identifier.dataset, self.options.pn_case_insensitive)
+
+    async def _stream(self, operation: Operation, plan: FindPlan) -> None:
+        loop = asyncio.get_running_loop()
+        query = FindQuery(plan, self.engine, self._file_header, self.options.page_size)
+        syntax = operation.context.transfer_syntax
+        pending = PENDING_WARNING if plan.unsupported else PENDING
+        cap = self.options.max_results
+        sent = 0
+        following: int | None = 0
+        while following is not None:
+            if operation.cancelled.is_set():
+                await operation.respond(CANCEL)
+                return
+            try:
+                page = await loop.run_in_executor(
+                    self.executor, self._page, query, following, syntax
+                )
+            except SQLAlchemyError as exc:
+                log.exception("C-FIND query failed")
+                await operation.respond(
+                    INDEX_UNAVAILABLE, error_comment=f"index unavailable: {type(exc).__name__}"
+                )
+                return
+            for response in page.responses:
+                if operation.cancelled.is_set():
+                    await operation.respond(CANCEL)
+                    return
+                if cap and sent >= cap:
+                    await operation.respond(
+                        OUT_OF_RESOURCES,
+                        error_comment=f"more than {cap} matches: narrow the query",
+                    )
+                    return
+                await operation.respond(pending, response)
+                sent += 1
+            following = page.following
+            # Let the reader see a C-CANCEL between pages even when the socket never blocks.
+            await asyncio.sleep(0)
+        await operation.respond(SUCCESS)
+
+    def _page(self, query: FindQuery, after: int, syntax: str) -> _Page:
+        matches, following = query.page(after)
+        ae_title = self.options.ae_title
+        responses = [
+            dicom.encode(response_identifier(query.plan, match, ae_title), syntax)
+            for match in matches
+        ]
+        return _Page(responses, following)
+
+    def _file_header(self, rel_path: str) -> Dataset:
+        """The header of an instance whose header the index did not keep (read from disk)."""
+        _meta, inspected = dicom.read_part10(self.store.path(rel_path))
+        return inspected.dataset
