@@ -149,6 +149,10 @@ def orthanc(*, timeout: float = 60.0) -> Iterator[Peer]:
             "DicomPort": port,
             "HttpPort": free_port(),
             "DicomCheckCalledAet": False,
+            # Unknown calling AEs may query and retrieve, as they may store by default.
+            "DicomAlwaysAllowFind": True,
+            "DicomAlwaysAllowMove": True,
+            "DicomAlwaysAllowGet": True,
             "RemoteAccessAllowed": False,
             "StorageDirectory": str(root / "storage"),
             "IndexDirectory": str(root / "index"),
@@ -156,9 +160,11 @@ def orthanc(*, timeout: float = 60.0) -> Iterator[Peer]:
         }
         (root / "config.json").write_text(json.dumps(config, indent=2))
         log = root / "orthanc.log"
+        # Orthanc speaks DICOM through DCMTK, which leaves Nagle on unless told.
         process = subprocess.Popen(
             [binary, str(root / "config.json")],
             cwd=root,
+            env=dcmtk_env(),
             stdout=subprocess.DEVNULL,
             stderr=open(log, "wb"),  # noqa: SIM115
         )

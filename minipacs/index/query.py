@@ -19,8 +19,7 @@ from pydicom import Dataset
 from pydicom.datadict import tag_for_keyword
 from pydicom.dataelem import DataElement
 from pydicom.multival import MultiValue
-from sqlalchemy import ColumnElement, Engine, Select, exists, func, select
-from sqlalchemy.orm import Session
+from sqlalchemy import ColumnElement, Connection, Engine, Select, exists, func, select
 
 from minipacs import dataset as dicom
 from minipacs.index.keys import (
@@ -339,10 +338,10 @@ class FindQuery:
     def page(self, after: int = 0) -> tuple[list[Match], int | None]:
         """The matches after entity id `after`, and the id to continue from (None: done)."""
         statement = self._statement.where(self._id > after).limit(self.page_size)
-        with Session(self.engine) as session:
-            rows = session.execute(statement).all()
-            headers = self._headers(session, rows) if self.plan.needs_header else {}
-            sop_classes = self._sop_classes(session, rows) if self._wants_sop_classes else {}
+        with self.engine.connect() as connection:
+            rows = connection.execute(statement).all()
+            headers = self._headers(connection, rows) if self.plan.needs_header else {}
+            sop_classes = self._sop_classes(connection, rows) if self._wants_sop_classes else {}
         matches = []
         for row in rows:
             mapping = row._mapping
@@ -362,11 +361,11 @@ class FindQuery:
         value = folded.get(term.tag, match.values.get(term.tag))
         return term.test(None, "" if value is None else str(value))
 
-    def _headers(self, session: Session, rows: Sequence[Any]) -> dict[int, Dataset]:
+    def _headers(self, connection: Connection, rows: Sequence[Any]) -> dict[int, Dataset]:
         wanted = {row.representative for row in rows if row.representative is not None}
         if not wanted:
             return {}
-        found = session.execute(
+        found = connection.execute(
             select(Instance.id, Instance.header, Instance.transfer_syntax, Instance.rel_path).where(
                 Instance.id.in_(wanted)
             )
@@ -379,11 +378,11 @@ class FindQuery:
                 headers[instance_id] = dicom.read_header(header, dicom.header_syntax(syntax))
         return headers
 
-    def _sop_classes(self, session: Session, rows: Sequence[Any]) -> dict[int, list[str]]:
+    def _sop_classes(self, connection: Connection, rows: Sequence[Any]) -> dict[int, list[str]]:
         studies = {row.study for row in rows}
         if not studies:
             return {}
-        found = session.execute(
+        found = connection.execute(
             select(Series.study_fk, Instance.sop_class_uid)
             .join(Series, Instance.series_fk == Series.id)
             .where(Series.study_fk.in_(studies))

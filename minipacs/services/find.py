@@ -20,7 +20,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from minipacs import dataset as dicom
 from minipacs.index.keys import FIND_MODELS, InformationModel
-from minipacs.index.query import FindPlan, FindQuery, QueryError, plan_find
+from minipacs.index.query import FindQuery, QueryError, plan_find
 from minipacs.net.operations import (
     CANCEL,
     OUT_OF_RESOURCES,
@@ -30,7 +30,7 @@ from minipacs.net.operations import (
     SUCCESS,
     Operation,
 )
-from minipacs.services.find_responses import response_identifier
+from minipacs.services.find_responses import encode_response
 from minipacs.storage.filestore import FileStore
 
 log = logging.getLogger("minipacs.find")
@@ -88,7 +88,8 @@ class FindService:
             return
         loop = asyncio.get_running_loop()
         try:
-            plan = await loop.run_in_executor(self.executor, self._plan, operation, model)
+            # One executor trip checks the identifier and reads the first page.
+            query, page = await loop.run_in_executor(self.executor, self._start, operation, model)
         except dicom.DataSetError as exc:
             await operation.respond(UNABLE_TO_PROCESS, error_comment=f"identifier: {exc}")
             return
@@ -96,37 +97,32 @@ class FindService:
             fields = {"OffendingElement": [exc.tag]} if exc.tag is not None else {}
             await operation.respond(IDENTIFIER_DOES_NOT_MATCH, error_comment=str(exc), **fields)
             return
-        await self._stream(operation, plan)
+        except SQLAlchemyError:
+            await self._index_failed(operation)
+            return
+        await self._stream(operation, query, page)
 
-    def _plan(self, operation: Operation, model: InformationModel) -> FindPlan:
+    def _start(self, operation: Operation, model: InformationModel) -> tuple[FindQuery, _Page]:
         message = operation.message
         if message.dataset is None:
             raise QueryError("C-FIND-RQ without an identifier")
-        identifier = dicom.inspect(message.dataset.getvalue(), operation.context.transfer_syntax)
-        return plan_find(model, identifier.dataset, self.options.pn_case_insensitive)
-
-    async def _stream(self, operation: Operation, plan: FindPlan) -> None:
-        loop = asyncio.get_running_loop()
-        query = FindQuery(plan, self.engine, self._file_header, self.options.page_size)
         syntax = operation.context.transfer_syntax
-        pending = PENDING_WARNING if plan.unsupported else PENDING
+        identifier = dicom.inspect(message.dataset.getvalue(), syntax)
+        plan = plan_find(model, identifier.dataset, self.options.pn_case_insensitive)
+        query = FindQuery(plan, self.engine, self._file_header, self.options.page_size)
+        return query, self._page(query, 0, syntax)
+
+    async def _index_failed(self, operation: Operation) -> None:
+        log.exception("C-FIND query failed")
+        await operation.respond(INDEX_UNAVAILABLE, error_comment="index unavailable")
+
+    async def _stream(self, operation: Operation, query: FindQuery, page: _Page) -> None:
+        loop = asyncio.get_running_loop()
+        syntax = operation.context.transfer_syntax
+        pending = PENDING_WARNING if query.plan.unsupported else PENDING
         cap = self.options.max_results
         sent = 0
-        following: int | None = 0
-        while following is not None:
-            if operation.cancelled.is_set():
-                await operation.respond(CANCEL)
-                return
-            try:
-                page = await loop.run_in_executor(
-                    self.executor, self._page, query, following, syntax
-                )
-            except SQLAlchemyError as exc:
-                log.exception("C-FIND query failed")
-                await operation.respond(
-                    INDEX_UNAVAILABLE, error_comment=f"index unavailable: {type(exc).__name__}"
-                )
-                return
+        while True:
             for response in page.responses:
                 if operation.cancelled.is_set():
                     await operation.respond(CANCEL)
@@ -139,18 +135,26 @@ class FindService:
                     return
                 await operation.respond(pending, response)
                 sent += 1
-            following = page.following
+            if page.following is None:
+                break
             # Let the reader see a C-CANCEL between pages even when the socket never blocks.
             await asyncio.sleep(0)
+            if operation.cancelled.is_set():
+                await operation.respond(CANCEL)
+                return
+            try:
+                page = await loop.run_in_executor(
+                    self.executor, self._page, query, page.following, syntax
+                )
+            except SQLAlchemyError:
+                await self._index_failed(operation)
+                return
         await operation.respond(SUCCESS)
 
     def _page(self, query: FindQuery, after: int, syntax: str) -> _Page:
         matches, following = query.page(after)
         ae_title = self.options.ae_title
-        responses = [
-            dicom.encode(response_identifier(query.plan, match, ae_title), syntax)
-            for match in matches
-        ]
+        responses = [encode_response(query.plan, match, ae_title, syntax) for match in matches]
         return _Page(responses, following)
 
     def _file_header(self, rel_path: str) -> Dataset:
