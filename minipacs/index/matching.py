@@ -230,7 +230,9 @@ def parse_value(vr: str, values: Sequence[str], fold_case: bool = True) -> Match
     if vr == "PN":
         values = tuple(person_name_form(v, fold) for v in values)
     if vr in RANGE_VRS:
-        values = tuple(_bound(vr, v, False) if vr == "DA" else v for v in values)
+        # Checked like range bounds; DA is kept in its YYYYMMDD form, TM and DT as sent.
+        checked = tuple(_bound(vr, v, False) for v in values)
+        values = checked if vr == "DA" else values
     if vr == "UI":
         for value in values:
             if not _UID.fullmatch(value):

@@ -63,6 +63,8 @@ class Operation:
     context: AcceptedContext
     started: float = field(default_factory=time.perf_counter)
     finished: bool = False
+    # Service-specific fields of the operation's log event (e.g. a query's match count).
+    log_fields: dict[str, object] = field(default_factory=dict)
     _cancelled: asyncio.Event | None = None
 
     @property
@@ -131,4 +133,5 @@ class Operation:
             status=f"0x{status:04X}",
             error=error_comment,
             duration_ms=round((time.perf_counter() - self.started) * 1000, 3),
+            **self.log_fields,
         )

@@ -122,6 +122,7 @@ class FindService:
         pending = PENDING_WARNING if query.plan.unsupported else PENDING
         cap = self.options.max_results
         sent = 0
+        operation.log_fields.update(query_level=query.plan.level, matches=0)
         while True:
             for response in page.responses:
                 if operation.cancelled.is_set():
@@ -135,6 +136,7 @@ class FindService:
                     return
                 await operation.respond(pending, response)
                 sent += 1
+                operation.log_fields["matches"] = sent
             if page.following is None:
                 break
             # Let the reader see a C-CANCEL between pages even when the socket never blocks.
