@@ -15,6 +15,7 @@ from minipacs.config import Settings
 from minipacs.index.db import make_engine
 from minipacs.index.recover import recover
 from minipacs.index.schema import ensure_schema
+from minipacs.index.statistics import StatisticsKeeper
 from minipacs.index.writer import IndexWriter
 from minipacs.logs import log_event
 from minipacs.net.association import Limits
@@ -132,7 +133,9 @@ async def serve(settings: Settings, started: asyncio.Event | None = None) -> Non
         ),
     )
     server = Server(server_config(settings), build_services(store_service, find_service))
+    statistics = StatisticsKeeper(archive.engine, archive.query_executor)
     try:
+        statistics.start()
         await server.start()
         stop = asyncio.Event()
         for signum in (signal.SIGTERM, signal.SIGINT):
@@ -148,6 +151,7 @@ async def serve(settings: Settings, started: asyncio.Event | None = None) -> Non
                     loop.remove_signal_handler(signum)
             await server.shutdown(settings.server.shutdown_grace)
     finally:
+        await statistics.stop()
         await archive.close()
 
 
