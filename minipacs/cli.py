@@ -6,6 +6,7 @@ Exit codes: 0 success, 1 runtime failure, 2 usage or configuration error, 130 in
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import logging
 import os
@@ -16,6 +17,8 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 from alembic.util import CommandError
+from pydicom.datadict import tag_for_keyword
+from pydicom.dataset import Dataset
 from sqlalchemy.exc import SQLAlchemyError
 
 from minipacs.config import ConfigError, Settings, load_settings
@@ -24,6 +27,8 @@ from minipacs.index.db import make_engine
 from minipacs.index.schema import SchemaOutOfDate
 from minipacs.index.stats import counts
 from minipacs.logs import configure_logging
+from minipacs.net.client import AssociationLost, AssociationRefused
+from minipacs.ops import smoke
 from minipacs.storage.filestore import FileStore
 
 DEFAULT_CONFIG = Path("config/minipacs.toml")
@@ -169,6 +174,130 @@ def _stats(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _check(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    from minipacs.ops.check import run_checks
+
+    results = run_checks(settings)
+    for check in results:
+        print(f"{'ok' if check.ok else 'FAIL':5} {check.name}: {check.detail}")
+    return EXIT_OK if all(check.ok for check in results) else EXIT_FAILURE
+
+
+def _peer(args: argparse.Namespace) -> smoke.Peer:
+    return smoke.Peer(args.host, args.port, args.aec, args.aet, args.timeout)
+
+
+def _client_failure(exc: Exception) -> int:
+    print(f"minipacs: {exc}", file=sys.stderr)
+    return EXIT_FAILURE
+
+
+def _echo(args: argparse.Namespace) -> int:
+    try:
+        status = asyncio.run(smoke.echo(_peer(args)))
+    except (AssociationRefused, AssociationLost, TimeoutError) as exc:
+        return _client_failure(exc)
+    print(f"C-ECHO status 0x{status:04X}")
+    return EXIT_OK if status == 0 else EXIT_FAILURE
+
+
+def _files(paths: list[str]) -> list[Path]:
+    found: list[Path] = []
+    for name in paths:
+        path = Path(name)
+        found.extend(sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path])
+    return found
+
+
+def _store(args: argparse.Namespace) -> int:
+    files = _files(args.paths)
+
+    async def send() -> int:
+        stored = 0
+        async for result in smoke.store(_peer(args), files):
+            status = "-" if result.status is None else f"0x{result.status:04X}"
+            print(f"{status} {result.path}{f' ({result.error})' if result.error else ''}")
+            stored += result.status == 0
+        return stored
+
+    try:
+        stored = asyncio.run(send())
+    except (AssociationRefused, AssociationLost, TimeoutError) as exc:
+        return _client_failure(exc)
+    print(f"stored {stored} of {len(files)} files", file=sys.stderr)
+    return EXIT_OK if stored == len(files) else EXIT_FAILURE
+
+
+def _identifier(level: str, keys: list[str]) -> Dataset:
+    identifier = Dataset()
+    identifier.QueryRetrieveLevel = level.upper()
+    for key in keys:
+        keyword, _, value = key.partition("=")
+        if tag_for_keyword(keyword) is None:
+            raise ConfigError(f"-k {key}: {keyword!r} is not a DICOM keyword")
+        setattr(identifier, keyword, value)
+    return identifier
+
+
+def _find(args: argparse.Namespace) -> int:
+    identifier = _identifier(args.level, args.key or [])
+
+    async def query() -> tuple[int, int]:
+        matches, final = 0, -1
+        async for status, found in smoke.find(_peer(args), identifier, args.patient_root):
+            final = status
+            if found is not None:
+                matches += 1
+                print(json.dumps(found.to_json_dict(), ensure_ascii=False))
+        return matches, final
+
+    try:
+        matches, status = asyncio.run(query())
+    except (AssociationRefused, AssociationLost, TimeoutError) as exc:
+        return _client_failure(exc)
+    print(f"{matches} matches, final status 0x{status:04X}", file=sys.stderr)
+    return EXIT_OK if status == 0 else EXIT_FAILURE
+
+
+def _add_client_commands(commands: argparse._SubParsersAction) -> None:
+    client = argparse.ArgumentParser(add_help=False)
+    client.add_argument("host", help="address of the DICOM peer")
+    client.add_argument("port", type=int, help="its DICOM port")
+    client.add_argument("--aec", default="MINIPACS", help="called AE title (default MINIPACS)")
+    client.add_argument("--aet", default="MINIPACS-CLI", help="our AE title")
+    client.add_argument("--timeout", type=float, default=30.0, help="seconds (default 30)")
+    echo = commands.add_parser(
+        "echo",
+        parents=[client],
+        help="send a C-ECHO (smoke test)",
+        description="Send one C-ECHO; print its status. Exit 0 on Success, 1 otherwise.",
+    )
+    echo.set_defaults(func=_echo)
+    store = commands.add_parser(
+        "store",
+        parents=[client],
+        help="send DICOM files with C-STORE (smoke test)",
+        description="Send files (folders are walked) in their own transfer syntax over one "
+        "association; print one status line per file. Exit 0 when every file got Success.",
+    )
+    store.add_argument("paths", nargs="+", metavar="PATH", help="files or folders")
+    store.set_defaults(func=_store)
+    find = commands.add_parser(
+        "find",
+        parents=[client],
+        help="send a C-FIND and print the matches as DICOM JSON (smoke test)",
+        description="Send one C-FIND (Study Root unless -P) and print each match as one "
+        "DICOM JSON line. Exit 0 when the final status is Success.",
+    )
+    find.add_argument("--level", default="STUDY", help="PATIENT, STUDY, SERIES or IMAGE")
+    find.add_argument("-P", "--patient-root", action="store_true", help="Patient Root model")
+    find.add_argument(
+        "-k", "--key", action="append", metavar="KEY=VALUE", help="a key; KEY alone asks for it"
+    )
+    find.set_defaults(func=_find)
+
+
 def _add_db_commands(commands: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
     database = commands.add_parser(
         "db",
@@ -244,6 +373,17 @@ def build_parser() -> argparse.ArgumentParser:
     stats.add_argument("--config", metavar="PATH", help="TOML configuration file (as for serve)")
     stats.add_argument("--json", action="store_true", help="print one JSON object")
     stats.set_defaults(func=_stats)
+    check = commands.add_parser(
+        "check",
+        help="check configuration, database, schema, store and free space",
+        description="Load the configuration, reach the database, compare its schema with "
+        "this minipacs, check the store and spool folders are writable and free space is "
+        "above storage.min_free_bytes. One line per check; exit 0 when all pass, 1 if any "
+        "fails, 2 for a configuration error. Changes nothing.",
+    )
+    check.add_argument("--config", metavar="PATH", help="TOML configuration file (as for serve)")
+    check.set_defaults(func=_check)
+    _add_client_commands(commands)
     return parser
 
 

@@ -1,0 +1,1 @@
+"""What operators use besides the server: checks, smoke-test clients, metrics, conformance."""
