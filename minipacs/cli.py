@@ -260,6 +260,17 @@ def _find(args: argparse.Namespace) -> int:
     return EXIT_OK if status == 0 else EXIT_FAILURE
 
 
+def _conformance(args: argparse.Namespace) -> int:
+    from minipacs.ops.conformance import conformance_statement
+
+    text = conformance_statement()
+    if args.output:
+        Path(args.output).write_text(text, encoding="utf-8")
+    else:
+        sys.stdout.write(text)
+    return EXIT_OK
+
+
 def _add_client_commands(commands: argparse._SubParsersAction) -> None:
     client = argparse.ArgumentParser(add_help=False)
     client.add_argument("host", help="address of the DICOM peer")
@@ -383,6 +394,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     check.add_argument("--config", metavar="PATH", help="TOML configuration file (as for serve)")
     check.set_defaults(func=_check)
+    conformance = commands.add_parser(
+        "conformance",
+        help="print the DICOM Conformance Statement (Markdown)",
+        description="Generate the DICOM Conformance Statement (PS3.2 structure) from the "
+        "code's own tables: SOP classes, transfer syntaxes, Q/R keys, statuses, defaults.",
+    )
+    conformance.add_argument("-o", "--output", metavar="PATH", help="write to PATH")
+    conformance.set_defaults(func=_conformance)
     _add_client_commands(commands)
     return parser
 

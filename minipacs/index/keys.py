@@ -174,6 +174,11 @@ _HEADER_LEVEL_BY_TAG: Final = {
 }
 
 
+def indexed_keys() -> tuple[Key, ...]:
+    """Every key the index holds as a column or computes, in level order."""
+    return _KEYS
+
+
 def key_for(tag: int) -> Key:
     """The index's knowledge of one attribute: a column, a computed value, or the header."""
     known = _BY_TAG.get(tag)

@@ -1,0 +1,193 @@
+"""The DICOM Conformance Statement (PS3.2 structure), generated from the code's own tables.
+
+Nothing here is typed by hand that the code already knows: SOP classes and transfer
+syntaxes come from the acceptor's negotiation policy, Q/R keys from the index's key
+table, limits and defaults from the settings, statuses from the services. A test
+regenerates the document and compares it with docs/conformance.md, so the two cannot
+drift apart.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator
+from typing import Any
+
+from pydicom.uid import UID
+
+from minipacs.config import Settings
+from minipacs.identity import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
+from minipacs.index import keys
+from minipacs.net import negotiation as neg
+from minipacs.services import find, store
+
+_SOURCES = {
+    "column": "index column, matched in SQL",
+    "integer": "index column (integer), matched in SQL",
+    "modalities": "computed from the study's series",
+    "sop_classes": "computed from the study's instances",
+}
+
+
+def _name(uid: str) -> str:
+    return UID(uid).name or uid
+
+
+def _table(header: tuple[str, ...], rows: Iterator[tuple[Any, ...]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
+    return [*lines, ""]
+
+
+def _services() -> list[str]:
+    storage = neg.STORAGE_SOP_CLASSES
+    rows = [
+        ("Verification", neg.VERIFICATION, "SCP", "C-ECHO"),
+        *(
+            (model.name + " Q/R FIND", model.find_uid, "SCP", "C-FIND")
+            for model in keys.FIND_MODELS.values()
+        ),
+    ]
+    lines = ["## 2 AE specification: SOP classes", ""]
+    lines += _table(("SOP class", "UID", "role", "DIMSE"), iter(rows))
+    lines += [
+        f"Storage, as SCP (C-STORE), for each of the {len(storage)} storage SOP classes "
+        "pynetdicom knows:",
+        "",
+    ]
+    lines += _table(("SOP class", "UID"), ((_name(uid), uid) for uid in storage))
+    lines += [
+        "Patient/Study Only Q/R (1.2.840.10008.5.1.4.1.2.3.x) is retired (PS3.4 C.6.3) and "
+        "refused per presentation context (abstract syntax not supported).",
+        "",
+    ]
+    return lines
+
+
+def _syntaxes() -> list[str]:
+    lines = ["## 3 Transfer syntaxes", ""]
+    lines += ["Verification and Query/Retrieve accept the uncompressed syntaxes:", ""]
+    lines += _table(
+        ("transfer syntax", "UID"), ((_name(u), u) for u in neg.UNCOMPRESSED_TRANSFER_SYNTAXES)
+    )
+    lines += ["Storage also accepts these, and stores each instance as it was sent:", ""]
+    lines += _table(
+        ("transfer syntax", "UID"), ((_name(u), u) for u in neg.ENCAPSULATED_TRANSFER_SYNTAXES)
+    )
+    return lines
+
+
+def _association(settings: Settings) -> list[str]:
+    server = settings.server
+    rows = (
+        ("Implementation Class UID", IMPLEMENTATION_CLASS_UID),
+        ("Implementation Version Name", IMPLEMENTATION_VERSION_NAME),
+        ("Application context", neg.APPLICATION_CONTEXT_NAME),
+        ("AE title (default)", server.ae_title),
+        ("Called AE title checked (default)", server.check_called_ae),
+        ("Maximum PDU length received (default)", server.max_pdu_length),
+        ("Concurrent associations (default)", server.max_associations),
+        ("ARTIM timeout, s (default)", server.artim_timeout),
+        ("Idle timeout, s (default)", server.idle_timeout),
+        ("Asynchronous operations window", "1 invoked / 1 performed"),
+        ("SCP/SCU role selection", "answered for storage SOP classes"),
+    )
+    lines = ["## 4 Association policies", ""]
+    lines += _table(("item", "value"), iter(rows))
+    lines += [
+        "An association beyond the limit is refused with A-ASSOCIATE-RJ "
+        f"{neg.REJECT_LOCAL_LIMIT} (result, source, reason: transient, local limit); an "
+        f"unknown called AE with {neg.REJECT_CALLED_AE}, a calling AE outside "
+        f"`server.allowed_calling_aes` with {neg.REJECT_CALLING_AE}.",
+        "",
+    ]
+    return lines
+
+
+def _statuses() -> list[str]:
+    rows = (
+        ("C-STORE", "0x0000", "stored durably and indexed"),
+        ("C-STORE", f"0x{store.DUPLICATE_SOP_INSTANCE:04X}", "duplicate refused (policy)"),
+        ("C-STORE", "0xA700", "out of resources (free-space floor, write error, index)"),
+        ("C-STORE", f"0x{store.DATASET_DOES_NOT_MATCH:04X}", "data set does not match"),
+        ("C-STORE", f"0x{store.CANNOT_UNDERSTAND:04X}", "cannot understand"),
+        ("C-FIND", "0xFF00 / 0xFF01", "pending / pending, a key not supported"),
+        ("C-FIND", "0x0000 / 0xFE00", "success / cancelled"),
+        ("C-FIND", "0xA700", "more than query.max_results matches"),
+        ("C-FIND", f"0x{find.IDENTIFIER_DOES_NOT_MATCH:04X}", "identifier does not match"),
+        ("C-FIND", f"0x{find.UNABLE_TO_PROCESS:04X}", "identifier cannot be decoded"),
+        ("C-FIND", f"0x{find.INDEX_UNAVAILABLE:04X}", "index unavailable"),
+    )
+    return ["### Statuses", "", *_table(("service", "status", "meaning"), iter(rows))]
+
+
+def _query_keys() -> list[str]:
+    lines = [
+        "## 5 Query/Retrieve FIND",
+        "",
+        "Levels: Patient Root PATIENT, STUDY, SERIES, IMAGE; Study Root STUDY, SERIES, "
+        "IMAGE. Hierarchical search (PS3.4 C.4.1.3.1.1): each level above the query level "
+        "must be given its unique key with a single value. Relational queries are not "
+        "offered.",
+        "",
+        "Matching (PS3.4 C.2.2.2): single value, universal, wildcard (`*`, `?`), range "
+        "(DA, TM, DT; a date range with a time range matches as one date-time range), list "
+        "of UIDs, sequence (items matched against the stored header). Person names match "
+        "per component group, case-insensitively unless `query.pn_case_insensitive` is "
+        "false. Keys with an index column are matched in SQL; every other key is matched "
+        "and returned from the stored header of the entity (the first instance stored in "
+        "it). A key below the query level is returned empty with status 0xFF01.",
+        "",
+        "Keys held by the index:",
+        "",
+    ]
+    rows = ((key.keyword, key.level, _SOURCES[key.source]) for key in keys.indexed_keys())
+    lines += _table(("key", "level", "source"), rows)
+    return lines
+
+
+def _settings_table(settings: Settings) -> list[str]:
+    lines = ["## 6 Configuration (defaults)", ""]
+    rows = []
+    for section in ("server", "storage", "database", "query"):
+        values = getattr(settings, section)
+        for item in dataclasses.fields(values):
+            if item.repr:
+                rows.append((f"{section}.{item.name}", getattr(values, item.name)))
+    lines += _table(("setting", "default"), iter(rows))
+    return lines
+
+
+def conformance_statement() -> str:
+    """The conformance statement as Markdown, for the built-in default settings."""
+    settings = Settings()
+    lines = [
+        "# minipacs DICOM Conformance Statement",
+        "",
+        "Generated by `minipacs conformance` from the code's own tables; do not edit.",
+        "",
+        "## 1 Implementation model",
+        "",
+        "One Application Entity, a storage and query SCP: modalities store instances with "
+        "C-STORE (written durably to a filesystem store and indexed in SQL before Success "
+        "is returned); workstations query them with C-FIND. One asyncio event loop serves "
+        "every association.",
+        "",
+        *_services(),
+        *_syntaxes(),
+        *_association(settings),
+        *_query_keys(),
+        *_statuses(),
+        *_settings_table(settings),
+        "## 7 Security",
+        "",
+        "Access control by called and calling AE title (`server.check_called_ae`, "
+        "`server.allowed_calling_aes`). No TLS, no user identity negotiation yet.",
+        "",
+        "## 8 Character sets",
+        "",
+        "Every Specific Character Set pydicom decodes (single-byte ISO 8859 sets, ISO 2022 "
+        "code extensions for Japanese, Korean and Chinese, UTF-8, GB18030, GBK). Responses "
+        "carry the client's character set when it can hold every value, else ISO_IR 192.",
+    ]
+    return "\n".join(lines) + "\n"
