@@ -9,7 +9,8 @@ import signal
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-from sqlalchemy import Engine
+from sqlalchemy import Engine, text
+from sqlalchemy.exc import SQLAlchemyError
 
 from minipacs.config import Settings
 from minipacs.index.db import make_engine
@@ -21,12 +22,16 @@ from minipacs.logs import log_event
 from minipacs.net.association import Limits
 from minipacs.net.server import Server, ServerConfig
 from minipacs.net.session import Timeouts
+from minipacs.ops.http import OpsServer
+from minipacs.ops.metrics import Metrics
 from minipacs.services import build_services
 from minipacs.services.find import FindOptions, FindService
 from minipacs.services.store import StoreService
 from minipacs.storage.filestore import FileStore
 
 log = logging.getLogger("minipacs.app")
+
+_READY_TIMEOUT = 2.0
 
 
 def server_config(settings: Settings) -> ServerConfig:
@@ -111,6 +116,26 @@ def open_archive(settings: Settings) -> Archive:
     return Archive(store, engine, writer, executor, query_executor)
 
 
+async def _not_ready(server: Server, archive: Archive) -> str | None:
+    """Why this node should get no traffic now (None: ready), for /readyz."""
+    if not server.accepting:
+        return "not accepting associations"
+    loop = asyncio.get_running_loop()
+    try:
+        async with asyncio.timeout(_READY_TIMEOUT):
+            await loop.run_in_executor(archive.query_executor, _ping, archive.engine)
+    except TimeoutError:
+        return f"index did not answer within {_READY_TIMEOUT:g} s"
+    except SQLAlchemyError as exc:
+        return f"index unavailable: {type(exc).__name__}"
+    return None
+
+
+def _ping(engine: Engine) -> None:
+    with engine.connect() as connection:
+        connection.execute(text("SELECT 1"))
+
+
 async def serve(settings: Settings, started: asyncio.Event | None = None) -> None:
     """Run the server until SIGTERM or SIGINT, then shut down gracefully."""
     loop = asyncio.get_running_loop()
@@ -132,11 +157,16 @@ async def serve(settings: Settings, started: asyncio.Event | None = None) -> Non
             max_results=settings.query.max_results,
         ),
     )
-    server = Server(server_config(settings), build_services(store_service, find_service))
+    metrics = Metrics(archive.engine, settings.store_dir)
+    services = build_services(store_service, find_service)
+    server = Server(server_config(settings), services, metrics)
     statistics = StatisticsKeeper(archive.engine, archive.query_executor)
+    ops = OpsServer(metrics, archive.query_executor, lambda: _not_ready(server, archive))
     try:
         statistics.start()
         await server.start()
+        if settings.metrics.port:
+            await ops.start(settings.metrics.host, settings.metrics.port)
         stop = asyncio.Event()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, stop.set)
@@ -151,6 +181,7 @@ async def serve(settings: Settings, started: asyncio.Event | None = None) -> Non
                     loop.remove_signal_handler(signum)
             await server.shutdown(settings.server.shutdown_grace)
     finally:
+        await ops.stop()
         await statistics.stop()
         await archive.close()
 

@@ -131,6 +131,14 @@ class QuerySettings:
 
 
 @dataclass(frozen=True)
+class MetricsSettings:
+    """[metrics]: the HTTP endpoint with /metrics (Prometheus), /healthz and /readyz."""
+
+    port: int = _key(0, low=0, high=65535)
+    host: str = _key("127.0.0.1", check=_not_empty)
+
+
+@dataclass(frozen=True)
 class LogSettings:
     """[log]: level and format of the structured logs, and levels per logger."""
 
@@ -156,6 +164,7 @@ class Settings:
     storage: StorageSettings = field(default_factory=StorageSettings)
     database: DatabaseSettings = field(default_factory=DatabaseSettings)
     query: QuerySettings = field(default_factory=QuerySettings)
+    metrics: MetricsSettings = field(default_factory=MetricsSettings)
     log: LogSettings = field(default_factory=LogSettings)
     destinations: dict[str, Destination] = field(default_factory=dict)
     # Where the settings were read from (None: built-in defaults), for messages only.
@@ -179,6 +188,7 @@ _SECTIONS: dict[str, type] = {
     "storage": StorageSettings,
     "database": DatabaseSettings,
     "query": QuerySettings,
+    "metrics": MetricsSettings,
     "log": LogSettings,
 }
 

@@ -116,10 +116,12 @@ class Operation:
             self._log(status, error_comment)
 
     def _log(self, status: int, error_comment: str | None) -> None:
+        seconds = time.perf_counter() - self.started
+        session = self.session
+        session.observer.operation(command_name(self.command), status, seconds)
         level = logging.INFO if status in (SUCCESS, CANCEL) else logging.WARNING
         if not log.isEnabledFor(level):
             return
-        session = self.session
         log_event(
             log,
             "dimse.operation",
@@ -132,6 +134,6 @@ class Operation:
             sop_instance=self.command.get("AffectedSOPInstanceUID"),
             status=f"0x{status:04X}",
             error=error_comment,
-            duration_ms=round((time.perf_counter() - self.started) * 1000, 3),
+            duration_ms=round(seconds * 1000, 3),
             **self.log_fields,
         )

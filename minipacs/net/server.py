@@ -15,6 +15,7 @@ from pynetdicom.pdu_primitives import A_ASSOCIATE
 from minipacs.logs import log_event
 from minipacs.net import negotiation as neg
 from minipacs.net.association import AssociateRequested, Association, Limits
+from minipacs.net.observer import Observer
 from minipacs.net.operations import Service
 from minipacs.net.pdu import CACHEABLE_ASSOCIATE_LENGTH, encode_associate_ac
 from minipacs.net.session import Session, Timeouts
@@ -40,9 +41,15 @@ class ServerConfig:
 class Server:
     """Accepts associations and runs each as one Session task on the event loop."""
 
-    def __init__(self, config: ServerConfig, services: Mapping[int, Service]) -> None:
+    def __init__(
+        self,
+        config: ServerConfig,
+        services: Mapping[int, Service],
+        observer: Observer | None = None,
+    ) -> None:
         self.config = config
         self.services = services
+        self.observer = observer or Observer()
         self.policy = neg.AcceptorPolicy()
         self.sessions: set[Session] = set()
         self.accepted_total = 0
@@ -51,6 +58,11 @@ class Server:
         self._draining = False
         self._tasks: set[asyncio.Task[None]] = set()
         self._ac_cache: dict[bytes, bytes] = {}
+
+    @property
+    def accepting(self) -> bool:
+        """True while the listener is up and not draining for shutdown."""
+        return self._server is not None and self._server.is_serving() and not self._draining
 
     @property
     def port(self) -> int:
@@ -115,6 +127,7 @@ class Server:
             spool_dir=self.config.spool_dir,
             peer=peer,
             on_associate=self._on_associate,
+            observer=self.observer,
         )
         started = time.perf_counter()
         self.sessions.add(session)
@@ -122,6 +135,8 @@ class Server:
             await session.run()
         finally:
             self.sessions.discard(session)
+            if session.accepted:
+                self.observer.association_ended(session.bytes_received, session.bytes_sent)
             log_event(
                 log,
                 "association.end",
@@ -137,6 +152,7 @@ class Server:
 
     def _refuse(self, session: Session, why: str, result: tuple[int, int, int]) -> None:
         self.rejected[why] = self.rejected.get(why, 0) + 1
+        self.observer.association_rejected(why)
         session.outcome = f"rejected: {why}"
         session.association.reject(*result)
         log_event(
@@ -177,6 +193,8 @@ class Server:
             neg.peer_max_pdu(request.user_information),
         )
         self.accepted_total += 1
+        session.accepted = True
+        self.observer.association_accepted()
         class_uid, version = neg.peer_implementation(request.user_information)
         log_event(
             log,

@@ -29,6 +29,7 @@ from minipacs.net.association import (
 )
 from minipacs.net.commands import C_CANCEL_RQ, Command, command_name
 from minipacs.net.dimse import DimseMessage
+from minipacs.net.observer import Observer
 from minipacs.net.operations import (
     PROCESSING_FAILURE,
     UNRECOGNIZED_OPERATION,
@@ -63,6 +64,7 @@ class Session:
         spool_dir: Path,
         peer: str,
         on_associate: Callable[[Session, AssociateRequested], Awaitable[None]] | None = None,
+        observer: Observer | None = None,
     ) -> None:
         self.association = association
         self.reader = reader
@@ -72,6 +74,11 @@ class Session:
         self.spool_dir = spool_dir
         self.peer = peer
         self.on_associate = on_associate
+        self.observer = observer or Observer()
+        # Set by the acceptor once the association is established (A-ASSOCIATE-AC sent).
+        self.accepted = False
+        self.bytes_received = 0
+        self.bytes_sent = 0
         self.calling_ae = ""
         self.called_ae = ""
         self.outcome = "open"
@@ -97,6 +104,7 @@ class Session:
         buffers = self.association.data_to_send()
         if not buffers or self.writer.is_closing():
             return
+        self.bytes_sent += sum(len(buffer) for buffer in buffers)
         if len(buffers) <= 4:
             # One write of a small joined message beats writelines' per-buffer overhead.
             self.writer.write(b"".join(buffers))
@@ -169,6 +177,7 @@ class Session:
                     await self._handle(association.connection_lost())
                     break
                 self._last_activity = loop.time()
+                self.bytes_received += len(data)
                 await self._handle(association.receive_data(data))
                 pending = association.assembler.needs_spill
                 if pending is not None:
