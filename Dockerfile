@@ -6,7 +6,9 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     MINIPACS_STORAGE_PATH=/data/store \
-    MINIPACS_DATABASE_URL=sqlite:////data/index.sqlite
+    MINIPACS_DATABASE_URL=sqlite:////data/index.sqlite \
+    MINIPACS_METRICS_PORT=9112 \
+    MINIPACS_METRICS_HOST=0.0.0.0
 
 WORKDIR /app
 COPY pyproject.toml README.md ./
@@ -23,8 +25,10 @@ RUN pip install --no-cache-dir -e . \
 
 USER minipacs
 VOLUME ["/data"]
-EXPOSE 11112
+# 11112: DICOM; 9112: /metrics (Prometheus), /healthz, /readyz.
+EXPOSE 11112 9112
+# Healthy = ready: accepting associations and the index answers (GET /readyz).
 HEALTHCHECK --interval=30s --timeout=5s --start-period=15s --retries=3 \
-    CMD ["python", "-c", "import os, socket; socket.create_connection(('127.0.0.1', int(os.environ.get('MINIPACS_SERVER_PORT', '11112'))), 3).close()"]
+    CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:' + os.environ.get('MINIPACS_METRICS_PORT', '9112') + '/readyz', timeout=4)"]
 ENTRYPOINT ["minipacs"]
 CMD ["serve"]

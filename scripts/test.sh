@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Install what the tests need (DCMTK, PostgreSQL, Python's venv; with apt-get, via sudo when
+# Install what the tests need (DCMTK, PostgreSQL, docker-compose, Python's venv; with apt-get, via sudo when
 # not root), create or update .venv with the test extras, then run lint and the whole suite.
 # Extra arguments go to pytest, e.g. scripts/test.sh -k config -x.
 set -euo pipefail
@@ -25,6 +25,10 @@ need=()
 command -v echoscu >/dev/null || need+=(dcmtk)
 # The tests run their own PostgreSQL from its binaries (initdb, pg_ctl), not the service.
 compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null || need+=(postgresql)
+# tests/test_deploy.py validates docker-compose.yml; Debian's docker-compose needs no engine.
+if ! command -v docker-compose >/dev/null && ! docker compose version >/dev/null 2>&1; then
+    need+=(docker-compose)
+fi
 # Debian ships venv's ensurepip separately; without it `python3 -m venv` half-creates .venv.
 if [ ! -x .venv/bin/python ] && ! python3 -c 'import ensurepip' 2>/dev/null; then
     need+=(python3 python3-venv)
