@@ -13,7 +13,7 @@ from sqlalchemy import Engine, text
 from sqlalchemy.exc import SQLAlchemyError
 
 from minipacs.config import Settings
-from minipacs.index.db import make_engine
+from minipacs.index.db import make_engine, read_engine
 from minipacs.index.recover import recover
 from minipacs.index.schema import ensure_schema
 from minipacs.index.statistics import StatisticsKeeper
@@ -148,7 +148,7 @@ async def serve(settings: Settings, started: asyncio.Event | None = None) -> Non
         settings.storage.duplicate_policy,
     )
     find_service = FindService(
-        archive.engine,
+        read_engine(archive.engine),
         archive.store,
         archive.query_executor,
         FindOptions(

@@ -74,3 +74,16 @@ def make_engine(url: str, pool_size: int = 5) -> Engine:
 def write_session(engine: Engine) -> Session:
     """A session for index writes (on SQLite its transactions take the write lock first)."""
     return Session(engine.execution_options(**{_IMMEDIATE: True}))
+
+
+def read_engine(engine: Engine) -> Engine:
+    """The engine for C-FIND reads: on PostgreSQL in autocommit, without BEGIN/ROLLBACK.
+
+    A query page is one SELECT (two with headers); a transaction around it costs two
+    round trips more, ~0.3 ms of a ~0.9 ms page. SQLite keeps its own transaction
+    handling (_sqlite_begin): switching pysqlite's isolation level back and forth on
+    pooled connections would disturb the writers that share the pool.
+    """
+    if engine.dialect.name == "postgresql":
+        return engine.execution_options(isolation_level="AUTOCOMMIT")
+    return engine
