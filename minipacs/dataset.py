@@ -50,6 +50,12 @@ _META_START = 132
 _LONG_VRS = frozenset(
     {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"UC", b"UN", b"UR", b"UT", b"SV", b"UV"}
 )
+# PS3.5 Table 6.2-1: an explicit VR outside this set cannot be decoded (pydicom raises
+# NotImplementedError when the value is first read), so the walk refuses it up front.
+_KNOWN_VRS = _LONG_VRS | frozenset(
+    {b"AE", b"AS", b"AT", b"CS", b"DA", b"DS", b"DT", b"FD", b"FL", b"IS", b"LO", b"LT"}
+    | {b"PN", b"SH", b"SL", b"SS", b"ST", b"TM", b"UI", b"UL", b"US"}
+)
 _UNDEFINED = 0xFFFFFFFF
 _ITEM = (0xFFFE, 0xE000)
 _ITEM_END = (0xFFFE, 0xE00D)
@@ -93,6 +99,10 @@ class _Walker:
                 offset += 8
             else:
                 vr = bytes(data[offset + 4 : offset + 6])
+                if vr not in _KNOWN_VRS:
+                    raise DataSetError(
+                        f"element ({group:04X},{element:04X}) has an unknown VR {vr!r}"
+                    )
                 if vr in _LONG_VRS:
                     if end - offset < 12:
                         raise DataSetError(f"element header truncated at byte {offset}")

@@ -310,6 +310,12 @@ def _element(group: int, element: int, vr: bytes, value: bytes) -> bytes:
             0xA900,
         ),
         ("truncated identifier", _element(0x0008, 0x0052, b"CS", b"STUDY")[:-3], 0xC000),
+        # Found by tests/test_fuzz.py: pydicom raised NotImplementedError on first access.
+        (
+            "unknown VR",
+            _element(0x0008, 0x0052, b"CS", b"STUDY ") + _element(0x0020, 0x000E, b"AI", b""),
+            0xC000,
+        ),
         ("no elements", b"", 0xA900),
     ],
 )
