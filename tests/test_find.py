@@ -214,6 +214,43 @@ def test_series_and_image_levels(pacs: MinipacsProcess) -> None:
     assert {str(ds.SOPInstanceUID) for ds in found} == {f"{ROOT}.1.1.{i}" for i in (1, 2, 3)}
 
 
+def test_matching_kinds_below_the_study_level(pacs: MinipacsProcess) -> None:
+    def series(**keys: object) -> set[str]:
+        found, _, final = find(
+            pacs.port,
+            query("SERIES", **{"StudyInstanceUID": f"{ROOT}.1", "SeriesInstanceUID": "", **keys}),
+        )
+        assert final.Status == 0
+        return {str(ds.SeriesInstanceUID) for ds in found}
+
+    both = {f"{ROOT}.1.1", f"{ROOT}.1.2"}
+    assert series(Modality="M?") == {f"{ROOT}.1.2"}
+    assert series(SeriesDate="20240101-20240105") == both
+    assert series(SeriesDate="20240106-") == set()
+    assert series(SeriesNumber="2") == {f"{ROOT}.1.2"}
+    assert series(SeriesInstanceUID=[f"{ROOT}.1.1", f"{ROOT}.9.9"]) == {f"{ROOT}.1.1"}
+
+    def images(model: str = STUDY_ROOT, **keys: object) -> list[int]:
+        found, _, final = find(
+            pacs.port,
+            query(
+                "IMAGE",
+                StudyInstanceUID=f"{ROOT}.1",
+                SeriesInstanceUID=f"{ROOT}.1.1",
+                InstanceNumber="",
+                **keys,
+            ),
+            model,
+        )
+        assert final.Status == 0
+        return sorted(int(ds.InstanceNumber) for ds in found)
+
+    assert images(SOPInstanceUID=[f"{ROOT}.1.1.1", f"{ROOT}.1.1.3"]) == [1, 3]
+    assert images(SOPClassUID=find_data.CT_IMAGE) == [1, 2, 3]
+    assert images(SOPClassUID=find_data.MR_IMAGE) == []
+    assert images(PATIENT_ROOT, PatientID="PID1", SOPInstanceUID=f"{ROOT}.1.1.2") == [2]
+
+
 def test_patient_root_levels(pacs: MinipacsProcess) -> None:
     found, _, final = find(
         pacs.port,
