@@ -234,15 +234,30 @@ class Match:
     sop_classes: list[str] = field(default_factory=list)
 
 
-def _joined(level: str, columns: Sequence[Any]) -> Select[Any]:
+def _joined(level: str, top: str, columns: Sequence[Any]) -> Select[Any]:
+    """Select from the level's table, joined up to the highest level a key needs."""
     statement = select(*columns).select_from(TABLES[level])
-    if level == IMAGE:
-        statement = statement.join(Series, Instance.series_fk == Series.id)
-    if level in (IMAGE, SERIES):
-        statement = statement.join(Study, Series.study_fk == Study.id)
-    if level != PATIENT:
-        statement = statement.join(Patient, Study.patient_fk == Patient.id)
+    upward = (
+        (IMAGE, Series, Instance.series_fk == Series.id),
+        (SERIES, Study, Series.study_fk == Study.id),
+        (STUDY, Patient, Study.patient_fk == Patient.id),
+    )
+    for child, parent, on in upward:
+        if LEVELS.index(top) < LEVELS.index(child) <= LEVELS.index(level):
+            statement = statement.join(parent, on)
     return statement
+
+
+def _top_level(plan: FindPlan) -> str:
+    """The highest level whose table a supported key reads or matches (joins stop there)."""
+    levels = [plan.level]
+    for term in plan.terms:
+        if term.supported and term.key.source not in ("header", "constant"):
+            # Computed study keys correlate with the study row.
+            levels.append(
+                STUDY if term.key.source in ("modalities", "sop_classes") else term.key.level
+            )
+    return min(levels, key=LEVELS.index)
 
 
 def _representative(level: str) -> Any:
@@ -333,7 +348,8 @@ class FindQuery:
             selected.append(Study.id.label("study"))
         if plan.needs_header:
             selected.append(_representative(plan.level).label("representative"))
-        self._statement = _joined(plan.level, selected).where(*conditions).order_by(self._id)
+        joined = _joined(plan.level, _top_level(plan), selected)
+        self._statement = joined.where(*conditions).order_by(self._id)
 
     def page(self, after: int = 0) -> tuple[list[Match], int | None]:
         """The matches after entity id `after`, and the id to continue from (None: done)."""
