@@ -528,3 +528,12 @@ def test_dcmtk_findscu(pacs: MinipacsProcess, tmp_path: Path) -> None:
         model="-P",
     )
     assert [ds.Modality for ds in found] == ["MR"]
+
+
+def test_logs_name_no_patient(pacs: MinipacsProcess) -> None:
+    # Privacy: stores and queries are logged (INFO) without names or patient IDs.
+    assert studies(pacs.port, PatientName="Doe^John", PatientID="PID1") == ours(1)
+    log = pacs.log_text()
+    assert '"dimse.operation"' in log and '"C-FIND-RQ"' in log
+    for value in ("DOE^JOHN", "Doe^John", "PID1", "SMITH^ANNA", "Jérôme"):
+        assert value not in log
