@@ -56,6 +56,22 @@ class PostgresServer:
         )
         return self.url(name)
 
+    def halt(self) -> None:
+        """Stop the server, keeping its data (an outage; resume() ends it)."""
+        self._pg_ctl("-m", "fast", "stop")
+
+    def resume(self) -> None:
+        """Start the halted server again on the same port and data."""
+        _start(self.directory, self.port, self.as_user)
+
+    def _pg_ctl(self, *args: str) -> None:
+        subprocess.run(
+            [*self.as_user, _bin("pg_ctl"), "-D", str(self.directory / "data"), "-w", *args],
+            capture_output=True,
+            timeout=60,
+            check=False,
+        )
+
     def stop(self) -> None:
         """Stop the server and delete its data."""
         subprocess.run(
@@ -102,12 +118,17 @@ def start_postgres() -> PostgresServer:
         capture_output=True,
         timeout=120,
     )
+    _start(directory, port, as_user)
+    return PostgresServer(directory, port, as_user)
+
+
+def _start(directory: Path, port: int, as_user: list[str]) -> None:
     subprocess.run(
         [
             *as_user,
             _bin("pg_ctl"),
             "-D",
-            str(data),
+            str(directory / "data"),
             "-w",
             "-t",
             "60",
@@ -122,4 +143,3 @@ def start_postgres() -> PostgresServer:
         capture_output=True,
         timeout=120,
     )
-    return PostgresServer(directory, port, as_user)

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Final
 
 from sqlalchemy import Engine
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from minipacs import dataset as dicom
@@ -92,6 +93,11 @@ class StoreService:
         except OSError as exc:
             log.exception("store write failed")
             await operation.respond(OUT_OF_RESOURCES, error_comment=f"cannot write: {exc}")
+            return
+        except SQLAlchemyError as exc:
+            # The duplicate check could not ask the index: nothing was written.
+            log.warning("index unavailable before writing: %s", type(exc).__name__)
+            await operation.respond(OUT_OF_RESOURCES, error_comment="index unavailable")
             return
         if written is None:
             await self._refuse_duplicate(operation)

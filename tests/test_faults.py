@@ -1,0 +1,77 @@
+"""Faults around the server: its database going away and coming back."""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from pydicom.dataset import Dataset
+
+from minipacs.index import schema
+from tests import find_data
+from tests.dicom_tools import echoscu
+from tests.pgserver import PostgresServer, start_postgres
+from tests.servers import start_minipacs
+from tests.test_find import find, query
+from tests.test_store import instance_files
+
+
+@pytest.fixture
+def own_postgres() -> Iterator[PostgresServer]:
+    """A PostgreSQL server of this test's own, free to stop and start."""
+    server = start_postgres()
+    yield server
+    server.stop()
+
+
+def _instances(count: int) -> list[Dataset]:
+    template = find_data.archive_datasets()[0]
+    made = []
+    for index in range(count):
+        ds = copy.deepcopy(template)
+        ds.SOPInstanceUID = f"{find_data.ROOT}.77.{index + 1}"
+        made.append(ds)
+    return made
+
+
+def test_database_outage_fails_stores_and_queries_then_recovers(
+    own_postgres: PostgresServer, tmp_path: Path
+) -> None:
+    url = own_postgres.create_database()
+    schema.upgrade(url)
+    server = start_minipacs(
+        tmp_path, {"MINIPACS_DATABASE_URL": url, "MINIPACS_STORAGE_MIN_FREE_BYTES": "0"}
+    )
+    first, second = _instances(2)
+    try:
+        assert asyncio.run(find_data.store_all(server.port, [first], timeout=60)) == [0]
+        own_postgres.halt()
+        # Stores fail with a failure status, never Success, and leave no file behind.
+        statuses = asyncio.run(find_data.store_all(server.port, [second], timeout=60))
+        assert statuses == [0xA700], f"0x{statuses[0]:04X}"
+        assert len(instance_files(tmp_path / "store")) == 1
+        _, _, final = find(server.port, query("STUDY", StudyInstanceUID=""))
+        assert final.Status == 0xC001
+        assert echoscu(server.port) == 0  # still serving
+        own_postgres.resume()
+        assert asyncio.run(find_data.store_all(server.port, [second], timeout=60)) == [0]
+        found, _, final = find(
+            server.port,
+            query(
+                "IMAGE",
+                StudyInstanceUID=str(first.StudyInstanceUID),
+                SeriesInstanceUID=str(first.SeriesInstanceUID),
+                SOPInstanceUID="",
+            ),
+        )
+        assert final.Status == 0
+        assert {str(ds.SOPInstanceUID) for ds in found} == {
+            str(first.SOPInstanceUID),
+            str(second.SOPInstanceUID),
+        }
+        assert len(instance_files(tmp_path / "store")) == 2
+    finally:
+        server.stop()
