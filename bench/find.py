@@ -30,7 +30,7 @@ from pydicom.uid import ExplicitVRLittleEndian
 
 from bench import catalog
 from bench.catalog import Layout
-from bench.peers import Peer, dcmtk_env, minipacs, orthanc
+from bench.peers import Peer, dcmtk_env, echo_probe, minipacs, orthanc
 from minipacs import dataset as dicom
 from minipacs.index.schema import upgrade
 from minipacs.net.client import ClientAssociation
@@ -122,43 +122,78 @@ QUERIES = (
 )
 
 
-async def measure(peer: Peer, layout: Layout, repeat: int) -> dict[str, list[float]]:
-    """Latencies (ms) of each query kind over one association; checks each match count."""
-    rng = random.Random(7)
-    association = await ClientAssociation.connect(
+COMMAND = {
+    "CommandField": C_FIND_RQ,
+    "AffectedSOPClassUID": STUDY_ROOT_FIND,
+    "Priority": PRIORITY_MEDIUM,
+    "CommandDataSetType": DATASET_PRESENT,
+}
+
+
+async def _connect(peer: Peer) -> ClientAssociation:
+    return await ClientAssociation.connect(
         "127.0.0.1",
         peer.port,
         calling_ae="BENCH",
         called_ae=peer.ae_title,
         contexts=[(STUDY_ROOT_FIND, [ExplicitVRLittleEndian])],
     )
+
+
+async def _query(
+    peer: Peer, association: ClientAssociation, kind: QueryKind, layout: Layout, rng: random.Random
+) -> float:
+    """One query of a kind, checked for its match count; its latency in ms."""
+    raw = dicom.encode(kind.build(layout, rng), ExplicitVRLittleEndian)
     context_id = association.context_for(STUDY_ROOT_FIND)
-    command = {
-        "CommandField": C_FIND_RQ,
-        "AffectedSOPClassUID": STUDY_ROOT_FIND,
-        "Priority": PRIORITY_MEDIUM,
-        "CommandDataSetType": DATASET_PRESENT,
-    }
+    started = time.perf_counter()
+    responses = [r async for r in association.request(context_id, COMMAND, raw)]
+    elapsed = (time.perf_counter() - started) * 1000
+    status = int(responses[-1].command["Status"])  # type: ignore[call-overload]
+    found = len(responses) - 1
+    if status != 0 or found != kind.matches(layout):
+        raise SystemExit(
+            f"{peer.name}: {kind.name}: status 0x{status:04X}, {found} matches, "
+            f"expected {kind.matches(layout)}"
+        )
+    return elapsed
+
+
+async def measure(peer: Peer, layout: Layout, repeat: int) -> dict[str, list[float]]:
+    """Latencies (ms) of each query kind over one association; checks each match count."""
+    rng = random.Random(7)
     results: dict[str, list[float]] = {}
-    async with association:
+    async with await _connect(peer) as association:
         for kind in QUERIES:
-            latencies = []
-            for attempt in range(repeat + 2):
-                raw = dicom.encode(kind.build(layout, rng), ExplicitVRLittleEndian)
-                started = time.perf_counter()
-                responses = [r async for r in association.request(context_id, command, raw)]
-                elapsed = (time.perf_counter() - started) * 1000
-                status = int(responses[-1].command["Status"])  # type: ignore[call-overload]
-                found = len(responses) - 1
-                if status != 0 or found != kind.matches(layout):
-                    raise SystemExit(
-                        f"{peer.name}: {kind.name}: status 0x{status:04X}, {found} matches, "
-                        f"expected {kind.matches(layout)}"
-                    )
-                if attempt >= 2:  # the first two warm caches up
-                    latencies.append(elapsed)
-            results[kind.name] = latencies
+            # The first two warm caches up.
+            latencies = [
+                await _query(peer, association, kind, layout, rng) for _ in range(repeat + 2)
+            ]
+            results[kind.name] = latencies[2:]
     return results
+
+
+async def under_load(
+    peer: Peer, layout: Layout, associations: int, seconds: float
+) -> tuple[int, list[float]]:
+    """Queries answered by `associations` clients querying back to back for `seconds`,
+    and the C-ECHO latencies (ms) of a probe on its own association meanwhile."""
+    stop = asyncio.Event()
+    probe = asyncio.create_task(echo_probe(peer, stop))
+    deadline = time.perf_counter() + seconds
+
+    async def client(seed: int) -> int:
+        rng = random.Random(seed)
+        done = 0
+        async with await _connect(peer) as association:
+            while time.perf_counter() < deadline:
+                await _query(peer, association, QUERIES[done % len(QUERIES)], layout, rng)
+                done += 1
+        return done
+
+    counts = await asyncio.gather(*(client(seed) for seed in range(associations)))
+    stop.set()
+    return sum(counts), await probe
 
 
 def send_files(peer: Peer, folders: list[Path]) -> float:
@@ -236,6 +271,9 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=40, help="queries of each kind")
     parser.add_argument("--backends", default="sqlite", help="sqlite,postgresql")
     parser.add_argument("--no-orthanc", action="store_true", help="skip Orthanc")
+    parser.add_argument(
+        "--load", type=int, default=8, help="associations querying at once for the probe (0: skip)"
+    )
     args = parser.parse_args()
     small, large = Layout.of_size(args.small), Layout.of_size(args.large)
     backends = args.backends.split(",")
@@ -245,6 +283,7 @@ def main() -> None:
 
         postgres = start_postgres()
     rows: list[tuple[str, str, tuple[float, float]]] = []
+    loads: list[tuple[str, int, list[float]]] = []
 
     def record(server: str, results: dict[str, list[float]]) -> None:
         for query, latencies in results.items():
@@ -271,6 +310,8 @@ def main() -> None:
                     seconds = send_files(peer, folders)
                     print(f"{name}: stored in {seconds:.0f} s", file=sys.stderr)
                     record(f"{name} small", asyncio.run(measure(peer, small, args.repeat)))
+                    if args.load:
+                        loads.append((name, *asyncio.run(under_load(peer, small, args.load, 10))))
                 if not args.large:
                     continue
                 workdir = root / f"{backend}-large"
@@ -288,6 +329,13 @@ def main() -> None:
         if postgres is not None:
             postgres.stop()
     _print(rows, (small.total, large.total))
+    for name, queries, echoes in loads:
+        median, p95 = _summary(echoes)
+        print(
+            f"\n{name}: {args.load} associations querying for 10 s: {queries / 10:.0f} "
+            f"queries/s; C-ECHO probe meanwhile {median:.2f} ms median, {p95:.2f} ms p95, "
+            f"{max(echoes):.2f} ms max ({len(echoes)} echoes)"
+        )
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
@@ -18,6 +19,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import psutil
+
+from minipacs.net.client import ClientAssociation
 
 if TYPE_CHECKING:
     from tests.pgserver import PostgresServer
@@ -58,6 +61,35 @@ class Peer:
             with contextlib.suppress(psutil.Error):
                 total += child.memory_info().rss
         return total / (1024 * 1024)
+
+
+VERIFICATION_CONTEXT = ("1.2.840.10008.1.1", ["1.2.840.10008.1.2"])
+PROBE_INTERVAL = 0.020
+
+
+async def echo_probe(peer: Peer, stop: asyncio.Event) -> list[float]:
+    """C-ECHO every 20 ms on its own association until `stop`; return latencies in ms."""
+    association = await ClientAssociation.connect(
+        "127.0.0.1",
+        peer.port,
+        calling_ae="PROBE",
+        called_ae=peer.ae_title,
+        contexts=[VERIFICATION_CONTEXT],
+    )
+    latencies: list[float] = []
+    loop = asyncio.get_running_loop()
+    tick = loop.time()
+    while not stop.is_set():
+        started = time.perf_counter()
+        status = await association.echo()
+        latencies.append((time.perf_counter() - started) * 1000)
+        if status != 0:
+            raise SystemExit(f"probe C-ECHO status {status:#06x}")
+        tick += PROBE_INTERVAL
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), max(0.0, tick - loop.time()))
+    await association.release()
+    return latencies
 
 
 def dcmtk_env() -> dict[str, str]:

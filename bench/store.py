@@ -24,12 +24,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bench import datasets
-from bench.peers import Peer, dcmtk_env, minipacs, minipacs_pg, orthanc, storescp
-from minipacs.net.client import ClientAssociation
+from bench.peers import Peer, dcmtk_env, echo_probe, minipacs, minipacs_pg, orthanc, storescp
 
 SERVERS = ["minipacs", "minipacs-pg", "dcmtk", "orthanc"]
-VERIFICATION_CONTEXT = ("1.2.840.10008.1.1", ["1.2.840.10008.1.2"])
-PROBE_INTERVAL = 0.020
 CLIENT_TIMEOUT = 1800.0
 
 
@@ -123,39 +120,14 @@ def store(peer: Peer, scenario: Scenario) -> float:
     return elapsed
 
 
-async def _probe(peer: Peer, stop: asyncio.Event) -> list[float]:
-    """C-ECHO every 20 ms on its own association until `stop`; return latencies in ms."""
-    association = await ClientAssociation.connect(
-        "127.0.0.1",
-        peer.port,
-        calling_ae="PROBE",
-        called_ae=peer.ae_title,
-        contexts=[VERIFICATION_CONTEXT],
-    )
-    latencies: list[float] = []
-    loop = asyncio.get_running_loop()
-    tick = loop.time()
-    while not stop.is_set():
-        started = time.perf_counter()
-        status = await association.echo()
-        latencies.append((time.perf_counter() - started) * 1000)
-        if status != 0:
-            raise SystemExit(f"probe C-ECHO status {status:#06x}")
-        tick += PROBE_INTERVAL
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(stop.wait(), max(0.0, tick - loop.time()))
-    await association.release()
-    return latencies
-
-
 async def _probed_store(peer: Peer, scenario: Scenario, idle: float) -> tuple[list[float], ...]:
     stop = asyncio.Event()
-    probe = asyncio.create_task(_probe(peer, stop))
+    probe = asyncio.create_task(echo_probe(peer, stop))
     await asyncio.sleep(idle)
     stop.set()
     idle_latencies = await probe
     stop = asyncio.Event()
-    probe = asyncio.create_task(_probe(peer, stop))
+    probe = asyncio.create_task(echo_probe(peer, stop))
     started = time.perf_counter()
     processes = [
         await asyncio.create_subprocess_exec(
