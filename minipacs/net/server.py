@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import socket
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -45,6 +44,8 @@ class Server:
         self.services = services
         self.policy = neg.AcceptorPolicy()
         self.sessions: set[Session] = set()
+        # Sessions whose association was accepted and has not ended: the limit's count.
+        self._established: set[Session] = set()
         self.accepted_total = 0
         self.rejected: dict[str, int] = {}
         self._server: asyncio.Server | None = None
@@ -99,9 +100,8 @@ class Server:
         if task is not None:
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
-        sock = writer.get_extra_info("socket")
-        if sock is not None:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        # No setsockopt(TCP_NODELAY) here: asyncio and uvloop both set it on every TCP
+        # transport they create (test_server_sockets_have_nodelay checks it).
         peername = writer.get_extra_info("peername") or ("?", 0)
         peer = f"{peername[0]}:{peername[1]}"
         association = Association(requestor=False, limits=self.config.limits)
@@ -122,18 +122,21 @@ class Server:
             await session.run()
         finally:
             self.sessions.discard(session)
-            log_event(
-                log,
-                "association.end",
-                level=logging.INFO if session.outcome == "released" else logging.WARNING,
-                peer=peer,
-                calling_ae=session.calling_ae,
-                called_ae=session.called_ae,
-                outcome=session.outcome,
-                error=association.error or None,
-                requests=session.requests_served,
-                duration_ms=round((time.perf_counter() - started) * 1000, 3),
-            )
+            self._established.discard(session)
+            level = logging.INFO if session.outcome == "released" else logging.WARNING
+            if log.isEnabledFor(level):
+                log_event(
+                    log,
+                    "association.end",
+                    level=level,
+                    peer=peer,
+                    calling_ae=session.calling_ae,
+                    called_ae=session.called_ae,
+                    outcome=session.outcome,
+                    error=association.error or None,
+                    requests=session.requests_served,
+                    duration_ms=round((time.perf_counter() - started) * 1000, 3),
+                )
 
     def _refuse(self, session: Session, why: str, result: tuple[int, int, int]) -> None:
         self.rejected[why] = self.rejected.get(why, 0) + 1
@@ -164,8 +167,7 @@ class Server:
             return self._refuse(session, "calling AE title", neg.REJECT_CALLING_AE)
         if self._draining:
             return self._refuse(session, "shutting down", neg.REJECT_LOCAL_LIMIT)
-        established = sum(1 for s in self.sessions if s.association.established)
-        if established >= config.max_associations:
+        if len(self._established) >= config.max_associations:
             return self._refuse(session, "association limit", neg.REJECT_LOCAL_LIMIT)
         roles = neg.role_proposals(request.user_information)
         negotiated = self.policy.negotiate(request.presentation_context_definition_list, roles)
@@ -177,6 +179,9 @@ class Server:
             neg.peer_max_pdu(request.user_information),
         )
         self.accepted_total += 1
+        self._established.add(session)
+        if not log.isEnabledFor(logging.INFO):
+            return None
         class_uid, version = neg.peer_implementation(request.user_information)
         log_event(
             log,

@@ -327,7 +327,8 @@ class Session:
                 )
         finally:
             self._operations.pop(operation.message_id, None)
-            await self._discard(operation.message)
+            if operation.message.dataset is not None:
+                await self._discard(operation.message)
             self.flush()
 
     async def _discard(self, message: DimseMessage) -> None:
