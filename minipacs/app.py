@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-import signal
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -22,6 +20,7 @@ from minipacs.net.server import Server, ServerConfig
 from minipacs.net.session import Timeouts
 from minipacs.services import build_services
 from minipacs.services.store import StoreService
+from minipacs.shutdown import StopSignals
 from minipacs.storage.filestore import FileStore
 
 log = logging.getLogger("minipacs.app")
@@ -103,10 +102,8 @@ def open_archive(settings: Settings) -> Archive:
     return Archive(store, engine, writer, executor)
 
 
-async def serve(settings: Settings, started: asyncio.Event | None = None) -> None:
-    """Run the server until SIGTERM or SIGINT, then shut down gracefully."""
-    loop = asyncio.get_running_loop()
-    archive = await loop.run_in_executor(None, open_archive, settings)
+def build_server(settings: Settings, archive: Archive) -> Server:
+    """The acceptor with every service, on an opened archive."""
     store_service = StoreService(
         archive.store,
         archive.writer,
@@ -114,27 +111,38 @@ async def serve(settings: Settings, started: asyncio.Event | None = None) -> Non
         archive.executor,
         settings.storage.duplicate_policy,
     )
-    server = Server(server_config(settings), build_services(store_service))
+    return Server(server_config(settings), build_services(store_service))
+
+
+async def serve(
+    settings: Settings, stop: StopSignals, started: asyncio.Event | None = None
+) -> None:
+    """Run the server until SIGTERM or SIGINT, then shut down gracefully."""
+    loop = asyncio.get_running_loop()
+    # Signals first: one that arrives while the archive opens must stop us, not kill us.
+    requested, hurried = stop.attach(loop)
     try:
-        await server.start()
-        stop = asyncio.Event()
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(signum, stop.set)
-        if started is not None:
-            started.set()
+        archive = await loop.run_in_executor(None, open_archive, settings)
         try:
-            await stop.wait()
-            log_event(log, "server.signal", active=len(server.sessions))
+            server = build_server(settings, archive)
+            # Asked to stop during start-up: the port is never opened.
+            if not requested.is_set():
+                await server.start()
+                if started is not None:
+                    started.set()
+            await requested.wait()
+            log_event(
+                log, "server.signal", signal=stop.received[0].name, active=len(server.sessions)
+            )
+            # A second signal cuts the grace period short (PS3.8 7.3: A-ABORT the rest).
+            await server.shutdown(settings.server.shutdown_grace, hurry=hurried)
         finally:
-            for signum in (signal.SIGTERM, signal.SIGINT):
-                with contextlib.suppress(Exception):
-                    loop.remove_signal_handler(signum)
-            await server.shutdown(settings.server.shutdown_grace)
+            await archive.close()
     finally:
-        await archive.close()
+        stop.detach()
 
 
-def run(settings: Settings) -> int:
+def run(settings: Settings, stop: StopSignals) -> int:
     """Run the server to completion on uvloop when installed; return the exit code."""
     if settings.server.use_uvloop:
         try:
@@ -142,7 +150,7 @@ def run(settings: Settings) -> int:
         except ImportError:
             uvloop = None
         if uvloop is not None:
-            uvloop.run(serve(settings))
+            uvloop.run(serve(settings, stop))
             return 0
-    asyncio.run(serve(settings))
+    asyncio.run(serve(settings, stop))
     return 0

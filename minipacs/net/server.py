@@ -77,14 +77,25 @@ class Server:
             port=self.port,
         )
 
-    async def shutdown(self, grace: float) -> None:
-        """Stop accepting, let associations finish for `grace` seconds, abort the rest."""
+    async def shutdown(self, grace: float, hurry: asyncio.Event | None = None) -> None:
+        """Stop accepting, let associations finish for `grace` seconds, abort the rest.
+
+        Setting `hurry` (a second stop signal) ends the grace period at once.
+        """
         self._draining = True
         if self._server is not None:
             self._server.close()
         log_event(log, "server.draining", active=len(self.sessions), grace_s=grace)
         if self._tasks:
-            _, pending = await asyncio.wait(set(self._tasks), timeout=grace)
+            pending = await self._drain(grace, hurry)
+            if self.sessions:
+                log_event(
+                    log,
+                    "server.aborting",
+                    level=logging.WARNING,
+                    active=len(self.sessions),
+                    reason="hurried" if hurry is not None and hurry.is_set() else "grace over",
+                )
             for session in list(self.sessions):
                 session.abort("server shutting down")
             if pending:
@@ -92,6 +103,17 @@ class Server:
         if self._server is not None:
             await self._server.wait_closed()
         log_event(log, "server.stopped", accepted_total=self.accepted_total)
+
+    async def _drain(self, grace: float, hurry: asyncio.Event | None) -> set[asyncio.Task[None]]:
+        """Wait for every session task, at most `grace` seconds or until `hurry` is set."""
+        tasks = set(self._tasks)
+        waiters = {asyncio.ensure_future(asyncio.wait(tasks))}
+        if hurry is not None:
+            waiters.add(asyncio.ensure_future(hurry.wait()))
+        await asyncio.wait(waiters, timeout=grace, return_when=asyncio.FIRST_COMPLETED)
+        for waiter in waiters:
+            waiter.cancel()
+        return {task for task in tasks if not task.done()}
 
     async def _on_connection(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
