@@ -329,7 +329,6 @@ class Session:
             self._operations.pop(operation.message_id, None)
             if operation.message.dataset is not None:
                 await self._discard(operation.message)
-            self.flush()
 
     async def _discard(self, message: DimseMessage) -> None:
         dataset = message.dataset
