@@ -98,16 +98,12 @@ def _encode_value(vr: str, value: object) -> bytes:
     return raw
 
 
-def _decode_value(vr: str, raw: bytes) -> object:
-    if vr == "AT":
-        if len(raw) % 4:
-            raise CommandError(f"AT value of length {len(raw)}")
-        return [
-            (g << 16) | e
-            for g, e in (struct.unpack_from("<HH", raw, i) for i in range(0, len(raw), 4))
-        ]
-    text = raw.decode("ascii", errors="replace")
-    return text.rstrip("\0 ") if vr == "UI" else text.strip(" ")
+def _decode_tags(raw: bytes) -> list[int]:
+    if len(raw) % 4:
+        raise CommandError(f"AT value of length {len(raw)}")
+    return [
+        (g << 16) | e for g, e in (struct.unpack_from("<HH", raw, i) for i in range(0, len(raw), 4))
+    ]
 
 
 def encode_command(command: Command) -> bytes:
@@ -151,8 +147,12 @@ def decode_command(raw: bytes | memoryview) -> Command:
                 if length != 2:
                     raise CommandError(f"US value of length {length}")
                 command[keyword] = data[offset] | data[offset + 1] << 8
+            elif vr == "AT":
+                command[keyword] = _decode_tags(data[offset : offset + length])
             else:
-                command[keyword] = _decode_value(vr, data[offset : offset + length])
+                text = data[offset : offset + length].decode("ascii", errors="replace")
+                # PS3.5 6.2: UI is padded with NUL, the text VRs with spaces.
+                command[keyword] = text.rstrip("\0 ") if vr == "UI" else text.strip(" ")
         offset += length
     if "CommandField" not in command:
         raise CommandError("command set has no Command Field (0000,0100)")

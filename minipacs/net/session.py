@@ -95,20 +95,21 @@ class Session:
     def flush(self) -> None:
         """Write whatever the protocol object has queued."""
         buffers = self.association.data_to_send()
-        if not buffers or self.writer.is_closing():
+        # The transport itself, not StreamWriter's one-line wrappers: this runs per message.
+        transport = self.writer.transport
+        if not buffers or transport.is_closing():
             return
         if len(buffers) <= 4:
             # One write of a small joined message beats writelines' per-buffer overhead.
-            self.writer.write(b"".join(buffers))
+            transport.write(b"".join(buffers))
         else:
-            self.writer.writelines(buffers)
+            transport.writelines(buffers)
 
     async def send(self, context_id: int, command: Command, dataset: bytes | None = None) -> None:
         """Send one DIMSE message and wait until the transport can take more."""
         self.association.send_message(context_id, command, dataset)
         self.flush()
-        transport = self.writer.transport
-        if transport.get_write_buffer_size() > 0:
+        if self.writer.transport.get_write_buffer_size() > 0:
             with contextlib.suppress(ConnectionError):
                 await self.writer.drain()
 
@@ -326,7 +327,8 @@ class Session:
                     PROCESSING_FAILURE, error_comment=f"processing failure: {exc}"
                 )
         finally:
-            self._operations.pop(operation.message_id, None)
+            if service.concurrent:
+                self._operations.pop(operation.message_id, None)
             if operation.message.dataset is not None:
                 await self._discard(operation.message)
 
