@@ -1,6 +1,6 @@
 """C-ECHO benchmark: round trips on one association and association set-ups per second.
 
-Run: flock /tmp/minipacs-bench.lock .venv/bin/python -m bench.echo [--rounds 3]
+Run: flock /tmp/minipacs-bench.lock .venv/bin/python -m bench.echo [--rounds 3] [--cpu N|-1]
 Every figure is measured for minipacs and DCMTK's storescp in the same run, alternating
 rounds, and reported as a median with the ratio minipacs / DCMTK (higher is better),
 beside the server's CPU time per operation (lower is better).
@@ -13,12 +13,19 @@ What each line measures:
   release), one after another. echoscu's own start-up (~15 ms) dominates the wall time,
   so this ratio stays near 1; the server CPU per association is the telling figure.
 - RTT and set-ups (asyncio SCU): the same with our requestor, in-process, no exec.
+
+Placement: by default the bench, both servers and every client run on one CPU (`--cpu`,
+the last one unless told). Unpinned (`--cpu -1`), a ping-pong on this 2-vCPU VM is
+bimodal: when the scheduler keeps client and server on one CPU a round trip is ~25 us,
+across CPUs the wake-up alone is ~200 us, and which one a run gets is luck, so medians
+of unpinned runs swing from 0.4x to 0.8x between identical runs.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import statistics
 import subprocess
 import time
@@ -160,7 +167,12 @@ def main() -> None:
     parser.add_argument("--echoes", type=int, default=5000)
     parser.add_argument("--setups", type=int, default=500)
     parser.add_argument("--echoscu-setups", type=int, default=200)
+    parser.add_argument("--cpu", type=int, default=max(os.sched_getaffinity(0)))
     args = parser.parse_args()
+    if args.cpu >= 0:
+        # Inherited by every server and client process started from here.
+        os.sched_setaffinity(0, {args.cpu})
+    print("placement:", f"all on CPU {args.cpu}" if args.cpu >= 0 else "unpinned")
     rounds = args.rounds
     measure("C-ECHO RTT, 1 assoc (echoscu)", lambda p: echoscu_rtt(p, args.echoes), rounds)
     measure(
