@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import uvloop
 
+from minipacs.net import pdu
 from minipacs.net.client import AssociationRefused, ClientAssociation
 from minipacs.net.negotiation import (
     REJECT_LOCAL_LIMIT,
@@ -84,3 +85,21 @@ def test_association_limit_counts_open_associations(loop: str, tmp_path: Path) -
         assert server.rejected == {"association limit": 1}
 
     _run(loop, main)
+
+
+def test_repeated_proposal_is_decoded_and_answered_from_cache(tmp_path: Path) -> None:
+    # A modality sends the same A-ASSOCIATE-RQ bytes every time: decoding (~250 us per
+    # context in pynetdicom), negotiation and AC encoding must happen once, not per set-up.
+    async def main() -> None:
+        server = await _server(tmp_path)
+        before = pdu._decode_associate_rq_cached.cache_info()
+        for _ in range(3):
+            association = await _connect(server)
+            await association.release()
+        after = pdu._decode_associate_rq_cached.cache_info()
+        assert after.hits - before.hits >= 2
+        assert after.misses - before.misses <= 1
+        assert len(server._ac_cache) == 1
+        await server.shutdown(1)
+
+    _run("uvloop", main)
