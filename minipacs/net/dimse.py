@@ -114,6 +114,10 @@ class MessageAssembler:
 
     def feed(self, pdvs: list[Pdv]) -> list[DimseMessage]:
         """Consume the PDVs of one P-DATA-TF; return the messages they completed."""
+        if len(pdvs) == 1:
+            # The usual P-DATA-TF: one PDV (PS3.8 9.3.5 allows several).
+            message = self._feed_one(pdvs[0])
+            return [] if message is None else [message]
         done: list[DimseMessage] = []
         for pdv in pdvs:
             message = self._feed_one(pdv)

@@ -95,9 +95,11 @@ class Session:
     def flush(self) -> None:
         """Write whatever the protocol object has queued."""
         buffers = self.association.data_to_send()
+        if not buffers:
+            return
         # The transport itself, not StreamWriter's one-line wrappers: this runs per message.
         transport = self.writer.transport
-        if not buffers or transport.is_closing():
+        if transport.is_closing():
             return
         if len(buffers) <= 4:
             # One write of a small joined message beats writelines' per-buffer overhead.
