@@ -53,14 +53,26 @@ class Peer:
     ae_title: str
     process: subprocess.Popen[bytes]
 
+    def _processes(self) -> list[psutil.Process]:
+        proc = psutil.Process(self.process.pid)
+        return [proc, *proc.children(recursive=True)]
+
     def rss_mib(self) -> float:
         """Resident memory of the server process and its children, in MiB."""
-        proc = psutil.Process(self.process.pid)
-        total = proc.memory_info().rss
-        for child in proc.children(recursive=True):
+        total = 0
+        for proc in self._processes():
             with contextlib.suppress(psutil.Error):
-                total += child.memory_info().rss
+                total += proc.memory_info().rss
         return total / (1024 * 1024)
+
+    def cpu_seconds(self) -> float:
+        """User + system CPU time used so far by the server process and its live children."""
+        total = 0.0
+        for proc in self._processes():
+            with contextlib.suppress(psutil.Error):
+                times = proc.cpu_times()
+                total += times.user + times.system
+        return total
 
 
 VERIFICATION_CONTEXT = ("1.2.840.10008.1.1", ["1.2.840.10008.1.2"])

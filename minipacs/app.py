@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-import signal
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -20,6 +18,7 @@ from minipacs.index.statistics import StatisticsKeeper
 from minipacs.index.writer import IndexWriter
 from minipacs.logs import log_event
 from minipacs.net.association import Limits
+from minipacs.net.observer import Observer
 from minipacs.net.server import Server, ServerConfig
 from minipacs.net.session import Timeouts
 from minipacs.ops.http import OpsServer
@@ -27,6 +26,7 @@ from minipacs.ops.metrics import Metrics
 from minipacs.services import build_services
 from minipacs.services.find import FindOptions, FindService
 from minipacs.services.store import StoreService
+from minipacs.shutdown import StopSignals
 from minipacs.storage.filestore import FileStore
 
 log = logging.getLogger("minipacs.app")
@@ -136,10 +136,8 @@ def _ping(engine: Engine) -> None:
         connection.execute(text("SELECT 1"))
 
 
-async def serve(settings: Settings, started: asyncio.Event | None = None) -> None:
-    """Run the server until SIGTERM or SIGINT, then shut down gracefully."""
-    loop = asyncio.get_running_loop()
-    archive = await loop.run_in_executor(None, open_archive, settings)
+def build_server(settings: Settings, archive: Archive, observer: Observer | None = None) -> Server:
+    """The acceptor with every service, on an opened archive."""
     store_service = StoreService(
         archive.store,
         archive.writer,
@@ -157,36 +155,51 @@ async def serve(settings: Settings, started: asyncio.Event | None = None) -> Non
             max_results=settings.query.max_results,
         ),
     )
-    metrics = Metrics(archive.engine, settings.store_dir)
     services = build_services(store_service, find_service)
-    server = Server(server_config(settings), services, metrics)
-    statistics = StatisticsKeeper(archive.engine, archive.query_executor)
-    ops = OpsServer(metrics, archive.query_executor, lambda: _not_ready(server, archive))
+    return Server(server_config(settings), services, observer)
+
+
+async def serve(
+    settings: Settings, stop: StopSignals, started: asyncio.Event | None = None
+) -> None:
+    """Run the server until SIGTERM or SIGINT, then shut down gracefully."""
+    loop = asyncio.get_running_loop()
+    # Signals first: one that arrives while the archive opens must stop us, not kill us.
+    requested, hurried = stop.attach(loop)
     try:
-        statistics.start()
-        await server.start()
-        if settings.metrics.port:
-            await ops.start(settings.metrics.host, settings.metrics.port)
-        stop = asyncio.Event()
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(signum, stop.set)
-        if started is not None:
-            started.set()
+        archive = await loop.run_in_executor(None, open_archive, settings)
+        metrics = Metrics(archive.engine, settings.store_dir)
+        statistics = StatisticsKeeper(archive.engine, archive.query_executor)
+        ops: OpsServer | None = None
         try:
-            await stop.wait()
-            log_event(log, "server.signal", active=len(server.sessions))
+            server = build_server(settings, archive, metrics)
+            # Asked to stop during start-up: the port is never opened.
+            if not requested.is_set():
+                statistics.start()
+                await server.start()
+                if settings.metrics.port:
+                    ops = OpsServer(
+                        metrics, archive.query_executor, lambda: _not_ready(server, archive)
+                    )
+                    await ops.start(settings.metrics.host, settings.metrics.port)
+                if started is not None:
+                    started.set()
+            await requested.wait()
+            log_event(
+                log, "server.signal", signal=stop.received[0].name, active=len(server.sessions)
+            )
+            # A second signal cuts the grace period short (PS3.8 7.3: A-ABORT the rest).
+            await server.shutdown(settings.server.shutdown_grace, hurry=hurried)
         finally:
-            for signum in (signal.SIGTERM, signal.SIGINT):
-                with contextlib.suppress(Exception):
-                    loop.remove_signal_handler(signum)
-            await server.shutdown(settings.server.shutdown_grace)
+            if ops is not None:
+                await ops.stop()
+            await statistics.stop()
+            await archive.close()
     finally:
-        await ops.stop()
-        await statistics.stop()
-        await archive.close()
+        stop.detach()
 
 
-def run(settings: Settings) -> int:
+def run(settings: Settings, stop: StopSignals) -> int:
     """Run the server to completion on uvloop when installed; return the exit code."""
     if settings.server.use_uvloop:
         try:
@@ -194,7 +207,7 @@ def run(settings: Settings) -> int:
         except ImportError:
             uvloop = None
         if uvloop is not None:
-            uvloop.run(serve(settings))
+            uvloop.run(serve(settings, stop))
             return 0
-    asyncio.run(serve(settings))
+    asyncio.run(serve(settings, stop))
     return 0

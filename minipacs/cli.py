@@ -29,6 +29,7 @@ from minipacs.index.stats import counts
 from minipacs.logs import configure_logging
 from minipacs.net.client import AssociationLost, AssociationRefused
 from minipacs.ops import smoke
+from minipacs.shutdown import stop_signals
 from minipacs.storage.filestore import FileStore
 
 DEFAULT_CONFIG = Path("config/minipacs.toml")
@@ -67,10 +68,12 @@ def _settings_and_logging(args: argparse.Namespace) -> Settings:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    # Usually done already by minipacs.__main__, before this module's slow imports.
+    stop_signals.install()
     settings = _settings_and_logging(args)
     from minipacs.app import run
 
-    return run(settings)
+    return run(settings, stop_signals)
 
 
 def _print_revisions(url: str) -> bool:

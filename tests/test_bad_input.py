@@ -13,6 +13,7 @@ from pynetdicom.pdu_primitives import A_ASSOCIATE
 
 from minipacs.net import negotiation as neg
 from minipacs.net import pdu
+from minipacs.net.commands import C_STORE_RQ, DATASET_PRESENT, PRIORITY_MEDIUM, encode_command
 from tests.dicom_tools import echoscu
 from tests.servers import MinipacsProcess, start_minipacs
 
@@ -22,7 +23,11 @@ def strict_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Minipacs
     """A server with short timers so that silent peers are dropped quickly."""
     process = start_minipacs(
         tmp_path_factory.mktemp("strict"),
-        {"MINIPACS_SERVER_ARTIM_TIMEOUT": "1", "MINIPACS_SERVER_IDLE_TIMEOUT": "2"},
+        {
+            "MINIPACS_SERVER_ARTIM_TIMEOUT": "1",
+            "MINIPACS_SERVER_IDLE_TIMEOUT": "2",
+            "MINIPACS_SERVER_SPOOL_THRESHOLD": "65536",
+        },
     )
     yield process
     process.stop()
@@ -111,6 +116,17 @@ def test_truncated_pdu_then_close(strict_server: MinipacsProcess) -> None:
     _served_after(strict_server)
 
 
+def test_truncated_pdu_then_silence_is_dropped_by_artim(strict_server: MinipacsProcess) -> None:
+    with _connect(strict_server.port) as sock:
+        sock.sendall(_associate_rq(ECHO)[:40])
+        _served_after(strict_server)
+        started = time.monotonic()
+        # PS3.8 9.1.1: no whole A-ASSOCIATE-RQ before ARTIM expires, so the transport closes.
+        assert _read_pdu(sock) == b""
+        assert time.monotonic() - started < 8
+    _served_after(strict_server)
+
+
 def test_no_acceptable_context_is_rejected(strict_server: MinipacsProcess) -> None:
     with _connect(strict_server.port) as sock:
         sock.sendall(_associate_rq([("1.2.3.4.5.6.7", ("1.2.840.10008.1.2",))]))
@@ -148,6 +164,41 @@ def test_client_vanishing_mid_message(strict_server: MinipacsProcess) -> None:
         assert _read_pdu(sock)[:1] == b"\x02"
         command = pdu.pdata_header(1, True, False, 20) + b"\x00" * 20
         sock.sendall(command + b"\x04\x00\x00\x01\x00\x00")
+    _served_after(strict_server)
+
+
+def test_client_vanishing_mid_dataset_leaves_no_spool_file(
+    strict_server: MinipacsProcess,
+) -> None:
+    ct = "1.2.840.10008.5.1.4.1.1.2"
+    spool = strict_server.workdir / "store" / ".spool"
+    with _connect(strict_server.port) as sock:
+        sock.sendall(_associate_rq([(ct, ("1.2.840.10008.1.2",))]))
+        assert _read_pdu(sock)[:1] == b"\x02"
+        command = encode_command(
+            {
+                "CommandField": C_STORE_RQ,
+                "MessageID": 1,
+                "AffectedSOPClassUID": ct,
+                "AffectedSOPInstanceUID": "1.2.3.4.5.6.7.8",
+                "Priority": PRIORITY_MEDIUM,
+                "CommandDataSetType": DATASET_PRESENT,
+            }
+        )
+        sock.sendall(pdu.pdata_header(1, True, True, len(command)) + command)
+        chunk = b"\x00" * 16384
+        # Past the 64 KiB spool threshold, the data set in progress is on disk...
+        for _ in range(8):
+            sock.sendall(pdu.pdata_header(1, False, False, len(chunk)) + chunk)
+        deadline = time.monotonic() + 10
+        while not list(spool.glob("*")):
+            assert time.monotonic() < deadline, "the data set was never spooled"
+            time.sleep(0.02)
+    # ...and the peer vanished before its last fragment: the spool file must go too.
+    deadline = time.monotonic() + 10
+    while list(spool.glob("*")):
+        assert time.monotonic() < deadline, f"spool file left behind: {list(spool.glob('*'))}"
+        time.sleep(0.02)
     _served_after(strict_server)
 
 

@@ -4,14 +4,19 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
+
+import pytest
 
 from minipacs.net.client import ClientAssociation
 from minipacs.net.negotiation import UNCOMPRESSED_TRANSFER_SYNTAXES, VERIFICATION
 from tests.dicom_tools import echoscu
-from tests.servers import MinipacsProcess, start_minipacs
+from tests.servers import MinipacsProcess, free_port, start_minipacs
 
 CONTEXTS = [(VERIFICATION, UNCOMPRESSED_TRANSFER_SYNTAXES)]
 
@@ -55,6 +60,92 @@ def test_sigterm_aborts_associations_after_grace(tmp_path: Path) -> None:
     assert "aborted" in outcome
     assert server.process.wait(15) == 0
     assert time.monotonic() - started < 10
+
+
+def _catches(pid: int, signum: int) -> bool:
+    """Whether the process has a handler for the signal (SigCgt of /proc/PID/status)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("SigCgt:"):
+            return bool(int(line.split()[1], 16) >> (signum - 1) & 1)
+    return False
+
+
+@pytest.mark.parametrize("uvloop", ["true", "false"], ids=["uvloop", "asyncio"])
+def test_sigterm_during_startup_stops_gracefully(tmp_path: Path, uvloop: str) -> None:
+    # Regression: handlers were installed only once listening, so a SIGTERM during
+    # start-up (imports, opening the archive) killed the process - or, as PID 1 in a
+    # container, was dropped by the kernel and the server kept running.
+    env = {
+        **os.environ,
+        "MINIPACS_SERVER_HOST": "127.0.0.1",
+        "MINIPACS_SERVER_PORT": str(free_port()),
+        "MINIPACS_STORAGE_PATH": str(tmp_path / "store"),
+        "MINIPACS_DATABASE_URL": f"sqlite:///{tmp_path / 'index.sqlite'}",
+        "MINIPACS_LOG_FORMAT": "json",
+        "MINIPACS_SERVER_USE_UVLOOP": uvloop,
+    }
+    log_path = tmp_path / "server.log"
+    with open(log_path, "wb") as log_file:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "minipacs", "serve"],
+            cwd=tmp_path,
+            env=env,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        deadline = time.monotonic() + 20
+        while not _catches(process.pid, signal.SIGTERM):
+            assert process.poll() is None and time.monotonic() < deadline
+            time.sleep(0.002)
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(20) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(5)
+    events = [json.loads(line)["event"] for line in log_path.read_text().splitlines()]
+    # Caught as soon as the process could catch anything: long before the port opened.
+    assert "server.listening" not in events
+    assert "server.signal" in events and events[-1] == "server.stopped"
+
+
+@pytest.mark.parametrize(
+    ("second", "uvloop"),
+    [(signal.SIGTERM, "true"), (signal.SIGINT, "true"), (signal.SIGINT, "false")],
+    ids=["SIGTERM-uvloop", "SIGINT-uvloop", "SIGINT-asyncio"],
+)
+def test_second_signal_during_grace_aborts_at_once(
+    tmp_path: Path, second: signal.Signals, uvloop: str
+) -> None:
+    # Regression: the handlers were removed before the grace period, so a second signal
+    # killed the process (SIGTERM: -15) or raised KeyboardInterrupt in the loop (130),
+    # with the index writer not closed and `server.stopped` never logged.
+    server = start_minipacs(
+        tmp_path,
+        {"MINIPACS_SERVER_SHUTDOWN_GRACE": "60", "MINIPACS_SERVER_USE_UVLOOP": uvloop},
+    )
+
+    async def run() -> tuple[str, float]:
+        association = await ClientAssociation.connect(
+            "127.0.0.1", server.port, calling_ae="STAYS", called_ae="MINIPACS", contexts=CONTEXTS
+        )
+        server.process.send_signal(signal.SIGTERM)
+        while '"server.draining"' not in server.log_text():
+            await asyncio.sleep(0.02)
+        started = time.monotonic()
+        server.process.send_signal(second)
+        await association.session.ended.wait()
+        return association.session.outcome, time.monotonic() - started
+
+    outcome, took = asyncio.run(asyncio.wait_for(run(), 30))
+    assert "aborted" in outcome
+    assert took < 10, "the second signal did not cut the 60 s grace period short"
+    assert server.process.wait(15) == 0
+    events = _events(server)
+    aborting = [e for e in events if e["event"] == "server.aborting"]
+    assert aborting and aborting[0]["reason"] == "hurried"
+    assert events[-1]["event"] == "server.stopped"
 
 
 def test_one_log_event_per_association_and_operation(server: MinipacsProcess) -> None:

@@ -235,7 +235,12 @@ class Association:
 
     def _on_pdu(self, pdu_type: int, raw: bytes) -> list[AssociationEvent]:
         event = _PDU_EVENTS[pdu_type]
-        state = self.state
+        state = self.machine.state
+        # P-DATA-TF first: it is all but a handful of the PDUs of an association.
+        if event is Event.EVT10 and (state == State.STA6 or state == State.STA7):
+            messages = self.assembler.feed(pdu.parse_pdata(raw))
+            self._fire(event)
+            return [MessageReceived(m) for m in messages]
         if event is Event.EVT6 and state == State.STA2:
             request = pdu.decode_associate_rq(raw)
             self._fire(event)
@@ -244,10 +249,6 @@ class Association:
             response = pdu.decode_associate_ac(raw)
             self._fire(event)
             return [AssociateAccepted(response)]
-        if event is Event.EVT10 and state in (State.STA6, State.STA7):
-            messages = self.assembler.feed(pdu.parse_pdata(raw))
-            self._fire(event)
-            return [MessageReceived(m) for m in messages]
         action = self._fire(event, reason=pdu.ABORT_REASON_UNEXPECTED_PDU)
         if action is Action.AE_4:
             return [AssociateRejected(*pdu.decode_fixed(raw))]
@@ -328,6 +329,9 @@ class Association:
         self, context_id: int, data: bytes | memoryview, command: bool
     ) -> list[bytes | memoryview]:
         size = fragment_size(self.peer_max_pdu, MAX_SEND_PDU)
+        if len(data) <= size and not len(data) % 2:
+            # One PDV, no padding: every command set and most small data sets.
+            return [pdu.pdata_header(context_id, command, True, len(data)), data]
         return list(encode_fragments(context_id, data, command, size))
 
     def abort(self) -> None:

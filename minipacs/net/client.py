@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import socket
 from collections.abc import AsyncIterator, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
@@ -84,9 +83,7 @@ class ClientAssociation:
                 reader, writer = await asyncio.open_connection(host, port, limit=2 * 1024 * 1024)
         except (OSError, TimeoutError) as exc:
             raise AssociationRefused(f"cannot connect to {host}:{port}: {exc}") from exc
-        sock = writer.get_extra_info("socket")
-        if sock is not None:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        # asyncio and uvloop set TCP_NODELAY on TCP transports themselves (tests/test_server.py).
         session = Session(
             association,
             reader,

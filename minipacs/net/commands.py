@@ -71,10 +71,14 @@ _ELEMENTS: Final = (
 )
 _BY_KEYWORD: Final = {keyword: (element, vr) for element, vr, keyword in _ELEMENTS}
 _BY_ELEMENT: Final = {element: (keyword, vr) for element, vr, keyword in _ELEMENTS}
+# PS3.7 9.3: elements go in ascending tag order; this is the sort key of a keyword.
+_ORDER: Final = {keyword: element for element, _, keyword in _ELEMENTS}
 
 _ELEMENT_HEADER = struct.Struct("<HHL")
-_US = struct.Struct("<H")
-_UL = struct.Struct("<L")
+# Group Length (0000,0000) UL: header and value packed at once.
+_GROUP_LENGTH = struct.Struct("<HHLL")
+# A whole US element (header and its 2-byte value): most of a command set, packed at once.
+_US_ELEMENT = struct.Struct("<HHLH")
 
 Command = dict[str, object]
 
@@ -84,8 +88,6 @@ class CommandError(Exception):
 
 
 def _encode_value(vr: str, value: object) -> bytes:
-    if vr == "US":
-        return _US.pack(int(value))  # type: ignore[call-overload]
     if vr == "AT":
         tags = value if isinstance(value, list | tuple) else [value]
         return b"".join(struct.pack("<HH", int(t) >> 16, int(t) & 0xFFFF) for t in tags)
@@ -96,35 +98,30 @@ def _encode_value(vr: str, value: object) -> bytes:
     return raw
 
 
-def _decode_value(vr: str, raw: bytes) -> object:
-    if vr == "US":
-        if len(raw) != 2:
-            raise CommandError(f"US value of length {len(raw)}")
-        return _US.unpack(raw)[0]
-    if vr == "AT":
-        if len(raw) % 4:
-            raise CommandError(f"AT value of length {len(raw)}")
-        return [
-            (g << 16) | e
-            for g, e in (struct.unpack_from("<HH", raw, i) for i in range(0, len(raw), 4))
-        ]
-    text = raw.decode("ascii", errors="replace")
-    return text.rstrip("\0 ") if vr == "UI" else text.strip(" ")
+def _decode_tags(raw: bytes) -> list[int]:
+    if len(raw) % 4:
+        raise CommandError(f"AT value of length {len(raw)}")
+    return [
+        (g << 16) | e for g, e in (struct.unpack_from("<HH", raw, i) for i in range(0, len(raw), 4))
+    ]
 
 
 def encode_command(command: Command) -> bytes:
     """Encode a command set (keyword -> value), with its group length, in element order."""
     parts: list[bytes] = []
-    for keyword in sorted(command, key=lambda k: _BY_KEYWORD[k][0]):
+    for keyword in sorted(command, key=_ORDER.__getitem__):
         value = command[keyword]
         if value is None:
             continue
         element, vr = _BY_KEYWORD[keyword]
+        if vr == "US":
+            parts.append(_US_ELEMENT.pack(0x0000, element, 2, value))  # type: ignore[arg-type]
+            continue
         raw = _encode_value(vr, value)
         parts.append(_ELEMENT_HEADER.pack(0x0000, element, len(raw)))
         parts.append(raw)
     body = b"".join(parts)
-    return _ELEMENT_HEADER.pack(0x0000, 0x0000, 4) + _UL.pack(len(body)) + body
+    return _GROUP_LENGTH.pack(0x0000, 0x0000, 4, len(body)) + body
 
 
 def decode_command(raw: bytes | memoryview) -> Command:
@@ -133,23 +130,30 @@ def decode_command(raw: bytes | memoryview) -> Command:
     command: Command = {}
     offset = 0
     end = len(data)
+    unpack_header = _ELEMENT_HEADER.unpack_from
     while offset < end:
         if end - offset < 8:
             raise CommandError("command element header truncated")
-        group, element, length = _ELEMENT_HEADER.unpack_from(data, offset)
+        group, element, length = unpack_header(data, offset)
         offset += 8
         if group != 0x0000:
             raise CommandError(f"element ({group:04X},{element:04X}) outside group 0000")
         if length > end - offset:
             raise CommandError(f"element (0000,{element:04X}) overruns the command set")
-        value = data[offset : offset + length]
-        offset += length
-        if element == 0x0000:
-            continue
         known = _BY_ELEMENT.get(element)
         if known is not None:
             keyword, vr = known
-            command[keyword] = _decode_value(vr, value)
+            if vr == "US":
+                if length != 2:
+                    raise CommandError(f"US value of length {length}")
+                command[keyword] = data[offset] | data[offset + 1] << 8
+            elif vr == "AT":
+                command[keyword] = _decode_tags(data[offset : offset + length])
+            else:
+                text = data[offset : offset + length].decode("ascii", errors="replace")
+                # PS3.5 6.2: UI is padded with NUL, the text VRs with spaces.
+                command[keyword] = text.rstrip("\0 ") if vr == "UI" else text.strip(" ")
+        offset += length
     if "CommandField" not in command:
         raise CommandError("command set has no Command Field (0000,0100)")
     return command

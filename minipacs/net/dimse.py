@@ -114,6 +114,10 @@ class MessageAssembler:
 
     def feed(self, pdvs: list[Pdv]) -> list[DimseMessage]:
         """Consume the PDVs of one P-DATA-TF; return the messages they completed."""
+        if len(pdvs) == 1:
+            # The usual P-DATA-TF: one PDV (PS3.8 9.3.5 allows several).
+            message = self._feed_one(pdvs[0])
+            return [] if message is None else [message]
         done: list[DimseMessage] = []
         for pdv in pdvs:
             message = self._feed_one(pdv)
@@ -128,6 +132,9 @@ class MessageAssembler:
         if partial is None:
             if not pdv.is_command:
                 raise PduError("data set fragment with no command before it")
+            if pdv.is_last:
+                # The usual case, a whole command set in one PDV: no reassembly needed.
+                return self._command_complete(pdv.context_id, pdv.data)
             partial = self._partial = _Partial(pdv.context_id)
         elif partial.context_id != pdv.context_id:
             raise PduError(
@@ -139,15 +146,7 @@ class MessageAssembler:
             partial.command_chunks.append(bytes(pdv.data))
             if not pdv.is_last:
                 return None
-            try:
-                partial.command = decode_command(b"".join(partial.command_chunks))
-            except CommandError as exc:
-                raise PduError(f"bad command set: {exc}") from exc
-            if has_dataset(partial.command):
-                partial.dataset = DataSet()
-                return None
-            self._partial = None
-            return DimseMessage(partial.context_id, partial.command)
+            return self._command_complete(partial.context_id, b"".join(partial.command_chunks))
         if partial.dataset is None:
             raise PduError("data set fragment for a command that announced none")
         partial.dataset.append(pdv.data)
@@ -156,6 +155,18 @@ class MessageAssembler:
         self._partial = None
         assert partial.command is not None
         return DimseMessage(partial.context_id, partial.command, partial.dataset)
+
+    def _command_complete(self, context_id: int, raw: bytes | memoryview) -> DimseMessage | None:
+        try:
+            command = decode_command(raw)
+        except CommandError as exc:
+            raise PduError(f"bad command set: {exc}") from exc
+        if has_dataset(command):
+            # PS3.7 9.1: the data set follows in its own fragments on the same context.
+            self._partial = _Partial(context_id, command=command, dataset=DataSet())
+            return None
+        self._partial = None
+        return DimseMessage(context_id, command)
 
 
 def fragment_size(peer_max_pdu: int, own_cap: int) -> int:

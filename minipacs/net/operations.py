@@ -54,7 +54,7 @@ class Service:
     concurrent: bool = False
 
 
-@dataclass
+@dataclass(slots=True)
 class Operation:
     """One DIMSE request being served, with the means to answer it."""
 
@@ -93,7 +93,8 @@ class Operation:
         **fields: object,
     ) -> None:
         """Send a response to this request; a non-Pending status ends the operation."""
-        request = self.command
+        message = self.message
+        request = message.command
         field_value = int(request["CommandField"]) | 0x8000  # type: ignore[call-overload]
         response: Command = {
             "CommandField": field_value,
@@ -110,7 +111,9 @@ class Operation:
             # PS3.7 C.4: Error Comment is LO, at most 64 characters.
             response["ErrorComment"] = error_comment[:64]
         response.update(fields)
-        await self.session.send(self.message.context_id, response, dataset)
+        # Not `await session.send`: a response that went straight out needs no coroutine.
+        if self.session.write_message(message.context_id, response, dataset):
+            await self.session.drain()
         if not is_pending(status):
             self.finished = True
             self._log(status, error_comment)

@@ -103,8 +103,13 @@ class PduReader:
         end = 6 + length
         if len(buffer) < end:
             return None
-        pdu = bytes(buffer[:end])
-        del buffer[:end]
+        if end == len(buffer):
+            # The usual case, one read = one PDU: one copy instead of a slice and a copy.
+            pdu = bytes(buffer)
+            buffer.clear()
+        else:
+            pdu = bytes(buffer[:end])
+            del buffer[:end]
         return pdu_type, pdu
 
     def _check_header(self, pdu_type: int, length: int) -> None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import socket
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -52,6 +51,8 @@ class Server:
         self.observer = observer or Observer()
         self.policy = neg.AcceptorPolicy()
         self.sessions: set[Session] = set()
+        # Sessions whose association was accepted and has not ended: the limit's count.
+        self._established: set[Session] = set()
         self.accepted_total = 0
         self.rejected: dict[str, int] = {}
         self._server: asyncio.Server | None = None
@@ -88,14 +89,25 @@ class Server:
             port=self.port,
         )
 
-    async def shutdown(self, grace: float) -> None:
-        """Stop accepting, let associations finish for `grace` seconds, abort the rest."""
+    async def shutdown(self, grace: float, hurry: asyncio.Event | None = None) -> None:
+        """Stop accepting, let associations finish for `grace` seconds, abort the rest.
+
+        Setting `hurry` (a second stop signal) ends the grace period at once.
+        """
         self._draining = True
         if self._server is not None:
             self._server.close()
         log_event(log, "server.draining", active=len(self.sessions), grace_s=grace)
         if self._tasks:
-            _, pending = await asyncio.wait(set(self._tasks), timeout=grace)
+            pending = await self._drain(grace, hurry)
+            if self.sessions:
+                log_event(
+                    log,
+                    "server.aborting",
+                    level=logging.WARNING,
+                    active=len(self.sessions),
+                    reason="hurried" if hurry is not None and hurry.is_set() else "grace over",
+                )
             for session in list(self.sessions):
                 session.abort("server shutting down")
             if pending:
@@ -104,6 +116,17 @@ class Server:
             await self._server.wait_closed()
         log_event(log, "server.stopped", accepted_total=self.accepted_total)
 
+    async def _drain(self, grace: float, hurry: asyncio.Event | None) -> set[asyncio.Task[None]]:
+        """Wait for every session task, at most `grace` seconds or until `hurry` is set."""
+        tasks = set(self._tasks)
+        waiters = {asyncio.ensure_future(asyncio.wait(tasks))}
+        if hurry is not None:
+            waiters.add(asyncio.ensure_future(hurry.wait()))
+        await asyncio.wait(waiters, timeout=grace, return_when=asyncio.FIRST_COMPLETED)
+        for waiter in waiters:
+            waiter.cancel()
+        return {task for task in tasks if not task.done()}
+
     async def _on_connection(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
     ) -> None:
@@ -111,9 +134,8 @@ class Server:
         if task is not None:
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
-        sock = writer.get_extra_info("socket")
-        if sock is not None:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        # No setsockopt(TCP_NODELAY) here: asyncio and uvloop both set it on every TCP
+        # transport they create (test_server_sockets_have_nodelay checks it).
         peername = writer.get_extra_info("peername") or ("?", 0)
         peer = f"{peername[0]}:{peername[1]}"
         association = Association(requestor=False, limits=self.config.limits)
@@ -135,20 +157,23 @@ class Server:
             await session.run()
         finally:
             self.sessions.discard(session)
-            if session.accepted:
+            if session in self._established:
+                self._established.discard(session)
                 self.observer.association_ended(session.bytes_received, session.bytes_sent)
-            log_event(
-                log,
-                "association.end",
-                level=logging.INFO if session.outcome == "released" else logging.WARNING,
-                peer=peer,
-                calling_ae=session.calling_ae,
-                called_ae=session.called_ae,
-                outcome=session.outcome,
-                error=association.error or None,
-                requests=session.requests_served,
-                duration_ms=round((time.perf_counter() - started) * 1000, 3),
-            )
+            level = logging.INFO if session.outcome == "released" else logging.WARNING
+            if log.isEnabledFor(level):
+                log_event(
+                    log,
+                    "association.end",
+                    level=level,
+                    peer=peer,
+                    calling_ae=session.calling_ae,
+                    called_ae=session.called_ae,
+                    outcome=session.outcome,
+                    error=association.error or None,
+                    requests=session.requests_served,
+                    duration_ms=round((time.perf_counter() - started) * 1000, 3),
+                )
 
     def _refuse(self, session: Session, why: str, result: tuple[int, int, int]) -> None:
         self.rejected[why] = self.rejected.get(why, 0) + 1
@@ -180,8 +205,7 @@ class Server:
             return self._refuse(session, "calling AE title", neg.REJECT_CALLING_AE)
         if self._draining:
             return self._refuse(session, "shutting down", neg.REJECT_LOCAL_LIMIT)
-        established = sum(1 for s in self.sessions if s.association.established)
-        if established >= config.max_associations:
+        if len(self._established) >= config.max_associations:
             return self._refuse(session, "association limit", neg.REJECT_LOCAL_LIMIT)
         roles = neg.role_proposals(request.user_information)
         negotiated = self.policy.negotiate(request.presentation_context_definition_list, roles)
@@ -193,8 +217,10 @@ class Server:
             neg.peer_max_pdu(request.user_information),
         )
         self.accepted_total += 1
-        session.accepted = True
+        self._established.add(session)
         self.observer.association_accepted()
+        if not log.isEnabledFor(logging.INFO):
+            return None
         class_uid, version = neg.peer_implementation(request.user_information)
         log_event(
             log,

@@ -75,8 +75,6 @@ class Session:
         self.peer = peer
         self.on_associate = on_associate
         self.observer = observer or Observer()
-        # Set by the acceptor once the association is established (A-ASSOCIATE-AC sent).
-        self.accepted = False
         self.bytes_received = 0
         self.bytes_sent = 0
         self.calling_ae = ""
@@ -102,23 +100,34 @@ class Session:
     def flush(self) -> None:
         """Write whatever the protocol object has queued."""
         buffers = self.association.data_to_send()
-        if not buffers or self.writer.is_closing():
+        if not buffers:
+            return
+        # The transport itself, not StreamWriter's one-line wrappers: this runs per message.
+        transport = self.writer.transport
+        if transport.is_closing():
             return
         self.bytes_sent += sum(len(buffer) for buffer in buffers)
         if len(buffers) <= 4:
             # One write of a small joined message beats writelines' per-buffer overhead.
-            self.writer.write(b"".join(buffers))
+            transport.write(b"".join(buffers))
         else:
-            self.writer.writelines(buffers)
+            transport.writelines(buffers)
+
+    def write_message(self, context_id: int, command: Command, dataset: bytes | None) -> bool:
+        """Write one DIMSE message; True if the transport holds some back (then `drain`)."""
+        self.association.send_message(context_id, command, dataset)
+        self.flush()
+        return self.writer.transport.get_write_buffer_size() > 0
+
+    async def drain(self) -> None:
+        """Wait until the transport can take more (flow control), or the connection is gone."""
+        with contextlib.suppress(ConnectionError):
+            await self.writer.drain()
 
     async def send(self, context_id: int, command: Command, dataset: bytes | None = None) -> None:
         """Send one DIMSE message and wait until the transport can take more."""
-        self.association.send_message(context_id, command, dataset)
-        self.flush()
-        transport = self.writer.transport
-        if transport.get_write_buffer_size() > 0:
-            with contextlib.suppress(ConnectionError):
-                await self.writer.drain()
+        if self.write_message(context_id, command, dataset):
+            await self.drain()
 
     def next_message_id(self) -> int:
         """A Message ID unique on this association (PS3.7 9.3.1.1), wrapping at 16 bits."""
@@ -335,9 +344,10 @@ class Session:
                     PROCESSING_FAILURE, error_comment=f"processing failure: {exc}"
                 )
         finally:
-            self._operations.pop(operation.message_id, None)
-            await self._discard(operation.message)
-            self.flush()
+            if service.concurrent:
+                self._operations.pop(operation.message_id, None)
+            if operation.message.dataset is not None:
+                await self._discard(operation.message)
 
     async def _discard(self, message: DimseMessage) -> None:
         dataset = message.dataset

@@ -137,6 +137,10 @@ class Action(enum.Enum):
     AA_7 = "AA-7"
     AA_8 = "AA-8"
 
+    # Members are singletons compared by identity, so identity hashing is consistent;
+    # Enum's own __hash__ is Python code, run on every ACTIONS lookup (twice per message).
+    __hash__ = object.__hash__
+
 
 @dataclass(frozen=True)
 class ActionSpec:
