@@ -14,13 +14,24 @@ On SQLite the writer holds the database lock for the whole transaction (db.write
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
-from sqlalchemy import ColumnElement, delete, exists, insert, select, text, update
+from sqlalchemy import (
+    ColumnElement,
+    Update,
+    bindparam,
+    delete,
+    exists,
+    insert,
+    select,
+    text,
+    update,
+)
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
@@ -106,20 +117,75 @@ class _Pending:
         """Write everything gathered, in lock order."""
         for study in self._modalities:
             self.set(Study, study, {"modalities": self._modalities_of(session, study)})
+        connection = session.connection()
         for model in (Patient, Study, Series):
             rows = {r for m, r in self._deltas if m is model} | {
                 r for m, r in self._values if m is model
             }
+            # Consecutive rows needing the same statement go in one executemany, still in
+            # id order (the lock order).
+            statement: Update | None = None
+            params: list[dict[str, Any]] = []
             for row_id in sorted(rows):
-                changes = dict(self._values.get((model, row_id), {}))
-                for column, delta in self._deltas.get((model, row_id), {}).items():
-                    if delta:
-                        changes[column] = getattr(model, column) + delta
-                if changes:
-                    session.execute(update(model).where(model.id == row_id).values(changes))
+                added = {c: d for c, d in self._deltas.get((model, row_id), {}).items() if d}
+                values = {
+                    c: v for c, v in self._values.get((model, row_id), {}).items() if c not in added
+                }
+                if not added and not values:
+                    continue
+                row_statement = _update_statement(model, tuple(values), tuple(added))
+                if row_statement is not statement:
+                    if statement is not None:
+                        connection.execute(statement, params)
+                    statement, params = row_statement, []
+                params.append(
+                    {
+                        "row_id": row_id,
+                        **{f"set_{c}": v for c, v in values.items()},
+                        **{f"add_{c}": d for c, d in added.items()},
+                    }
+                )
+            if statement is not None:
+                connection.execute(statement, params)
         self._deltas.clear()
         self._values.clear()
         self._modalities.clear()
+
+
+@functools.cache
+def _update_statement(
+    model: type[Base], set_columns: tuple[str, ...], added: tuple[str, ...]
+) -> Update:
+    """UPDATE of one row by id (row_id) setting columns (set_<c>) and adding to counts (add_<c>).
+
+    Built once per shape: building and caching statements anew cost more CPU than running
+    them. The column sets come from this module, so there are few shapes.
+    """
+    table = model.__table__
+    values: dict[str, Any] = {c: bindparam(f"set_{c}") for c in set_columns}
+    values.update({c: table.c[c] + bindparam(f"add_{c}") for c in added})
+    return update(table).where(table.c.id == bindparam("row_id")).values(values)
+
+
+# The statements of every batch, built once: on the hot path, building a statement and its
+# cache key, and the ORM's handling of it, cost more CPU than SQLite running it. They run
+# on the session's connection, as Core: the ORM has no objects here to keep in step.
+_INSTANCES = Instance.__table__
+_SERIES = Series.__table__
+_STUDIES = Study.__table__
+_INDEXED_UIDS = select(_INSTANCES.c.sop_uid).where(
+    _INSTANCES.c.sop_uid.in_(bindparam("uids", expanding=True))
+)
+_KNOWN_CHAINS = (
+    select(_SERIES.c.series_uid, _SERIES.c.id, _SERIES.c.study_fk, _STUDIES.c.patient_fk)
+    .join(_STUDIES, _STUDIES.c.id == _SERIES.c.study_fk)
+    .where(_SERIES.c.series_uid.in_(bindparam("uids", expanding=True)))
+)
+_INSERT_INSTANCES = insert(_INSTANCES)
+# Volatile functions in the select list run after ORDER BY: locks are taken in key order.
+_LOCK_KEYS = text(
+    "SELECT pg_advisory_xact_lock(k) FROM unnest(CAST(:keys AS bigint[])) AS t(k) ORDER BY k"
+)
 
 
 def _lock_key(sop_uid: str) -> int:
@@ -133,14 +199,7 @@ def _lock_instances(session: Session, sop_uids: Iterable[str]) -> None:
     if session.get_bind().dialect.name != "postgresql":
         return
     keys = sorted({_lock_key(uid) for uid in sop_uids})
-    # Volatile functions in the select list run after ORDER BY: locks are taken in key order.
-    session.execute(
-        text(
-            "SELECT pg_advisory_xact_lock(k) FROM unnest(CAST(:keys AS bigint[])) AS t(k) "
-            "ORDER BY k"
-        ),
-        {"keys": keys},
-    )
+    session.connection().execute(_LOCK_KEYS, {"keys": keys})
 
 
 def _insert_or_get(
@@ -372,7 +431,13 @@ def _apply(
 
 def _indexed_uids(session: Session, sop_uids: set[str]) -> set[str]:
     """The SOP Instance UIDs among sop_uids that the index already holds."""
-    return set(session.scalars(select(Instance.sop_uid).where(Instance.sop_uid.in_(sop_uids))))
+    return set(session.connection().scalars(_INDEXED_UIDS, {"uids": list(sop_uids)}))
+
+
+def _known_chains(session: Session, series_uids: set[str]) -> dict[str, tuple[int, int, int]]:
+    """(series, study, patient) of those of series_uids that the index already holds."""
+    rows = session.connection().execute(_KNOWN_CHAINS, {"uids": list(series_uids)})
+    return {uid: (series, study, patient) for uid, series, study, patient in rows}
 
 
 def apply_records(
@@ -388,14 +453,14 @@ def apply_records(
     _lock_instances(session, (r.sop_uid for r in records))
     taken = _indexed_uids(session, {r.sop_uid for r in records})
     pending = _Pending()
-    chains: dict[str, tuple[int, int, int]] = {}
+    chains = _known_chains(session, {r.series_uid for r in records if r.sop_uid not in taken})
     rows: list[dict[str, Any]] = []
     outcomes = []
     for record in records:
         if record.sop_uid in taken:
             # Duplicates see the rows inserted before them, and may prune chains.
             if rows:
-                session.execute(insert(Instance), rows)
+                session.connection().execute(_INSERT_INSTANCES, rows)
                 rows = []
             outcomes.append(_apply(session, record, duplicate_policy, pending))
             chains.clear()
@@ -408,7 +473,7 @@ def apply_records(
         taken.add(record.sop_uid)
         outcomes.append(IngestOutcome(record.sop_uid, stored=True))
     if rows:
-        session.execute(insert(Instance), rows)
+        session.connection().execute(_INSERT_INSTANCES, rows)
     pending.flush(session)
     return outcomes
 
