@@ -27,6 +27,7 @@ from minipacs.index.ingest import (
     instance_path_of,
     record_from_dataset,
 )
+from minipacs.index.records import INDEXED_TAGS
 from minipacs.index.writer import IndexWriter
 from minipacs.net.dimse import DataSet
 from minipacs.net.operations import OUT_OF_RESOURCES, SUCCESS, Operation
@@ -162,7 +163,7 @@ class StoreService:
             raise StoreRefused(CANNOT_UNDERSTAND, f"Affected SOP Instance UID: {exc}") from exc
         source = _source(dataset)
         try:
-            inspected = dicom.inspect(source, context.transfer_syntax)
+            inspected = dicom.inspect(source, context.transfer_syntax, INDEXED_TAGS)
         except dicom.DataSetError as exc:
             raise StoreRefused(CANNOT_UNDERSTAND, str(exc)) from exc
         ds = inspected.dataset
