@@ -23,13 +23,18 @@ from typing import Any, Final
 
 from sqlalchemy import (
     ColumnElement,
+    Integer,
     Update,
     bindparam,
+    cast,
     delete,
     exists,
     insert,
+    literal,
+    null,
     select,
     text,
+    union_all,
     update,
 )
 from sqlalchemy.dialects import postgresql, sqlite
@@ -173,13 +178,21 @@ def _update_statement(
 _INSTANCES = Instance.__table__
 _SERIES = Series.__table__
 _STUDIES = Study.__table__
-_INDEXED_UIDS = select(_INSTANCES.c.sop_uid).where(
-    _INSTANCES.c.sop_uid.in_(bindparam("uids", expanding=True))
-)
-_KNOWN_CHAINS = (
-    select(_SERIES.c.series_uid, _SERIES.c.id, _SERIES.c.study_fk, _STUDIES.c.patient_fk)
+# One round trip tells which of a batch's instances are indexed ("i" rows) and the chains
+# of the series it names that exist ("s" rows: series, study, patient).
+_LOOKUP = union_all(
+    select(
+        literal("i"),
+        _INSTANCES.c.sop_uid,
+        cast(null(), Integer),
+        cast(null(), Integer),
+        cast(null(), Integer),
+    ).where(_INSTANCES.c.sop_uid.in_(bindparam("sop_uids", expanding=True))),
+    select(
+        literal("s"), _SERIES.c.series_uid, _SERIES.c.id, _SERIES.c.study_fk, _STUDIES.c.patient_fk
+    )
     .join(_STUDIES, _STUDIES.c.id == _SERIES.c.study_fk)
-    .where(_SERIES.c.series_uid.in_(bindparam("uids", expanding=True)))
+    .where(_SERIES.c.series_uid.in_(bindparam("series_uids", expanding=True))),
 )
 _INSERT_INSTANCES = insert(_INSTANCES)
 # Volatile functions in the select list run after ORDER BY: locks are taken in key order.
@@ -429,15 +442,25 @@ def _apply(
     return IngestOutcome(record.sop_uid, stored=True, duplicate=True, stale_path=stale)
 
 
-def _indexed_uids(session: Session, sop_uids: set[str]) -> set[str]:
-    """The SOP Instance UIDs among sop_uids that the index already holds."""
-    return set(session.connection().scalars(_INDEXED_UIDS, {"uids": list(sop_uids)}))
-
-
-def _known_chains(session: Session, series_uids: set[str]) -> dict[str, tuple[int, int, int]]:
-    """(series, study, patient) of those of series_uids that the index already holds."""
-    rows = session.connection().execute(_KNOWN_CHAINS, {"uids": list(series_uids)})
-    return {uid: (series, study, patient) for uid, series, study, patient in rows}
+def _lookup(
+    session: Session, records: Sequence[InstanceRecord]
+) -> tuple[set[str], dict[str, tuple[int, int, int]]]:
+    """The records' SOP Instance UIDs already indexed, and the chains of their known series."""
+    rows = session.connection().execute(
+        _LOOKUP,
+        {
+            "sop_uids": list({r.sop_uid for r in records}),
+            "series_uids": list({r.series_uid for r in records}),
+        },
+    )
+    taken: set[str] = set()
+    chains: dict[str, tuple[int, int, int]] = {}
+    for kind, uid, series, study, patient in rows:
+        if kind == "i":
+            taken.add(uid)
+        else:
+            chains[uid] = (series, study, patient)
+    return taken, chains
 
 
 def apply_records(
@@ -445,15 +468,15 @@ def apply_records(
 ) -> list[IngestOutcome]:
     """Add records to the index in the session's transaction; one outcome per record.
 
-    New instances (the usual case) cost one lookup for the whole batch, one lookup per new
-    series, and one multi-row insert; duplicates take the record-by-record path.
+    New instances (the usual case) cost one lookup for the whole batch (instances and series),
+    a few statements per new series, one multi-row insert and one update per level;
+    duplicates take the record-by-record path.
     """
     if duplicate_policy not in DUPLICATE_POLICIES:
         raise ValueError(f"duplicate policy must be one of {', '.join(DUPLICATE_POLICIES)}")
     _lock_instances(session, (r.sop_uid for r in records))
-    taken = _indexed_uids(session, {r.sop_uid for r in records})
+    taken, chains = _lookup(session, records)
     pending = _Pending()
-    chains = _known_chains(session, {r.series_uid for r in records if r.sop_uid not in taken})
     rows: list[dict[str, Any]] = []
     outcomes = []
     for record in records:
