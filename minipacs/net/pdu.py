@@ -103,7 +103,9 @@ class PduReader:
         end = 6 + length
         if len(buffer) < end:
             return None
-        pdu = bytes(buffer[:end])
+        # Through a view, the PDU is copied once (a bytearray slice would copy it twice).
+        with memoryview(buffer) as view:
+            pdu = bytes(view[:end])
         del buffer[:end]
         return pdu_type, pdu
 
