@@ -118,7 +118,7 @@ class DatabaseSettings:
     auto_upgrade: bool = _key(True)
     pool_size: int = _key(5, low=1, high=100)
     batch_max: int = _key(64, low=1, high=10_000)
-    batch_wait_ms: float = _key(2.0, low=0, high=1000)
+    batch_wait_ms: float = _key(0.0, low=0, high=1000)
 
 
 @dataclass(frozen=True)

@@ -9,14 +9,17 @@ import io
 import mmap
 import struct
 import zlib
+from collections.abc import Container
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
 from pydicom import Dataset
+from pydicom.dataelem import RawDataElement, empty_value_for_VR
 from pydicom.filebase import DicomBytesIO
 from pydicom.filereader import read_dataset
 from pydicom.filewriter import write_dataset
+from pydicom.tag import BaseTag
 from pydicom.uid import UID, DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian
 
 
@@ -67,11 +70,16 @@ class _Walker:
 
     pydicom reads past a truncated end without complaint, so the lengths are checked
     here; values are never decoded, so this is cheap even for multi-GB data sets (mmap).
+    On the way it notes where the top-level elements in `wanted` are, so that only those
+    need decoding.
     """
 
-    def __init__(self, data: bytes | memoryview | mmap.mmap, little: bool) -> None:
+    def __init__(self, data: bytes | memoryview, little: bool, wanted: Container[int]) -> None:
         self.data = data
+        self.wanted = wanted
         self.pixel_offset: int | None = None
+        # Top-level elements in `wanted`: tag -> (VR or None, length, value offset).
+        self.found: dict[int, tuple[bytes | None, int, int]] = {}
         order = "<" if little else ">"
         self.tag = struct.Struct(order + "HH")
         self.u16 = struct.Struct(order + "H")
@@ -120,6 +128,9 @@ class _Walker:
                     f"element ({group:04X},{element:04X}) needs {length} bytes, "
                     f"{end - offset} left: data set truncated"
                 )
+            tag = group << 16 | element
+            if not delimited and tag in self.wanted:
+                self.found[tag] = (None if implicit else vr, length, offset)
             if vr == b"SQ":
                 self.items(offset, offset + length, implicit, defined=True)
             offset += length
@@ -151,12 +162,24 @@ class _Walker:
 
 @dataclass(frozen=True)
 class Inspected:
-    """A received data set, checked: its decoded header and that header's raw bytes."""
+    """A received data set, checked: the attributes asked for, and its header's raw bytes."""
 
+    # The top-level elements of the header whose tags were asked for, decoded on access.
     dataset: Dataset
     # The encoded elements before group 7FE0, in `header_syntax`: what the index keeps.
     header: bytes
     header_syntax: str
+
+
+class _Everything:
+    """A container holding every tag: inspect() then keeps the whole top level."""
+
+    def __contains__(self, tag: object) -> bool:
+        return True
+
+
+# For data sets read whole: C-FIND identifiers, headers answering return keys.
+ALL_TAGS: Container[int] = _Everything()
 
 
 def header_syntax(transfer_syntax: str) -> str:
@@ -167,26 +190,48 @@ def header_syntax(transfer_syntax: str) -> str:
     return transfer_syntax
 
 
-def inspect(source: bytes | Path, transfer_syntax: str, offset: int = 0) -> Inspected:
-    """Check every length in the data set (from `offset`), then decode its header.
+def inspect(
+    source: bytes | Path, transfer_syntax: str, tags: Container[int], offset: int = 0
+) -> Inspected:
+    """Check every length in the data set (from `offset`); keep the top-level `tags`.
 
     Raises DataSetError for a data set that is truncated or cannot be decoded.
     """
-    implicit, little = _syntax(transfer_syntax)
     if transfer_syntax == DeflatedExplicitVRLittleEndian:
         raw = source.read_bytes() if isinstance(source, Path) else source
-        header = _walk(_inflate(raw[offset:]), little, implicit)
-    elif isinstance(source, bytes):
-        header = _walk(memoryview(source)[offset:], little, implicit)
-    else:
-        with (
-            open(source, "rb") as handle,
-            mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as mapped,
-        ):
-            header = _walk(memoryview(mapped)[offset:], little, implicit)
-    return Inspected(
-        _read(io.BytesIO(header), implicit, little), header, header_syntax(transfer_syntax)
-    )
+        return _inspect_data(_inflate(raw[offset:]), transfer_syntax, tags)
+    if isinstance(source, bytes):
+        return _inspect_data(memoryview(source)[offset:], transfer_syntax, tags)
+    with (
+        open(source, "rb") as handle,
+        mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as mapped,
+    ):
+        # What is returned is copied out: nothing refers to the mapping once it closes.
+        return _inspect_data(memoryview(mapped)[offset:], transfer_syntax, tags)
+
+
+def _inspect_data(
+    data: bytes | memoryview, transfer_syntax: str, tags: Container[int]
+) -> Inspected:
+    """Walk a data set; keep its header and its top-level `tags` as raw elements."""
+    implicit, little = _syntax(transfer_syntax)
+    walker = _Walker(data, little, tags)
+    walker.elements(0, len(data), False, implicit)
+    end = len(data) if walker.pixel_offset is None else walker.pixel_offset
+    elements = {}
+    # pydicom's own reader decodes every element header once more in Python; the walk has
+    # already found the few the index reads, which was most of a small store's CPU.
+    for tag, (vr_bytes, length, start) in walker.found.items():
+        if start > end:
+            # Pixel Data and what follows it are bulk, never part of the header.
+            continue
+        # The walk refused unknown explicit VRs; implicit ones come from the dictionary.
+        vr = None if vr_bytes is None else vr_bytes.decode("latin-1")
+        value = bytes(data[start : start + length]) if length else empty_value_for_VR(vr, raw=True)
+        elements[BaseTag(tag)] = RawDataElement(
+            BaseTag(tag), vr, length, value, start, implicit, little
+        )
+    return Inspected(Dataset(elements), bytes(data[:end]), header_syntax(transfer_syntax))
 
 
 def _read_meta(handle: BinaryIO) -> tuple[Dataset, int]:
@@ -209,11 +254,11 @@ def _read_meta(handle: BinaryIO) -> tuple[Dataset, int]:
     return meta, _META_START + len(meta_bytes)
 
 
-def read_part10(path: Path) -> tuple[Dataset, Inspected]:
+def read_part10(path: Path, tags: Container[int]) -> tuple[Dataset, Inspected]:
     """A Part 10 file's File Meta Information and its inspected data set (PS3.10 7.1)."""
     with open(path, "rb") as handle:
         meta, start = _read_meta(handle)
-    return meta, inspect(path, str(meta.TransferSyntaxUID), start)
+    return meta, inspect(path, str(meta.TransferSyntaxUID), tags, start)
 
 
 def part10_body(path: Path) -> tuple[str, bytes]:
@@ -221,13 +266,6 @@ def part10_body(path: Path) -> tuple[str, bytes]:
     with open(path, "rb") as handle:
         meta, _start = _read_meta(handle)
         return str(meta.TransferSyntaxUID), handle.read()
-
-
-def _walk(data: bytes | memoryview, little: bool, implicit: bool) -> bytes:
-    walker = _Walker(data, little)
-    walker.elements(0, len(data), False, implicit)
-    end = len(data) if walker.pixel_offset is None else walker.pixel_offset
-    return bytes(data[:end])
 
 
 def read_header(source: bytes | Path, transfer_syntax: str) -> Dataset:

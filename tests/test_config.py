@@ -129,7 +129,7 @@ def test_environment_overrides_with_types(tmp_path: Path) -> None:
             "MINIPACS_SERVER_ALLOWED_CALLING_AES": "CT1, MR2,,",
             "MINIPACS_SERVER_ARTIM_TIMEOUT": "1.5",
             "MINIPACS_DATABASE_URL": "postgresql+psycopg://u:p@db/minipacs",
-            "MINIPACS_DATABASE_BATCH_WAIT_MS": "0",
+            "MINIPACS_DATABASE_BATCH_WAIT_MS": "5",
             "MINIPACS_STORAGE_SPOOL_PATH": "",
             "MINIPACS_LOG_LEVELS": "minipacs.net=DEBUG, alembic = info",
             "MINIPACS_CONFIG": "ignored here: the CLI reads it",
@@ -141,7 +141,7 @@ def test_environment_overrides_with_types(tmp_path: Path) -> None:
     assert settings.server.allowed_calling_aes == ["CT1", "MR2"]
     assert settings.server.artim_timeout == 1.5
     assert settings.database.url == "postgresql+psycopg://u:p@db/minipacs"
-    assert settings.database.batch_wait_ms == 0.0
+    assert settings.database.batch_wait_ms == 5.0
     assert settings.storage.spool_path == ""
     assert settings.log.levels == {"minipacs.net": "DEBUG", "alembic": "info"}
 

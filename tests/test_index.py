@@ -25,12 +25,13 @@ from minipacs.index.ingest import (
     record_from_dataset,
 )
 from minipacs.index.models import Instance, Patient, Series, Study
+from minipacs.index.records import INDEXED_TAGS
 from minipacs.index.stats import counts
 from minipacs.index.writer import IndexUnavailable, IndexWriter
 
 
 def _record(name: str = "CT_small.dcm", **changes: object) -> InstanceRecord:
-    meta, inspected = read_part10(Path(get_testdata_file(name)))
+    meta, inspected = read_part10(Path(get_testdata_file(name)), INDEXED_TAGS)
     record = record_from_dataset(
         inspected.dataset,
         header=inspected.header,

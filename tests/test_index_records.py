@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from datetime import UTC, datetime
 
 import pydicom
@@ -9,9 +10,9 @@ import pytest
 from pydicom import Dataset
 from pydicom.data import get_charset_files, get_testdata_file
 
-from minipacs.dataset import encode, read_header
+from minipacs.dataset import encode, inspect, read_header
 from minipacs.index.ingest import IngestError, InstanceRecord, normalise_name, record_from_dataset
-from minipacs.index.records import HEADER_MAX
+from minipacs.index.records import HEADER_MAX, INDEXED_KEYWORDS, INDEXED_TAGS
 
 NOW = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
 
@@ -137,3 +138,45 @@ def test_the_header_is_kept_up_to_its_limit() -> None:
     # A waveform-sized header stays in its file only.
     ds.add_new(0x00091010, "OB", b"\1" * HEADER_MAX)
     assert _record(ds).header is None
+
+
+class _Recording(Dataset):
+    """A data set that notes every keyword read from it."""
+
+    def __init__(self, source: Dataset) -> None:
+        super().__init__(source)
+        self.read: set[str] = set()
+
+    def get(self, key: object, default: object = None) -> object:
+        """Note the keyword, then read it."""
+        if isinstance(key, str):
+            self.read.add(key)
+        return super().get(key, default)
+
+
+def test_a_record_reads_only_the_indexed_attributes() -> None:
+    # inspect() decodes INDEXED_TAGS only: an attribute read beyond them would be empty.
+    ds = _Recording(_charset_file("chrH31.dcm"))
+    _record(ds)
+    assert ds.read == set(INDEXED_KEYWORDS)
+
+
+@pytest.mark.parametrize(
+    ("name", "syntax"),
+    [
+        ("CT_small.dcm", "1.2.840.10008.1.2.1"),
+        ("CT_small.dcm", "1.2.840.10008.1.2"),
+        ("MR_small_bigendian.dcm", "1.2.840.10008.1.2.2"),
+        ("CT_small.dcm", "1.2.840.10008.1.2.1.99"),
+        ("chrH31.dcm", "1.2.840.10008.1.2.1"),
+        ("chrX2.dcm", "1.2.840.10008.1.2"),
+        ("chrRuss.dcm", "1.2.840.10008.1.2.1"),
+    ],
+)
+def test_inspect_yields_the_record_a_full_read_does(name: str, syntax: str) -> None:
+    path = get_charset_files(name)[0] if name.startswith("chr") else get_testdata_file(name)
+    ds = pydicom.dcmread(path, stop_before_pixels=True)
+    inspected = inspect(encode(ds, syntax), syntax, INDEXED_TAGS)
+    assert set(inspected.dataset.keys()) == INDEXED_TAGS & set(ds.keys())
+    # The header field is _record's own encoding of what it is given: compare the rest.
+    assert replace(_record(inspected.dataset), header=None) == replace(_record(ds), header=None)

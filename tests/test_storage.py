@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -289,6 +290,36 @@ def test_ensure_free_space(tmp_path: Path) -> None:
     _store(tmp_path).ensure_free_space()
     with pytest.raises(OutOfSpace, match="below the floor"):
         _store(tmp_path, min_free_bytes=1 << 62).ensure_free_space()
+
+
+def test_a_passing_free_space_check_stands_for_a_while(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    now = [1000.0]
+    monkeypatch.setattr(filestore.time, "monotonic", lambda: now[0])
+    store = _store(tmp_path)
+    store.ensure_free_space()
+    store.min_free_bytes = 1 << 62
+    store.ensure_free_space()  # within FREE_SPACE_RECHECK of a passing check
+    now[0] += filestore.FREE_SPACE_RECHECK
+    with pytest.raises(OutOfSpace):
+        store.ensure_free_space()
+    with pytest.raises(OutOfSpace):
+        store.ensure_free_space()  # a failing check is never kept
+    store.min_free_bytes = 0
+    store.ensure_free_space()
+
+
+def test_a_folder_removed_behind_the_stores_back_is_made_again(tmp_path: Path) -> None:
+    store = _store(tmp_path)
+    first = instance_path(STUDY, SERIES, SOP)
+    store.write_instance(first, b"", b"one")
+    shutil.rmtree(store.path(first).parent.parent)  # the study folder
+    second = instance_path(STUDY, SERIES, SOP + ".2")
+    store.write_instance(second, b"", b"two")
+    assert store.path(second).read_bytes() == b"two"
+    assert list(store.iter_files()) == [second]
+    assert list((tmp_path / "store" / ".tmp").iterdir()) == []
 
 
 def test_iter_files_skips_temp_spool_and_foreign_files(tmp_path: Path) -> None:

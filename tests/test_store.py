@@ -384,11 +384,15 @@ def test_bad_data_sets_are_refused(archive: MinipacsProcess, case: str) -> None:
     assert len(instance_files(store)) == len(before_files) + 1
 
 
-def _store_twice(process: MinipacsProcess) -> tuple[int, int, Dataset, Dataset]:
+def _store_twice(
+    process: MinipacsProcess, **second_changes: object
+) -> tuple[int, int, Dataset, Dataset]:
     """Store an instance, then the same instance with another PatientName; return statuses."""
     first = _fresh_ct(PatientName="First^Sent")
     second = copy.deepcopy(first)
     second.PatientName = "Second^Sent"
+    for keyword, value in second_changes.items():
+        setattr(second, keyword, value)
     statuses = []
     for ds in (first, second):
         response = asyncio.run(
@@ -435,6 +439,27 @@ def test_duplicate_reject(tmp_path: Path) -> None:
         assert row["patient_name"] == "First^Sent"
         assert stored.PatientName == "First^Sent"
         assert len(instance_files(tmp_path / "store")) == 1
+    finally:
+        assert process.stop() == 0
+
+
+@pytest.mark.parametrize(("policy", "status"), [("keep-first", 0), ("reject", 0x0111)])
+def test_duplicate_under_another_series_keeps_the_first(
+    tmp_path: Path, policy: str, status: int
+) -> None:
+    # The second copy's path differs (the series is part of it), so no file is at its path
+    # when it arrives: the index's duplicate check must refuse it and its file must go.
+    process = _own_server(tmp_path, MINIPACS_STORAGE_DUPLICATE_POLICY=policy)
+    try:
+        first_status, second_status, first, _ = _store_twice(
+            process, SeriesInstanceUID=generate_uid()
+        )
+        assert (first_status, second_status) == (0, status)
+        row, stored = _stored(process, first.SOPInstanceUID)
+        assert row["patient_name"] == "First^Sent"
+        assert stored.SeriesInstanceUID == first.SeriesInstanceUID
+        assert len(instance_files(tmp_path / "store")) == 1
+        assert temp_leftovers(tmp_path / "store") == []
     finally:
         assert process.stop() == 0
 

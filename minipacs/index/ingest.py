@@ -14,13 +14,29 @@ On SQLite the writer holds the database lock for the whole transaction (db.write
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
-from sqlalchemy import ColumnElement, delete, exists, insert, select, text, update
+from sqlalchemy import (
+    ColumnElement,
+    Integer,
+    Update,
+    bindparam,
+    cast,
+    delete,
+    exists,
+    insert,
+    literal,
+    null,
+    select,
+    text,
+    union_all,
+    update,
+)
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
@@ -106,20 +122,83 @@ class _Pending:
         """Write everything gathered, in lock order."""
         for study in self._modalities:
             self.set(Study, study, {"modalities": self._modalities_of(session, study)})
+        connection = session.connection()
         for model in (Patient, Study, Series):
             rows = {r for m, r in self._deltas if m is model} | {
                 r for m, r in self._values if m is model
             }
+            # Consecutive rows needing the same statement go in one executemany, still in
+            # id order (the lock order).
+            statement: Update | None = None
+            params: list[dict[str, Any]] = []
             for row_id in sorted(rows):
-                changes = dict(self._values.get((model, row_id), {}))
-                for column, delta in self._deltas.get((model, row_id), {}).items():
-                    if delta:
-                        changes[column] = getattr(model, column) + delta
-                if changes:
-                    session.execute(update(model).where(model.id == row_id).values(changes))
+                added = {c: d for c, d in self._deltas.get((model, row_id), {}).items() if d}
+                values = {
+                    c: v for c, v in self._values.get((model, row_id), {}).items() if c not in added
+                }
+                if not added and not values:
+                    continue
+                row_statement = _update_statement(model, tuple(values), tuple(added))
+                if row_statement is not statement:
+                    if statement is not None:
+                        connection.execute(statement, params)
+                    statement, params = row_statement, []
+                params.append(
+                    {
+                        "row_id": row_id,
+                        **{f"set_{c}": v for c, v in values.items()},
+                        **{f"add_{c}": d for c, d in added.items()},
+                    }
+                )
+            if statement is not None:
+                connection.execute(statement, params)
         self._deltas.clear()
         self._values.clear()
         self._modalities.clear()
+
+
+@functools.cache
+def _update_statement(
+    model: type[Base], set_columns: tuple[str, ...], added: tuple[str, ...]
+) -> Update:
+    """UPDATE of one row by id (row_id) setting columns (set_<c>) and adding to counts (add_<c>).
+
+    Built once per shape: building and caching statements anew cost more CPU than running
+    them. The column sets come from this module, so there are few shapes.
+    """
+    table = model.__table__
+    values: dict[str, Any] = {c: bindparam(f"set_{c}") for c in set_columns}
+    values.update({c: table.c[c] + bindparam(f"add_{c}") for c in added})
+    return update(table).where(table.c.id == bindparam("row_id")).values(values)
+
+
+# The statements of every batch, built once: on the hot path, building a statement and its
+# cache key, and the ORM's handling of it, cost more CPU than SQLite running it. They run
+# on the session's connection, as Core: the ORM has no objects here to keep in step.
+_INSTANCES = Instance.__table__
+_SERIES = Series.__table__
+_STUDIES = Study.__table__
+# One round trip tells which of a batch's instances are indexed ("i" rows) and the chains
+# of the series it names that exist ("s" rows: series, study, patient).
+_LOOKUP = union_all(
+    select(
+        literal("i"),
+        _INSTANCES.c.sop_uid,
+        cast(null(), Integer),
+        cast(null(), Integer),
+        cast(null(), Integer),
+    ).where(_INSTANCES.c.sop_uid.in_(bindparam("sop_uids", expanding=True))),
+    select(
+        literal("s"), _SERIES.c.series_uid, _SERIES.c.id, _SERIES.c.study_fk, _STUDIES.c.patient_fk
+    )
+    .join(_STUDIES, _STUDIES.c.id == _SERIES.c.study_fk)
+    .where(_SERIES.c.series_uid.in_(bindparam("series_uids", expanding=True))),
+)
+_INSERT_INSTANCES = insert(_INSTANCES)
+# Volatile functions in the select list run after ORDER BY: locks are taken in key order.
+_LOCK_KEYS = text(
+    "SELECT pg_advisory_xact_lock(k) FROM unnest(CAST(:keys AS bigint[])) AS t(k) ORDER BY k"
+)
 
 
 def _lock_key(sop_uid: str) -> int:
@@ -133,14 +212,7 @@ def _lock_instances(session: Session, sop_uids: Iterable[str]) -> None:
     if session.get_bind().dialect.name != "postgresql":
         return
     keys = sorted({_lock_key(uid) for uid in sop_uids})
-    # Volatile functions in the select list run after ORDER BY: locks are taken in key order.
-    session.execute(
-        text(
-            "SELECT pg_advisory_xact_lock(k) FROM unnest(CAST(:keys AS bigint[])) AS t(k) "
-            "ORDER BY k"
-        ),
-        {"keys": keys},
-    )
+    session.connection().execute(_LOCK_KEYS, {"keys": keys})
 
 
 def _insert_or_get(
@@ -370,9 +442,25 @@ def _apply(
     return IngestOutcome(record.sop_uid, stored=True, duplicate=True, stale_path=stale)
 
 
-def _indexed_uids(session: Session, sop_uids: set[str]) -> set[str]:
-    """The SOP Instance UIDs among sop_uids that the index already holds."""
-    return set(session.scalars(select(Instance.sop_uid).where(Instance.sop_uid.in_(sop_uids))))
+def _lookup(
+    session: Session, records: Sequence[InstanceRecord]
+) -> tuple[set[str], dict[str, tuple[int, int, int]]]:
+    """The records' SOP Instance UIDs already indexed, and the chains of their known series."""
+    rows = session.connection().execute(
+        _LOOKUP,
+        {
+            "sop_uids": list({r.sop_uid for r in records}),
+            "series_uids": list({r.series_uid for r in records}),
+        },
+    )
+    taken: set[str] = set()
+    chains: dict[str, tuple[int, int, int]] = {}
+    for kind, uid, series, study, patient in rows:
+        if kind == "i":
+            taken.add(uid)
+        else:
+            chains[uid] = (series, study, patient)
+    return taken, chains
 
 
 def apply_records(
@@ -380,22 +468,22 @@ def apply_records(
 ) -> list[IngestOutcome]:
     """Add records to the index in the session's transaction; one outcome per record.
 
-    New instances (the usual case) cost one lookup for the whole batch, one lookup per new
-    series, and one multi-row insert; duplicates take the record-by-record path.
+    New instances (the usual case) cost one lookup for the whole batch (instances and series),
+    a few statements per new series, one multi-row insert and one update per level;
+    duplicates take the record-by-record path.
     """
     if duplicate_policy not in DUPLICATE_POLICIES:
         raise ValueError(f"duplicate policy must be one of {', '.join(DUPLICATE_POLICIES)}")
     _lock_instances(session, (r.sop_uid for r in records))
-    taken = _indexed_uids(session, {r.sop_uid for r in records})
+    taken, chains = _lookup(session, records)
     pending = _Pending()
-    chains: dict[str, tuple[int, int, int]] = {}
     rows: list[dict[str, Any]] = []
     outcomes = []
     for record in records:
         if record.sop_uid in taken:
             # Duplicates see the rows inserted before them, and may prune chains.
             if rows:
-                session.execute(insert(Instance), rows)
+                session.connection().execute(_INSERT_INSTANCES, rows)
                 rows = []
             outcomes.append(_apply(session, record, duplicate_policy, pending))
             chains.clear()
@@ -408,7 +496,7 @@ def apply_records(
         taken.add(record.sop_uid)
         outcomes.append(IngestOutcome(record.sop_uid, stored=True))
     if rows:
-        session.execute(insert(Instance), rows)
+        session.connection().execute(_INSERT_INSTANCES, rows)
     pending.flush(session)
     return outcomes
 

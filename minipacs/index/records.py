@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from pydicom import Dataset
+from pydicom.datadict import tag_for_keyword
 from pydicom.multival import MultiValue
 
 from minipacs.storage.uids import InvalidUID, validate_uid
@@ -23,6 +24,37 @@ HEADER_MAX = 256 * 1024
 _INT32 = range(-(2**31), 2**31)  # IS range, PS3.5 Table 6.2-1
 _DA = re.compile(r"\d{8}")
 _TM = re.compile(r"\d{2}(?:\d{2}(?:\d{2}(?:\.\d{1,6})?)?)?")
+# Every attribute record_from_dataset reads (tests check it reads no other): a received
+# data set is decoded only this far (dataset.inspect).
+INDEXED_KEYWORDS = (
+    "SpecificCharacterSet",
+    "PatientID",
+    "IssuerOfPatientID",
+    "PatientName",
+    "PatientBirthDate",
+    "PatientSex",
+    "StudyInstanceUID",
+    "StudyDate",
+    "StudyTime",
+    "AccessionNumber",
+    "StudyID",
+    "StudyDescription",
+    "ReferringPhysicianName",
+    "SeriesInstanceUID",
+    "Modality",
+    "SeriesNumber",
+    "SeriesDescription",
+    "BodyPartExamined",
+    "SeriesDate",
+    "SeriesTime",
+    "SOPInstanceUID",
+    "SOPClassUID",
+    "InstanceNumber",
+    "NumberOfFrames",
+    "Rows",
+    "Columns",
+)
+INDEXED_TAGS = frozenset(tag_for_keyword(keyword) for keyword in INDEXED_KEYWORDS)
 
 
 class IngestError(ValueError):

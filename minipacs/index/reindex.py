@@ -13,6 +13,7 @@ from minipacs.dataset import read_part10
 from minipacs.index.db import write_session
 from minipacs.index.ingest import InstanceRecord, apply_records, record_from_dataset
 from minipacs.index.models import Instance, Patient, Series, Study
+from minipacs.index.records import INDEXED_TAGS
 from minipacs.storage.filestore import FileStore
 
 
@@ -34,7 +35,7 @@ def read_record(
     """The index record of one stored file, from its File Meta and header."""
     path = store.path(rel_path)
     stat = stat or path.stat()
-    meta, inspected = read_part10(path)
+    meta, inspected = read_part10(path, INDEXED_TAGS)
     return record_from_dataset(
         inspected.dataset,
         header=inspected.header,

@@ -1,8 +1,9 @@
 """Group commit of index rows from one writer thread, awaitable from the event loop.
 
 Concurrent C-STOREs each submit a record; the writer thread commits whatever has queued
-(up to batch_max, waiting batch_wait_ms for company) in one transaction, then resolves
-each waiting future, so one database fsync acknowledges many stores. A future resolves
+(up to batch_max; waiting batch_wait_ms for company, 0 by default: what queues while a
+commit runs makes the next batch) in one transaction, then resolves each waiting future,
+so one database fsync acknowledges many stores. A future resolves
 only after the commit that made its record durable. If a batch fails, its records are
 retried one transaction each, so one bad record fails only its own caller.
 """
@@ -48,7 +49,7 @@ class IndexWriter:
         engine: Engine,
         duplicate_policy: str,
         batch_max: int = 64,
-        batch_wait_ms: float = 2.0,
+        batch_wait_ms: float = 0.0,
     ) -> None:
         """Prepare the writer; nothing runs before start()."""
         if duplicate_policy not in DUPLICATE_POLICIES:

@@ -108,7 +108,9 @@ class PduReader:
             pdu = bytes(buffer)
             buffer.clear()
         else:
-            pdu = bytes(buffer[:end])
+            # Through a view, the PDU is copied once (a bytearray slice would copy it twice).
+            with memoryview(buffer) as view:
+                pdu = bytes(view[:end])
             del buffer[:end]
         return pdu_type, pdu
 

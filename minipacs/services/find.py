@@ -107,7 +107,7 @@ class FindService:
         if message.dataset is None:
             raise QueryError("C-FIND-RQ without an identifier")
         syntax = operation.context.transfer_syntax
-        identifier = dicom.inspect(message.dataset.getvalue(), syntax)
+        identifier = dicom.inspect(message.dataset.getvalue(), syntax, dicom.ALL_TAGS)
         plan = plan_find(model, identifier.dataset, self.options.pn_case_insensitive)
         query = FindQuery(plan, self.engine, self._file_header, self.options.page_size)
         return query, self._page(query, 0, syntax)
@@ -161,5 +161,5 @@ class FindService:
 
     def _file_header(self, rel_path: str) -> Dataset:
         """The header of an instance whose header the index did not keep (read from disk)."""
-        _meta, inspected = dicom.read_part10(self.store.path(rel_path))
+        _meta, inspected = dicom.read_part10(self.store.path(rel_path), dicom.ALL_TAGS)
         return inspected.dataset

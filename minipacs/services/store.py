@@ -28,6 +28,7 @@ from minipacs.index.ingest import (
     instance_path_of,
     record_from_dataset,
 )
+from minipacs.index.records import INDEXED_TAGS
 from minipacs.index.writer import IndexWriter
 from minipacs.net.dimse import DataSet
 from minipacs.net.operations import OUT_OF_RESOURCES, SUCCESS, Operation
@@ -126,17 +127,25 @@ class StoreService:
         if outcome.stale_path:
             await loop.run_in_executor(self.executor, self.store.remove, outcome.stale_path)
         if not outcome.stored:
-            # A concurrent store of the same instance won the race for the index row.
-            indexed = await loop.run_in_executor(self.executor, self._indexed_path, written)
-            if written.fresh and written.rel_path != indexed:
+            # The index already held the instance: it was indexed under another path (see
+            # _already_stored), or a concurrent store of it won the race for the row.
+            if written.fresh and written.rel_path != outcome.existing_path:
                 await loop.run_in_executor(self.executor, self.store.remove, written.rel_path)
             await self._refuse_duplicate(operation)
             return
         await operation.respond(SUCCESS)
 
-    def _indexed_path(self, written: Written) -> str | None:
+    def _already_stored(self, rel_path: str, sop_uid: str) -> bool:
+        """Whether the index holds an instance; asks it only when a file is at rel_path.
+
+        A new instance, the usual case, has no file at its path yet, so one stat() saves a
+        query per store. One indexed under another path (re-sent under another study or
+        series) is written, then refused by the index's own duplicate check (_settle).
+        """
+        if not self.store.exists(rel_path):
+            return False
         with Session(self.engine) as session:
-            return instance_path_of(session, written.record.sop_uid)
+            return instance_path_of(session, sop_uid) is not None
 
     def _write(self, operation: Operation) -> Written | None:
         """Validate, decode and durably write one instance (blocking: executor thread).
@@ -160,7 +169,7 @@ class StoreService:
             raise StoreRefused(CANNOT_UNDERSTAND, f"Affected SOP Instance UID: {exc}") from exc
         source = _source(dataset)
         try:
-            inspected = dicom.inspect(source, context.transfer_syntax)
+            inspected = dicom.inspect(source, context.transfer_syntax, INDEXED_TAGS)
         except dicom.DataSetError as exc:
             raise StoreRefused(CANNOT_UNDERSTAND, str(exc)) from exc
         ds = inspected.dataset
@@ -182,10 +191,8 @@ class StoreService:
             rel_path = instance_path(record.study_uid, record.series_uid, sop_instance)
         except (IngestError, InvalidUID) as exc:
             raise StoreRefused(DATASET_DOES_NOT_MATCH, str(exc)) from exc
-        if self.duplicate_policy != "replace":
-            with Session(self.engine) as session:
-                if instance_path_of(session, sop_instance) is not None:
-                    return None
+        if self.duplicate_policy != "replace" and self._already_stored(rel_path, sop_instance):
+            return None
         self.store.ensure_free_space()
         meta = encode_file_meta(sop_class, sop_instance, context.transfer_syntax, calling_ae)
         stored = self.store.write_instance(rel_path, meta, source)

@@ -45,6 +45,11 @@ _HOST = re.sub(r"[^A-Za-z0-9.-]", "_", socket.gethostname()) or "host"
 _SENDFILE_FALLBACK = frozenset({errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.EXDEV})
 # Directories whose own entry is known durable; bounded so it cannot grow with the archive.
 _DURABLE_DIRS_MAX = 100_000
+# Buffers one writev(2) takes at most (Linux IOV_MAX).
+_IOV_MAX = 1024
+# A passing free-space check stands this long (seconds): a statvfs per store costs GIL
+# hand-offs under load, and at most this long's writes can pass the floor unnoticed.
+FREE_SPACE_RECHECK = 0.25
 
 DatasetSource = bytes | memoryview | Path | list[bytes]
 
@@ -99,6 +104,21 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def _write_all(fd: int, buffers: list[bytes | memoryview]) -> int:
+    """Write the buffers to fd in order, in as few writev(2) calls as it takes; return bytes."""
+    views = [memoryview(b) for b in buffers if len(b)]
+    total = 0
+    while views:
+        written = os.writev(fd, views[:_IOV_MAX])
+        total += written
+        while views and written >= len(views[0]):
+            written -= len(views[0])
+            views.pop(0)
+        if written:
+            views[0] = views[0][written:]
+    return total
+
+
 def _copy_file(source: Path, out_fd: int) -> None:
     """Append a whole file to out_fd, in the kernel when it can (sendfile)."""
     with source.open("rb") as src:
@@ -138,6 +158,8 @@ class FileStore:
         self._journals.mkdir(exist_ok=True)
         self.spool_dir.mkdir(parents=True, exist_ok=True)
         self._durable_dirs: set[Path] = set()
+        # Monotonic time until which the last passing free-space check stands.
+        self._free_until = 0.0
         self._journal_lock = threading.Lock()
         self._journal_fd: int | None = None
         self._journal_seq = 0
@@ -172,7 +194,13 @@ class FileStore:
             _fsync_dir(path.parent)
 
     def ensure_free_space(self) -> None:
-        """Raise OutOfSpace if the store's or the spool's free space is below the floor."""
+        """Raise OutOfSpace if the store's or the spool's free space is below the floor.
+
+        A passing check stands for FREE_SPACE_RECHECK seconds; a failing one is never kept.
+        """
+        now = time.monotonic()
+        if now < self._free_until:
+            return
         checked: set[int] = set()
         for folder in (self.root, self.spool_dir):
             device = os.stat(folder).st_dev
@@ -185,6 +213,7 @@ class FileStore:
                     f"{free} bytes free under {folder}, below the floor of "
                     f"{self.min_free_bytes} bytes"
                 )
+        self._free_until = now + FREE_SPACE_RECHECK
 
     def cleanup_temp(self, stale_seconds: float = STALE_SECONDS) -> int:
         """Delete temp and spool files left by dead writers; return how many were removed.
@@ -239,23 +268,22 @@ class FileStore:
         tmp = self._tmp / f"{_HOST}~{os.getpid()}~{_RUN_TOKEN}~{secrets.token_hex(8)}{_PART}"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
         try:
-            with open(fd, "wb") as f:
-                f.write(preamble_and_meta)
+            try:
                 if isinstance(dataset_source, Path):
-                    f.flush()
-                    _copy_file(dataset_source, f.fileno())
-                elif isinstance(dataset_source, list):
-                    f.writelines(dataset_source)
+                    _write_all(fd, [preamble_and_meta])
+                    _copy_file(dataset_source, fd)
+                    size = os.fstat(fd).st_size
                 else:
-                    f.write(dataset_source)
-                f.flush()
-                size = os.fstat(f.fileno()).st_size
+                    chunks = (
+                        dataset_source if isinstance(dataset_source, list) else [dataset_source]
+                    )
+                    size = _write_all(fd, [preamble_and_meta, *chunks])
                 if self.fsync:
-                    os.fsync(f.fileno())
-            dest.parent.mkdir(parents=True, exist_ok=True)
+                    os.fsync(fd)
+            finally:
+                os.close(fd)
             self._note_pending(rel_path)
-            # rename(2) is atomic: readers see the old file or the complete new one.
-            os.replace(tmp, dest)
+            self._rename_into_place(tmp, dest)
         except BaseException:
             with suppress(FileNotFoundError):
                 os.unlink(tmp)
@@ -263,6 +291,26 @@ class FileStore:
         if self.fsync:
             self._sync_entries(dest.parent)
         return StoredFile(rel_path=rel_path, size=size)
+
+    def _rename_into_place(self, tmp: Path, dest: Path) -> None:
+        """rename(2) tmp to dest, creating dest's folder unless it is known to exist."""
+        # Every syscall lets the GIL go, and under load getting it back costs more than the
+        # call: a folder already made durable is not created (mkdir + stat) again.
+        if dest.parent not in self._durable_dirs:
+            dest.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            # rename(2) is atomic: readers see the old file or the complete new one.
+            os.replace(tmp, dest)
+        except FileNotFoundError:
+            if not tmp.exists():
+                raise
+            # The folder was removed behind our back: it and those above are new again.
+            folder = dest.parent
+            while folder != self.root:
+                self._durable_dirs.discard(folder)
+                folder = folder.parent
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(tmp, dest)
 
     def _note_pending(self, rel_path: str) -> None:
         """Journal a path about to be renamed into place (see the module docstring)."""
