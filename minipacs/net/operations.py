@@ -111,9 +111,7 @@ class Operation:
             # PS3.7 C.4: Error Comment is LO, at most 64 characters.
             response["ErrorComment"] = error_comment[:64]
         response.update(fields)
-        # Not `await session.send`: a response that went straight out needs no coroutine.
-        if self.session.write_message(message.context_id, response, dataset):
-            await self.session.drain()
+        await self.session.send(message.context_id, response, dataset)
         if not is_pending(status):
             self.finished = True
             self._log(status, error_comment)

@@ -113,21 +113,13 @@ class Session:
         else:
             transport.writelines(buffers)
 
-    def write_message(self, context_id: int, command: Command, dataset: bytes | None) -> bool:
-        """Write one DIMSE message; True if the transport holds some back (then `drain`)."""
-        self.association.send_message(context_id, command, dataset)
-        self.flush()
-        return self.writer.transport.get_write_buffer_size() > 0
-
-    async def drain(self) -> None:
-        """Wait until the transport can take more (flow control), or the connection is gone."""
-        with contextlib.suppress(ConnectionError):
-            await self.writer.drain()
-
     async def send(self, context_id: int, command: Command, dataset: bytes | None = None) -> None:
         """Send one DIMSE message and wait until the transport can take more."""
-        if self.write_message(context_id, command, dataset):
-            await self.drain()
+        self.association.send_message(context_id, command, dataset)
+        self.flush()
+        if self.writer.transport.get_write_buffer_size() > 0:
+            with contextlib.suppress(ConnectionError):
+                await self.writer.drain()
 
     def next_message_id(self) -> int:
         """A Message ID unique on this association (PS3.7 9.3.1.1), wrapping at 16 bits."""
