@@ -22,6 +22,9 @@ from minipacs.net.server import Server, ServerConfig
 from minipacs.net.session import Timeouts
 from minipacs.services import build_services
 from minipacs.services.find import FindOptions, FindService
+from minipacs.services.get import GetService
+from minipacs.services.move import MoveService
+from minipacs.services.retrieve import RetrieveOptions
 from minipacs.services.store import StoreService
 from minipacs.storage.filestore import FileStore
 
@@ -131,7 +134,22 @@ async def serve(settings: Settings, started: asyncio.Event | None = None) -> Non
             max_results=settings.query.max_results,
         ),
     )
-    server = Server(server_config(settings), build_services(store_service, find_service))
+    retrieve_options = RetrieveOptions(
+        ae_title=settings.server.ae_title,
+        connect_timeout=settings.retrieve.connect_timeout,
+        response_timeout=settings.retrieve.response_timeout,
+    )
+    retrieve_args = (
+        archive.engine,
+        archive.store,
+        archive.query_executor,
+        archive.executor,
+        retrieve_options,
+    )
+    move_service = MoveService(*retrieve_args, settings.destinations)
+    get_service = GetService(*retrieve_args)
+    services = build_services(store_service, find_service, move_service, get_service)
+    server = Server(server_config(settings), services)
     try:
         await server.start()
         stop = asyncio.Event()

@@ -179,21 +179,26 @@ def inspect(source: bytes | Path, transfer_syntax: str, offset: int = 0) -> Insp
     )
 
 
+def read_file_meta(handle: BinaryIO) -> bytes:
+    """Read a Part 10 file's File Meta group (PS3.10 7.1), leaving `handle` at the data set."""
+    lead = handle.read(_META_START + 12)
+    # The group length (0002,0000) is Type 1 (PS3.10 Table 7.1-1): it tells where the
+    # data set starts without decoding the meta elements one by one.
+    if len(lead) < _META_START + 12 or lead[128:132] != b"DICM":
+        raise DataSetError("not a DICOM Part 10 file (no DICM prefix)")
+    if lead[_META_START : _META_START + 6] != b"\x02\x00\x00\x00UL":
+        raise DataSetError("File Meta Information does not start with its group length")
+    length = struct.unpack_from("<L", lead, _META_START + 8)[0]
+    rest = handle.read(length)
+    if len(rest) != length:
+        raise DataSetError("File Meta Information truncated")
+    return lead[_META_START:] + rest
+
+
 def read_part10(path: Path) -> tuple[Dataset, Inspected]:
     """A Part 10 file's File Meta Information and its inspected data set (PS3.10 7.1)."""
     with open(path, "rb") as handle:
-        lead = handle.read(_META_START + 12)
-        # The group length (0002,0000) is Type 1 (PS3.10 Table 7.1-1): it tells where the
-        # data set starts without decoding the meta elements one by one.
-        if len(lead) < _META_START + 12 or lead[128:132] != b"DICM":
-            raise DataSetError("not a DICOM Part 10 file (no DICM prefix)")
-        if lead[_META_START : _META_START + 6] != b"\x02\x00\x00\x00UL":
-            raise DataSetError("File Meta Information does not start with its group length")
-        length = struct.unpack_from("<L", lead, _META_START + 8)[0]
-        rest = handle.read(length)
-    if len(rest) != length:
-        raise DataSetError("File Meta Information truncated")
-    meta_bytes = lead[_META_START:] + rest
+        meta_bytes = read_file_meta(handle)
     start = _META_START + len(meta_bytes)
     meta = _read(io.BytesIO(meta_bytes), False, True)
     syntax = meta.get("TransferSyntaxUID")

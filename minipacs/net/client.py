@@ -6,6 +6,7 @@ import asyncio
 import socket
 from collections.abc import AsyncIterator, Mapping, Sequence
 from pathlib import Path
+from ssl import SSLContext
 from types import TracebackType
 
 from pynetdicom.pdu_primitives import A_ASSOCIATE
@@ -65,6 +66,7 @@ class ClientAssociation:
         timeouts: Timeouts | None = None,
         spool_dir: Path | None = None,
         connect_timeout: float = 30.0,
+        ssl: SSLContext | None = None,
     ) -> ClientAssociation:
         """Open a connection, negotiate, and return the association once accepted."""
         limits = limits or Limits()
@@ -81,7 +83,9 @@ class ClientAssociation:
         association.request(request)
         try:
             async with asyncio.timeout(connect_timeout):
-                reader, writer = await asyncio.open_connection(host, port, limit=2 * 1024 * 1024)
+                reader, writer = await asyncio.open_connection(
+                    host, port, limit=2 * 1024 * 1024, ssl=ssl
+                )
         except (OSError, TimeoutError) as exc:
             raise AssociationRefused(f"cannot connect to {host}:{port}: {exc}") from exc
         sock = writer.get_extra_info("socket")
