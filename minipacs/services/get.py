@@ -12,7 +12,8 @@ from collections.abc import Mapping
 
 from minipacs.index.keys import GET_MODELS
 from minipacs.net.operations import Operation
-from minipacs.services.retrieve import RetrieveService, Target
+from minipacs.services.retrieve import RetrieveService
+from minipacs.services.suboperations import Target
 
 
 class GetService(RetrieveService):

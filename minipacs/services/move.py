@@ -24,13 +24,8 @@ from minipacs.index.keys import MOVE_MODELS
 from minipacs.net.client import AssociationRefused, ClientAssociation
 from minipacs.net.operations import Operation
 from minipacs.net.session import Timeouts
-from minipacs.services.retrieve import (
-    MOVE_DESTINATION_UNKNOWN,
-    RetrieveOptions,
-    RetrieveService,
-    Target,
-    proposals,
-)
+from minipacs.services.retrieve import MOVE_DESTINATION_UNKNOWN, RetrieveOptions, RetrieveService
+from minipacs.services.suboperations import Target, proposals
 from minipacs.storage.filestore import FileStore
 
 log = logging.getLogger("minipacs.move")
@@ -94,7 +89,7 @@ class MoveService(RetrieveService):
             )
         except AssociationRefused as exc:
             log.warning("C-MOVE to %s: %s", name, exc)
-            return Target(None, (), options.response_timeout, unavailable=f"{name}: {exc}")
+            return Target(None, (), options.response_timeout, lost=f"{name}: {exc}")
         return _MoveTarget(
             client.session,
             list(client.contexts.values()),

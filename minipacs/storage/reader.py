@@ -33,6 +33,12 @@ class DatasetReader:
         # PS3.5 7.1: a data set is even; an odd file (a deflated stream) gets one pad byte.
         self._pad = self.remaining % 2 == 1
 
+    @classmethod
+    def open(cls, path: Path) -> tuple[DatasetReader, tuple[bytes, bool]]:
+        """Open a file and read its first chunk: one executor trip for most instances."""
+        reader = cls(path)
+        return reader, reader.read()
+
     def read(self) -> tuple[bytes, bool]:
         """The next chunk and whether it is the last; the file is closed after the last."""
         assert self._handle is not None, "read past the end"

@@ -1,0 +1,257 @@
+"""C-STORE sub-operations of a C-MOVE or C-GET: their counts, their peer, sending them.
+
+Each instance goes on a context the peer accepted for its SOP class: in its stored
+transfer syntax when accepted (the file's bytes as they are), else in an uncompressed one
+(decompressed and re-encoded in an executor), else it fails. The next instance is read
+while the peer answers the current one, so the disk and the network overlap; every wait
+on the peer is time-bound, and a peer that goes away (`Target.lost`) fails what is left.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncGenerator, AsyncIterator, Mapping, Sequence
+from concurrent.futures import Executor
+from dataclasses import dataclass, field
+from typing import Final
+
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+
+from minipacs import dataset as dicom
+from minipacs.index.retrieve import StoredInstance
+from minipacs.net.association import AssociationError
+from minipacs.net.commands import C_STORE_RQ, DATASET_PRESENT, PRIORITY_MEDIUM, Command
+from minipacs.net.negotiation import AcceptedContext
+from minipacs.net.operations import CANCEL, SUCCESS
+from minipacs.net.session import Session
+from minipacs.storage.filestore import FileStore
+from minipacs.storage.reader import DatasetReader
+from minipacs.transcode import TranscodeError, transcode
+
+log = logging.getLogger("minipacs.retrieve")
+
+# Final statuses of C-MOVE and C-GET, PS3.4 Tables C.4-2 and C.4-3.
+UNABLE_TO_PERFORM: Final = 0xA702
+SOME_FAILED: Final = 0xB000
+# Uncompressed syntaxes every storage SCP accepts; Implicit VR LE is the default (PS3.5 10.1).
+UNCOMPRESSED: Final = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
+MAX_CONTEXTS: Final = 128  # PS3.8 9.3.2.2: odd context IDs 1-255
+
+Pieces = AsyncGenerator[tuple[bytes, bool]]
+
+
+@dataclass
+class Counts:
+    """Sub-operation counts of one retrieve (PS3.7 9.3.3.2, 9.3.4.2)."""
+
+    remaining: int
+    completed: int = 0
+    failed: int = 0
+    warning: int = 0
+    failed_uids: list[str] = field(default_factory=list)
+
+    def record(self, status: int | None, sop_uid: str) -> None:
+        """Count one sub-operation by its C-STORE status (None: it could not be sent)."""
+        self.remaining = max(0, self.remaining - 1)
+        if status == SUCCESS:
+            self.completed += 1
+        elif status is not None and (status & 0xF000 == 0xB000 or status == 0x0001):
+            # PS3.4 B.2.3: Bxxx (coercion, elements discarded, data set mismatch) are warnings.
+            self.warning += 1
+        else:
+            self.failed += 1
+            self.failed_uids.append(sop_uid)
+
+    def fields(self, final: bool, cancelled: bool = False) -> dict[str, int]:
+        """Command fields; Remaining only in Pending and Cancel responses (PS3.7 C.4.2.1.4)."""
+        fields = {
+            "NumberOfCompletedSuboperations": self.completed,
+            "NumberOfFailedSuboperations": self.failed,
+            "NumberOfWarningSuboperations": self.warning,
+        }
+        if not final or cancelled:
+            fields["NumberOfRemainingSuboperations"] = self.remaining
+        return fields
+
+    def final_status(self, cancelled: bool) -> int:
+        """The final status these counts call for (PS3.4 C.4.2.1.5, C.4.3.1.4)."""
+        if cancelled:
+            return CANCEL
+        if not self.failed and not self.warning:
+            return SUCCESS
+        if not self.completed and not self.warning:
+            return UNABLE_TO_PERFORM
+        return SOME_FAILED
+
+
+@dataclass
+class Target:
+    """Where sub-operations go: a session, the contexts we may send on, a move originator."""
+
+    session: Session | None
+    contexts: Sequence[AcceptedContext]
+    timeout: float
+    move_originator: tuple[str, int] | None = None
+    # Why no more sub-operations can be sent (None: they can), for the logs.
+    lost: str | None = None
+    _by_syntax: dict[tuple[str, str], int] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for context in self.contexts:
+            if context.we_are_scu:
+                key = (context.abstract_syntax, context.transfer_syntax)
+                self._by_syntax.setdefault(key, context.context_id)
+
+    def context_for(self, instance: StoredInstance) -> tuple[int, str] | None:
+        """A context for an instance: its own syntax first, else an uncompressed one."""
+        for syntax in (instance.transfer_syntax, *UNCOMPRESSED):
+            context_id = self._by_syntax.get((instance.sop_class_uid, syntax))
+            if context_id is not None:
+                return context_id, syntax
+        return None
+
+
+@dataclass
+class Prepared:
+    """An instance ready to go: its context and its data set as (bytes, is_last) pieces."""
+
+    context_id: int
+    pieces: Pieces
+    reader: DatasetReader | None = None
+
+    async def close(self) -> None:
+        """Release the file, whether or not the pieces were sent."""
+        await self.pieces.aclose()
+        if self.reader is not None:
+            self.reader.close()
+
+
+def proposals(summary: Mapping[tuple[str, str], int]) -> list[tuple[str, list[str]]]:
+    """Contexts to propose for the instances of a summary: stored syntax, then uncompressed."""
+    contexts: list[tuple[str, list[str]]] = []
+    for sop_class in sorted({sop_class for sop_class, _ in summary}):
+        stored = sorted({s for c, s in summary if c == sop_class and s not in UNCOMPRESSED})
+        contexts.extend((sop_class, [syntax]) for syntax in stored)
+        contexts.append((sop_class, list(UNCOMPRESSED)))
+    # Past 128 the instances of the classes left out fail for want of a context.
+    return contexts[:MAX_CONTEXTS]
+
+
+class Sender:
+    """Reads instances from the store and sends them as C-STORE-RQs to a target."""
+
+    def __init__(self, store: FileStore, executor: Executor) -> None:
+        self.store = store
+        self.executor = executor
+
+    async def prefetched(
+        self, target: Target, instances: AsyncIterator[StoredInstance]
+    ) -> AsyncGenerator[tuple[StoredInstance, Prepared | None]]:
+        """Each instance with what `prepare` made of it, the next one read in advance."""
+        ahead: tuple[StoredInstance, asyncio.Future[Prepared | None]] | None = None
+        try:
+            async for instance in instances:
+                future = asyncio.ensure_future(self.prepare(target, instance))
+                if ahead is not None:
+                    current, ahead = ahead, None
+                    yield current[0], await current[1]
+                ahead = (instance, future)
+            if ahead is not None:
+                current, ahead = ahead, None
+                yield current[0], await current[1]
+        finally:
+            if ahead is not None:
+                prepared = await ahead[1]
+                if prepared is not None:
+                    await prepared.close()
+
+    async def prepare(self, target: Target, instance: StoredInstance) -> Prepared | None:
+        """Choose a context and read the first piece; None when the instance cannot go."""
+        if target.lost is not None:
+            return None
+        chosen = target.context_for(instance)
+        if chosen is None:
+            log.warning(
+                "no accepted context for %s in %s or uncompressed: %s fails",
+                instance.sop_class_uid,
+                instance.transfer_syntax,
+                instance.sop_uid,
+            )
+            return None
+        context_id, syntax = chosen
+        loop = asyncio.get_running_loop()
+        path = self.store.path(instance.rel_path)
+        try:
+            if syntax != instance.transfer_syntax:
+                data = await loop.run_in_executor(self.executor, transcode, path, syntax)
+                return Prepared(context_id, _single(data))
+            reader, first = await loop.run_in_executor(self.executor, DatasetReader.open, path)
+        except (OSError, dicom.DataSetError, TranscodeError) as exc:
+            log.warning("cannot read %s: %s", instance.sop_uid, exc)
+            return None
+        return Prepared(context_id, _chunks(loop, self.executor, reader, first), reader)
+
+    async def send(
+        self, target: Target, instance: StoredInstance, prepared: Prepared
+    ) -> int | None:
+        """One C-STORE sub-operation: its status; None (and `target.lost`) if the peer went."""
+        session = target.session
+        if session is None or target.lost is not None:
+            # Read ahead before the peer went: it cannot be sent now.
+            await prepared.close()
+            return None
+        message_id = session.next_message_id()
+        command: Command = {
+            "CommandField": C_STORE_RQ,
+            "MessageID": message_id,
+            "AffectedSOPClassUID": instance.sop_class_uid,
+            "AffectedSOPInstanceUID": instance.sop_uid,
+            "Priority": PRIORITY_MEDIUM,
+            "CommandDataSetType": DATASET_PRESENT,
+        }
+        if target.move_originator is not None:
+            # PS3.7 9.1.1.1: a C-MOVE sub-operation names the AE and message it serves.
+            ae_title, move_id = target.move_originator
+            command["MoveOriginatorApplicationEntityTitle"] = ae_title
+            command["MoveOriginatorMessageID"] = move_id
+        response = None
+        try:
+            async with asyncio.timeout(target.timeout):
+                queue = await session.request_streamed(
+                    prepared.context_id, command, prepared.pieces
+                )
+                response = await queue.get()
+        except TimeoutError:
+            target.lost = f"no C-STORE-RSP within {target.timeout:g} s"
+        except OSError as exc:
+            # A file that cannot be read after its first piece: the message is cut short,
+            # so the association cannot carry another one.
+            target.lost = f"cannot read or send {instance.sop_uid}: {exc}"
+        except AssociationError as exc:
+            target.lost = f"association ended: {exc}"
+        finally:
+            session.forget_request(message_id)
+            await prepared.close()
+        if response is None:
+            target.lost = target.lost or f"association ended: {session.outcome}"
+            log.warning("sub-operations stop: %s; what is left fails", target.lost)
+            return None
+        return int(response.command.get("Status", 0xC000))  # type: ignore[call-overload]
+
+
+async def _single(data: bytes) -> Pieces:
+    yield data, True
+
+
+async def _chunks(
+    loop: asyncio.AbstractEventLoop,
+    executor: Executor,
+    reader: DatasetReader,
+    first: tuple[bytes, bool],
+) -> Pieces:
+    piece = first
+    yield piece
+    while not piece[1]:
+        piece = await loop.run_in_executor(executor, reader.read)
+        yield piece
