@@ -49,6 +49,7 @@ class StoredInstance:
     sop_uid: str
     transfer_syntax: str
     rel_path: str
+    size: int
 
 
 def plan_retrieve(model: InformationModel, identifier: Dataset) -> RetrievePlan:
@@ -118,6 +119,7 @@ class RetrieveQuery:
                     Instance.sop_uid,
                     Instance.transfer_syntax,
                     Instance.rel_path,
+                    Instance.size,
                 ),
             )
             .where(*self._conditions)

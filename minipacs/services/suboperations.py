@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import deque
 from collections.abc import AsyncGenerator, AsyncIterator, Mapping, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
@@ -37,6 +38,10 @@ SOME_FAILED: Final = 0xB000
 # Uncompressed syntaxes every storage SCP accepts; Implicit VR LE is the default (PS3.5 10.1).
 UNCOMPRESSED: Final = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
 MAX_CONTEXTS: Final = 128  # PS3.8 9.3.2.2: odd context IDs 1-255
+# Instances read in one executor trip, and the file bytes that end a batch sooner: two
+# batches (the one being sent, the next one) are in memory at once.
+READ_AHEAD: Final = 32
+READ_AHEAD_BYTES: Final = 8 * 1024 * 1024
 
 Pieces = AsyncGenerator[tuple[bytes, bool]]
 
@@ -148,49 +153,82 @@ class Sender:
     async def prefetched(
         self, target: Target, instances: AsyncIterator[StoredInstance]
     ) -> AsyncGenerator[tuple[StoredInstance, Prepared | None]]:
-        """Each instance with what `prepare` made of it, the next one read in advance."""
-        ahead: tuple[StoredInstance, asyncio.Future[Prepared | None]] | None = None
+        """Each instance with what `prepare` made of it, the next batch read in advance."""
+        batches = aiter(_batches(instances))
+        ready: deque[tuple[StoredInstance, Prepared | None]] = deque()
+        ahead: asyncio.Future[list[tuple[StoredInstance, Prepared | None]]] | None = None
+        first = await anext(batches, None)
+        if first is not None:
+            ahead = asyncio.ensure_future(self.prepare(target, first))
         try:
-            async for instance in instances:
-                future = asyncio.ensure_future(self.prepare(target, instance))
-                if ahead is not None:
-                    current, ahead = ahead, None
-                    yield current[0], await current[1]
-                ahead = (instance, future)
-            if ahead is not None:
-                current, ahead = ahead, None
-                yield current[0], await current[1]
+            while ahead is not None:
+                ready.extend(await ahead)
+                ahead = None
+                following = await anext(batches, None)
+                if following is not None:
+                    ahead = asyncio.ensure_future(self.prepare(target, following))
+                while ready:
+                    yield ready.popleft()
         finally:
             if ahead is not None:
-                prepared = await ahead[1]
+                ready.extend(await ahead)
+            for _, prepared in ready:
                 if prepared is not None:
                     await prepared.close()
 
-    async def prepare(self, target: Target, instance: StoredInstance) -> Prepared | None:
-        """Choose a context and read the first piece; None when the instance cannot go."""
+    async def prepare(
+        self, target: Target, batch: list[StoredInstance]
+    ) -> list[tuple[StoredInstance, Prepared | None]]:
+        """Choose contexts and read the batch's first pieces in one executor trip.
+
+        One trip per batch, not per instance: on a busy machine each trip (a thread wake-up
+        and a loop wake-up) costs more than reading a small file.
+        """
         if target.lost is not None:
-            return None
-        chosen = target.context_for(instance)
-        if chosen is None:
-            log.warning(
-                "no accepted context for %s in %s or uncompressed: %s fails",
-                instance.sop_class_uid,
-                instance.transfer_syntax,
-                instance.sop_uid,
-            )
-            return None
-        context_id, syntax = chosen
+            return [(instance, None) for instance in batch]
+        work = []
+        for instance in batch:
+            chosen = target.context_for(instance)
+            if chosen is None:
+                log.warning(
+                    "no accepted context for %s in %s or uncompressed: %s fails",
+                    instance.sop_class_uid,
+                    instance.transfer_syntax,
+                    instance.sop_uid,
+                )
+            work.append((instance, chosen))
         loop = asyncio.get_running_loop()
-        path = self.store.path(instance.rel_path)
-        try:
-            if syntax != instance.transfer_syntax:
-                data = await loop.run_in_executor(self.executor, transcode, path, syntax)
-                return Prepared(context_id, _single(data))
-            reader, first = await loop.run_in_executor(self.executor, DatasetReader.open, path)
-        except (OSError, dicom.DataSetError, TranscodeError) as exc:
-            log.warning("cannot read %s: %s", instance.sop_uid, exc)
-            return None
-        return Prepared(context_id, _chunks(loop, self.executor, reader, first), reader)
+        loaded = await loop.run_in_executor(self.executor, self._load, work)
+        prepared = []
+        for (instance, chosen), (reader, first) in zip(work, loaded, strict=True):
+            if chosen is None or first is None:
+                prepared.append((instance, None))
+                continue
+            pieces = (
+                _single(first[0]) if reader is None else _chunks(loop, self.executor, reader, first)
+            )
+            prepared.append((instance, Prepared(chosen[0], pieces, reader)))
+        return prepared
+
+    def _load(
+        self, work: list[tuple[StoredInstance, tuple[int, str] | None]]
+    ) -> list[tuple[DatasetReader | None, tuple[bytes, bool] | None]]:
+        """Open each file and read its first chunk, or transcode it (blocking)."""
+        loaded: list[tuple[DatasetReader | None, tuple[bytes, bool] | None]] = []
+        for instance, chosen in work:
+            if chosen is None:
+                loaded.append((None, None))
+                continue
+            path = self.store.path(instance.rel_path)
+            try:
+                if chosen[1] != instance.transfer_syntax:
+                    loaded.append((None, (transcode(path, chosen[1]), True)))
+                else:
+                    loaded.append(DatasetReader.open(path))
+            except (OSError, dicom.DataSetError, TranscodeError) as exc:
+                log.warning("cannot read %s: %s", instance.sop_uid, exc)
+                loaded.append((None, None))
+        return loaded
 
     async def send(
         self, target: Target, instance: StoredInstance, prepared: Prepared
@@ -238,6 +276,20 @@ class Sender:
             log.warning("sub-operations stop: %s; what is left fails", target.lost)
             return None
         return int(response.command.get("Status", 0xC000))  # type: ignore[call-overload]
+
+
+async def _batches(instances: AsyncIterator[StoredInstance]) -> AsyncIterator[list[StoredInstance]]:
+    """Instances grouped to be read together: at most READ_AHEAD of them or READ_AHEAD_BYTES."""
+    batch: list[StoredInstance] = []
+    size = 0
+    async for instance in instances:
+        batch.append(instance)
+        size += instance.size
+        if len(batch) >= READ_AHEAD or size >= READ_AHEAD_BYTES:
+            yield batch
+            batch, size = [], 0
+    if batch:
+        yield batch
 
 
 async def _single(data: bytes) -> Pieces:
