@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Mapping, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import Final
@@ -32,6 +32,8 @@ from minipacs.services.suboperations import Counts, Sender, Target
 from minipacs.storage.filestore import FileStore
 
 log = logging.getLogger("minipacs.retrieve")
+
+Page = tuple[Sequence[StoredInstance], int | None]
 
 # C-MOVE and C-GET failures before any sub-operation, PS3.4 Tables C.4-2 and C.4-3.
 UNABLE_TO_COUNT: Final = 0xA701
@@ -108,12 +110,16 @@ class RetrieveService:
             return
         counts = Counts(sum(summary.values()))
         operation.log_fields.update(query_level=query.plan.level, matches=counts.remaining)
-        target = await self.open_target(operation, summary) if counts.remaining else None
+        if not counts.remaining:
+            await self._finish(operation, counts, False, None)
+            return
+        # The first page is read while the target opens.
+        first_page = loop.run_in_executor(self.query_executor, query.page, 0)
+        target = await self.open_target(operation, summary)
         try:
-            cancelled = await self._run(operation, query, target, counts)
+            cancelled = await self._run(operation, self._pages(query, first_page), target, counts)
         finally:
-            if target is not None:
-                await self.close_target(target)
+            await self.close_target(target)
         await self._finish(operation, counts, cancelled, target)
 
     async def accepts(self, operation: Operation) -> bool:
@@ -140,9 +146,11 @@ class RetrieveService:
         query = RetrieveQuery(plan, self.engine, self.options.page_size)
         return query, query.summary()
 
-    async def _pages(self, query: RetrieveQuery) -> AsyncIterator[StoredInstance]:
+    async def _pages(
+        self, query: RetrieveQuery, following: asyncio.Future[Page]
+    ) -> AsyncIterator[StoredInstance]:
+        """The instances page by page, each page queried while the one before is sent."""
         loop = asyncio.get_running_loop()
-        following = loop.run_in_executor(self.query_executor, query.page, 0)
         while True:
             page, after = await following
             if after is not None:
@@ -153,29 +161,44 @@ class RetrieveService:
                 return
 
     async def _run(
-        self, operation: Operation, query: RetrieveQuery, target: Target | None, counts: Counts
+        self,
+        operation: Operation,
+        instances: AsyncIterator[StoredInstance],
+        target: Target,
+        counts: Counts,
     ) -> bool:
         """Send every instance; return True when C-CANCEL stopped the retrieve."""
-        if target is None:
-            return False
+        reported = 0
         try:
-            async for instance, prepared in self.sender.prefetched(target, self._pages(query)):
+            async for instance, prepared in self.sender.prefetched(target, instances):
                 if operation.cancelled.is_set():
                     if prepared is not None:
                         await prepared.close()
                     return True
-                status = None
+                flight = None
                 if prepared is not None:
-                    status = await self.sender.send(target, instance, prepared)
+                    flight = await self.sender.start(target, instance, prepared)
+                # The Pending response of the sub-operation before goes out while the peer
+                # handles this one: off the path the sub-operations wait on.
+                reported = await self._report(operation, target, counts, reported)
+                status = await self.sender.finish(target, flight) if flight else None
                 counts.record(status, instance.sop_uid)
-                if target.lost is None:
-                    await operation.respond(PENDING, **counts.fields(final=False))
+            await self._report(operation, target, counts, reported)
         except SQLAlchemyError:
             # The index went away mid-retrieve: what was not sent counts as failed.
             log.exception("%s page query failed", self.name)
             counts.failed += counts.remaining
             counts.remaining = 0
         return False
+
+    async def _report(
+        self, operation: Operation, target: Target, counts: Counts, reported: int
+    ) -> int:
+        """Send a Pending response if sub-operations ended since the last (PS3.4 C.4.2.3.1)."""
+        done = counts.completed + counts.failed + counts.warning
+        if done > reported and target.lost is None:
+            await operation.respond(PENDING, **counts.fields(final=False))
+        return done
 
     async def _finish(
         self, operation: Operation, counts: Counts, cancelled: bool, target: Target | None

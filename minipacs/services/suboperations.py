@@ -2,8 +2,8 @@
 
 Each instance goes on a context the peer accepted for its SOP class: in its stored
 transfer syntax when accepted (the file's bytes as they are), else in an uncompressed one
-(decompressed and re-encoded in an executor), else it fails. The next instance is read
-while the peer answers the current one, so the disk and the network overlap; every wait
+(decompressed and re-encoded in an executor), else it fails. Instances are read
+ahead in batches while the peer answers, so the disk and the network overlap; every wait
 on the peer is time-bound, and a peer that goes away (`Target.lost`) fails what is left.
 """
 
@@ -23,6 +23,7 @@ from minipacs import dataset as dicom
 from minipacs.index.retrieve import StoredInstance
 from minipacs.net.association import AssociationError
 from minipacs.net.commands import C_STORE_RQ, DATASET_PRESENT, PRIORITY_MEDIUM, Command
+from minipacs.net.dimse import DimseMessage
 from minipacs.net.negotiation import AcceptedContext
 from minipacs.net.operations import CANCEL, SUCCESS
 from minipacs.net.session import Session
@@ -41,6 +42,7 @@ MAX_CONTEXTS: Final = 128  # PS3.8 9.3.2.2: odd context IDs 1-255
 # Instances read in one executor trip, and the file bytes that end a batch sooner: two
 # batches (the one being sent, the next one) are in memory at once.
 READ_AHEAD: Final = 32
+FIRST_BATCH: Final = 4
 READ_AHEAD_BYTES: Final = 8 * 1024 * 1024
 
 Pieces = AsyncGenerator[tuple[bytes, bool]]
@@ -130,6 +132,15 @@ class Prepared:
         await self.pieces.aclose()
         if self.reader is not None:
             self.reader.close()
+
+
+@dataclass(frozen=True)
+class InFlight:
+    """A C-STORE-RQ sent: where its response arrives, and by when it must."""
+
+    message_id: int
+    queue: asyncio.Queue[DimseMessage | None]
+    deadline: float
 
 
 def proposals(summary: Mapping[tuple[str, str], int]) -> list[tuple[str, list[str]]]:
@@ -230,10 +241,10 @@ class Sender:
                 loaded.append((None, None))
         return loaded
 
-    async def send(
+    async def start(
         self, target: Target, instance: StoredInstance, prepared: Prepared
-    ) -> int | None:
-        """One C-STORE sub-operation: its status; None (and `target.lost`) if the peer went."""
+    ) -> InFlight | None:
+        """Send an instance's C-STORE-RQ; None (and `target.lost`) if it cannot go."""
         session = target.session
         if session is None or target.lost is not None:
             # Read ahead before the peer went: it cannot be sent now.
@@ -253,41 +264,58 @@ class Sender:
             ae_title, move_id = target.move_originator
             command["MoveOriginatorApplicationEntityTitle"] = ae_title
             command["MoveOriginatorMessageID"] = move_id
-        response = None
+        deadline = asyncio.get_running_loop().time() + target.timeout
         try:
-            async with asyncio.timeout(target.timeout):
+            async with asyncio.timeout_at(deadline):
                 queue = await session.request_streamed(
                     prepared.context_id, command, prepared.pieces
                 )
-                response = await queue.get()
-        except TimeoutError:
-            target.lost = f"no C-STORE-RSP within {target.timeout:g} s"
-        except OSError as exc:
-            # A file that cannot be read after its first piece: the message is cut short,
-            # so the association cannot carry another one.
-            target.lost = f"cannot read or send {instance.sop_uid}: {exc}"
-        except AssociationError as exc:
-            target.lost = f"association ended: {exc}"
-        finally:
+        except (TimeoutError, OSError, AssociationError) as exc:
+            # OSError: a file that cannot be read after its first piece cuts the message
+            # short, so the association cannot carry another one.
             session.forget_request(message_id)
+            self._lose(target, f"cannot send {instance.sop_uid}: {exc or 'timed out'}")
+            return None
+        finally:
             await prepared.close()
+        return InFlight(message_id, queue, deadline)
+
+    async def finish(self, target: Target, flight: InFlight) -> int | None:
+        """Wait for a C-STORE-RSP: its status; None (and `target.lost`) if none came."""
+        assert target.session is not None
+        response = None
+        try:
+            async with asyncio.timeout_at(flight.deadline):
+                response = await flight.queue.get()
+        except TimeoutError:
+            self._lose(target, f"no C-STORE-RSP within {target.timeout:g} s")
+            return None
+        finally:
+            target.session.forget_request(flight.message_id)
         if response is None:
-            target.lost = target.lost or f"association ended: {session.outcome}"
-            log.warning("sub-operations stop: %s; what is left fails", target.lost)
+            self._lose(target, f"association ended: {target.session.outcome}")
             return None
         return int(response.command.get("Status", 0xC000))  # type: ignore[call-overload]
 
+    def _lose(self, target: Target, why: str) -> None:
+        target.lost = target.lost or why
+        log.warning("sub-operations stop: %s; what is left fails", target.lost)
+
 
 async def _batches(instances: AsyncIterator[StoredInstance]) -> AsyncIterator[list[StoredInstance]]:
-    """Instances grouped to be read together: at most READ_AHEAD of them or READ_AHEAD_BYTES."""
+    """Instances grouped to be read together: at most READ_AHEAD of them or READ_AHEAD_BYTES.
+
+    The first batch is short, so that the first sub-operation starts soon.
+    """
     batch: list[StoredInstance] = []
     size = 0
+    limit = FIRST_BATCH
     async for instance in instances:
         batch.append(instance)
         size += instance.size
-        if len(batch) >= READ_AHEAD or size >= READ_AHEAD_BYTES:
+        if len(batch) >= limit or size >= READ_AHEAD_BYTES:
             yield batch
-            batch, size = [], 0
+            batch, size, limit = [], 0, READ_AHEAD
     if batch:
         yield batch
 
