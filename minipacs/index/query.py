@@ -266,11 +266,9 @@ def joined(level: str, columns: Sequence[Any]) -> Select[Any]:
 def keyset_page(
     connection: Connection, statement: Select[Any], id_column: Any, after: int, size: int
 ) -> tuple[Sequence[Any], int | None]:
-    """Rows of a statement ordered by id_column after id `after`, and the id to go on from.
-
-    Keyset pagination: each page is one short indexed read, whatever the number of rows.
-    The continuation is None once a page comes back short (the last one).
-    """
+    """Rows of a statement ordered by id_column after id `after`, and the id to go on from."""
+    # Keyset pagination: each page is one short indexed read, whatever the number of rows;
+    # the continuation is None once a page comes back short (the last one).
     rows = connection.execute(statement.where(id_column > after).limit(size)).all()
     return rows, rows[-1][0] if len(rows) == size else None
 

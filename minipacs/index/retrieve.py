@@ -52,6 +52,10 @@ class StoredInstance:
     size: int
 
 
+def _is_single(matcher: Matcher) -> bool:
+    return matcher.kind == "single" and len(matcher.values) == 1
+
+
 def plan_retrieve(model: InformationModel, identifier: Dataset) -> RetrievePlan:
     """Check a C-MOVE/C-GET identifier against the model; raise QueryError."""
     level = query_level(model, identifier)
@@ -67,16 +71,14 @@ def plan_retrieve(model: InformationModel, identifier: Dataset) -> RetrievePlan:
             raise QueryError(f"{keyword}: {exc}", tag) from exc
         keys[keyword] = matcher
 
-    def single(keyword: str) -> bool:
-        matcher = keys[keyword]
-        return matcher.kind == "single" and len(matcher.values) == 1
-
     # PS3.4 C.4.2.2.1.1-3: the levels above are named by a single value of their key.
-    check_levels_above(model, level, single, "retrieve", "PS3.4 C.4.2.2.1")
+    check_levels_above(
+        model, level, lambda keyword: _is_single(keys[keyword]), "retrieve", "PS3.4 C.4.2.2.1"
+    )
     keyword = UNIQUE_KEYS[level]
     matcher = keys[keyword]
     # At the retrieve level: one value, or a list of UIDs (not of Patient IDs).
-    if not (single(keyword) or (matcher.kind == "list" and level != PATIENT)):
+    if not (_is_single(matcher) or (matcher.kind == "list" and level != PATIENT)):
         what = "a single value" if level == PATIENT else "a single UID or a list of UIDs"
         raise QueryError(
             f"a {level} retrieve needs {what} of {keyword} (PS3.4 C.4.2.2.1)", key_tag(keyword)

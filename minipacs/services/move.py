@@ -83,7 +83,8 @@ class MoveService(RetrieveService):
                 calling_ae=options.ae_title,
                 called_ae=name,
                 contexts=proposals(summary),
-                timeouts=Timeouts(artim=options.connect_timeout, idle=options.response_timeout),
+                # The idle timer stays the default: response_timeout bounds each wait.
+                timeouts=Timeouts(artim=options.connect_timeout),
                 connect_timeout=options.connect_timeout,
                 ssl=self._ssl_context() if destination.tls else None,
             )

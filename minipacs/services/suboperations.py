@@ -190,11 +190,9 @@ class Sender:
     async def prepare(
         self, target: Target, batch: list[StoredInstance]
     ) -> list[tuple[StoredInstance, Prepared | None]]:
-        """Choose contexts and read the batch's first pieces in one executor trip.
-
-        One trip per batch, not per instance: on a busy machine each trip (a thread wake-up
-        and a loop wake-up) costs more than reading a small file.
-        """
+        """Choose contexts and read the batch's first pieces in one executor trip."""
+        # One trip per batch, not per instance: on a busy machine each trip (a thread
+        # wake-up and a loop wake-up) costs more than reading a small file.
         if target.lost is not None:
             return [(instance, None) for instance in batch]
         work = []
@@ -264,12 +262,10 @@ class Sender:
             ae_title, move_id = target.move_originator
             command["MoveOriginatorApplicationEntityTitle"] = ae_title
             command["MoveOriginatorMessageID"] = move_id
-        deadline = asyncio.get_running_loop().time() + target.timeout
         try:
-            async with asyncio.timeout_at(deadline):
-                queue = await session.request_streamed(
-                    prepared.context_id, command, prepared.pieces
-                )
+            async with asyncio.timeout(target.timeout) as bound:
+                pieces = _progressing(prepared.pieces, bound, target.timeout)
+                queue = await session.request_streamed(prepared.context_id, command, pieces)
         except (TimeoutError, OSError, AssociationError) as exc:
             # OSError: a file that cannot be read after its first piece cuts the message
             # short, so the association cannot carry another one.
@@ -278,7 +274,7 @@ class Sender:
             return None
         finally:
             await prepared.close()
-        return InFlight(message_id, queue, deadline)
+        return InFlight(message_id, queue, asyncio.get_running_loop().time() + target.timeout)
 
     async def finish(self, target: Target, flight: InFlight) -> int | None:
         """Wait for a C-STORE-RSP: its status; None (and `target.lost`) if none came."""
@@ -318,6 +314,14 @@ async def _batches(instances: AsyncIterator[StoredInstance]) -> AsyncIterator[li
             batch, size, limit = [], 0, READ_AHEAD
     if batch:
         yield batch
+
+
+async def _progressing(pieces: Pieces, bound: asyncio.Timeout, timeout: float) -> Pieces:
+    """The pieces, each pushing the time bound back: a peer that keeps reading has time."""
+    loop = asyncio.get_running_loop()
+    async for piece in pieces:
+        bound.reschedule(loop.time() + timeout)
+        yield piece
 
 
 async def _single(data: bytes) -> Pieces:
