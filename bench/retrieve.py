@@ -16,9 +16,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import re
-import statistics
 import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -28,6 +26,7 @@ import pydicom
 
 from bench import datasets
 from bench.peers import Peer, dcmtk_env, minipacs, orthanc, storescp
+from bench.rounds import alternate
 
 SERVERS = ("minipacs", "orthanc")
 CLIENT_TIMEOUT = 600.0
@@ -102,6 +101,29 @@ def servers(destination: Peer, config: Path) -> Iterator[dict[str, Peer]]:
         yield {"minipacs": ours, "orthanc": theirs}
 
 
+def measure(
+    root: Path, destination: Peer, rounds: int, count: int, size: int
+) -> tuple[dict[tuple[str, str], float], int]:
+    """One study of `count` size x size images: median seconds by (operation, server)."""
+    files = datasets.generate(
+        root, count, size, parts=1, per_series=100, series_per_study=max(1, -(-count // 100))
+    )
+    first = next(files.parts[0].iterdir())
+    study_uid = str(pydicom.dcmread(first, stop_before_pixels=True).StudyInstanceUID)
+    results = {}
+    with servers(destination, root / "minipacs.toml") as peers:
+        for peer in peers.values():
+            load(peer, files)
+        for how in ("C-MOVE", "C-GET"):
+
+            def run(name: str, how: str = how) -> float:
+                return retrieve(peers[name], how, study_uid, count, destination.ae_title)
+
+            medians = alternate(rounds, SERVERS, f"{size}px {how}", count, run)
+            results.update({(how, name): seconds for name, seconds in medians.items()})
+    return results, files.total_bytes
+
+
 def main() -> None:
     """Generate the studies, measure C-MOVE and C-GET on both servers, print a table."""
     parser = argparse.ArgumentParser(description=__doc__)
@@ -113,45 +135,19 @@ def main() -> None:
     chosen = [s.strip() for s in args.sizes.split(",") if s.strip()]
     if set(chosen) - set(sizes):
         parser.error(f"unknown sizes {sorted(set(chosen) - set(sizes))}")
-    results: dict[tuple[str, str, str], float] = {}
-    totals: dict[str, int] = {}
-    with tempfile.TemporaryDirectory(prefix="bench-retrieve-") as tmp:
-        root = Path(tmp)
-        with storescp("--ignore") as destination:
-            for size in chosen:
-                files = datasets.generate(
-                    root / size, args.count, sizes[size], parts=1, per_series=100,
-                    series_per_study=max(1, -(-args.count // 100)),
-                )  # fmt: skip
-                totals[size] = files.total_bytes
-                first = next(files.parts[0].iterdir())
-                study_uid = str(pydicom.dcmread(first, stop_before_pixels=True).StudyInstanceUID)
-                with servers(destination, root / f"{size}.toml") as peers:
-                    for peer in peers.values():
-                        load(peer, files)
-                    for how in ("C-MOVE", "C-GET"):
-                        times: dict[str, list[float]] = {name: [] for name in SERVERS}
-                        for round_ in range(args.rounds):
-                            for name in SERVERS:
-                                elapsed = retrieve(
-                                    peers[name], how, study_uid, args.count, destination.ae_title
-                                )
-                                times[name].append(elapsed)
-                                print(
-                                    f"  {size:5s} {how} round {round_ + 1} {name:8s}"
-                                    f" {args.count / elapsed:8.1f} inst/s",
-                                    file=sys.stderr,
-                                )
-                        for name in SERVERS:
-                            results[size, how, name] = statistics.median(times[name])
+    measured = {}
+    with tempfile.TemporaryDirectory(prefix="bench-retrieve-") as tmp, storescp("--ignore") as to:
+        for size in chosen:
+            measured[size] = measure(Path(tmp) / size, to, args.rounds, args.count, sizes[size])
     print()
     print(f"{'study':22s} {'op':7s} {'server':9s} {'inst/s':>8s} {'MB/s':>8s} {'vs Orthanc':>10s}")
     for size in chosen:
+        results, total_bytes = measured[size]
         label = f"{args.count} x {sizes[size]}x{sizes[size]}"
         for how in ("C-MOVE", "C-GET"):
-            rate = {n: args.count / results[size, how, n] for n in SERVERS}
+            rate = {n: args.count / results[how, n] for n in SERVERS}
             for name in SERVERS:
-                megabytes = totals[size] / 1e6 / results[size, how, name]
+                megabytes = total_bytes / 1e6 / results[how, name]
                 ratio = f"{rate[name] / rate['orthanc']:5.2f}x" if name == "minipacs" else ""
                 print(
                     f"{label:22s} {how:7s} {name:9s} {rate[name]:8.1f} {megabytes:8.2f}"

@@ -136,6 +136,7 @@ async def serve(settings: Settings, started: asyncio.Event | None = None) -> Non
     )
     retrieve_options = RetrieveOptions(
         ae_title=settings.server.ae_title,
+        destinations=settings.destinations,
         connect_timeout=settings.retrieve.connect_timeout,
         response_timeout=settings.retrieve.response_timeout,
     )
@@ -146,7 +147,7 @@ async def serve(settings: Settings, started: asyncio.Event | None = None) -> Non
         archive.executor,
         retrieve_options,
     )
-    move_service = MoveService(*retrieve_args, settings.destinations)
+    move_service = MoveService(*retrieve_args)
     get_service = GetService(*retrieve_args)
     services = build_services(store_service, find_service, move_service, get_service)
     server = Server(server_config(settings), services)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -12,8 +11,8 @@ from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian
 
 from minipacs import dataset as dicom
-from minipacs.net.client import ClientAssociation
 from minipacs.storage.reader import DatasetReader
+from tests.qr_client import store_encoded
 
 CT_IMAGE = "1.2.840.10008.5.1.4.1.1.2"
 MR_IMAGE = "1.2.840.10008.5.1.4.1.1.4"
@@ -105,21 +104,7 @@ def compressed(name: str) -> Dataset:
     return pydicom.dcmread(get_testdata_file(name))
 
 
-async def store_all(port: int, instances: list[Stored], timeout: float = 120.0) -> list[int]:
+async def store_all(port: int, instances: list[Stored]) -> list[int]:
     """Store every instance in its own transfer syntax over one association."""
-    contexts = sorted({(i.sop_class, i.transfer_syntax) for i in instances})
-    async with asyncio.timeout(timeout):
-        assoc = await ClientAssociation.connect(
-            "127.0.0.1",
-            port,
-            calling_ae="RETRIEVETEST",
-            called_ae="MINIPACS",
-            contexts=[(sop_class, [syntax]) for sop_class, syntax in contexts],
-        )
-        statuses = []
-        async with assoc:
-            for i in instances:
-                context_id = assoc.context_for(i.sop_class, i.transfer_syntax)
-                response = await assoc.store(context_id, i.sop_class, i.sop_uid, i.data)
-                statuses.append(int(response["Status"]))  # type: ignore[call-overload]
-        return statuses
+    encoded = [(i.sop_class, i.sop_uid, i.transfer_syntax, i.data) for i in instances]
+    return await store_encoded(port, "RETRIEVETEST", encoded, 120.0)

@@ -20,13 +20,14 @@ from pynetdicom.sop_class import (
     StudyRootQueryRetrieveInformationModelFind as STUDY_ROOT,
 )
 
-from minipacs import dataset as dicom
 from minipacs.index import schema
 from minipacs.net.client import ClientAssociation
 from minipacs.net.commands import C_FIND_RQ
 from tests import find_data
 from tests.dicom_tools import dcmtk, echoscu
 from tests.find_data import BIG_SERIES_SIZE, ROOT, STUDIES
+from tests.qr_client import identifier as query
+from tests.qr_client import request_and_cancel
 from tests.servers import MinipacsProcess, start_minipacs
 
 TIMEOUT = 30
@@ -83,15 +84,6 @@ def find(
     finally:
         assoc.release()
     return found, pending, final
-
-
-def query(level: str, **keys: object) -> Dataset:
-    """An identifier: QueryRetrieveLevel and the given keys ("" asks for a value back)."""
-    ds = Dataset()
-    ds.QueryRetrieveLevel = level
-    for keyword, value in keys.items():
-        setattr(ds, keyword, value)
-    return ds
 
 
 def studies(port: int, **keys: object) -> set[str]:
@@ -420,21 +412,9 @@ async def _find_and_cancel(port: int, identifier: Dataset) -> tuple[int, int]:
             contexts=[(STUDY_ROOT, [ExplicitVRLittleEndian])],
         )
         async with assoc:
-            context_id = assoc.context_for(STUDY_ROOT)
-            message_id = assoc.session.next_message_id()
-            command = {
-                "CommandField": C_FIND_RQ,
-                "AffectedSOPClassUID": STUDY_ROOT,
-                "Priority": 0,
-                "CommandDataSetType": 1,
-            }
-            raw = dicom.encode(identifier, ExplicitVRLittleEndian)
-            statuses = []
-            async for response in assoc.request(context_id, command, raw, message_id):
-                statuses.append(int(response.command["Status"]))  # type: ignore[call-overload]
-                if len(statuses) == 1:
-                    await assoc.cancel(context_id, message_id)
-        return len(statuses) - 1, statuses[-1]
+            command = {"CommandField": C_FIND_RQ}
+            responses = await request_and_cancel(assoc, STUDY_ROOT, command, identifier)
+        return len(responses) - 1, int(responses[-1]["Status"])  # type: ignore[call-overload]
 
 
 def test_cancel_stops_the_stream(pacs: MinipacsProcess) -> None:

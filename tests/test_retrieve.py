@@ -40,6 +40,7 @@ from minipacs.net.operations import SUCCESS, Operation, Service
 from minipacs.storage.meta import encode_file_meta
 from tests import retrieve_data
 from tests.dicom_tools import dcmtk, echoscu
+from tests.qr_client import identifier, request_and_cancel
 from tests.retrieve_data import BIG_SERIES_SIZE, CT_IMAGE, MR_IMAGE, ROOT, Stored
 from tests.servers import MinipacsProcess, free_port, start_minipacs, wait_for_port
 
@@ -157,15 +158,6 @@ def site(
         for peer in peers.values():
             peer.process.terminate()
             peer.process.wait(10)
-
-
-def identifier(level: str, **keys: object) -> Dataset:
-    """A retrieve identifier: QueryRetrieveLevel and unique keys."""
-    ds = Dataset()
-    ds.QueryRetrieveLevel = level
-    for keyword, value in keys.items():
-        setattr(ds, keyword, value)
-    return ds
 
 
 def _ae(title: str) -> AE:
@@ -472,23 +464,11 @@ async def _retrieve_and_cancel(port: int, command_field: int) -> tuple[int, dict
             services={C_STORE_RQ: Service(on_store)},
         )
         async with assoc:
-            context_id = assoc.context_for(model)
-            message_id = assoc.session.next_message_id()
-            command = {
-                "CommandField": command_field,
-                "AffectedSOPClassUID": model,
-                "Priority": 0,
-                "CommandDataSetType": 1,
-            }
+            command: dict[str, object] = {"CommandField": command_field}
             if command_field == C_MOVE_RQ:
                 command["MoveDestination"] = "STORESCP"
             ds = identifier("SERIES", StudyInstanceUID=f"{ROOT}.3", SeriesInstanceUID=f"{ROOT}.3.1")
-            raw = dicom.encode(ds, ExplicitVRLittleEndian)
-            responses = []
-            async for response in assoc.request(context_id, command, raw, message_id):
-                responses.append(response.command)
-                if len(responses) == 1:
-                    await assoc.cancel(context_id, message_id)
+            responses = await request_and_cancel(assoc, model, command, ds)
         return len(responses) - 1, responses[-1]
 
 

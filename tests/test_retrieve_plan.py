@@ -11,31 +11,24 @@ from minipacs.index.query import QueryError
 from minipacs.index.retrieve import StoredInstance, plan_retrieve
 from minipacs.net.negotiation import AcceptedContext
 from minipacs.services.suboperations import Counts, Target, proposals
+from tests.qr_client import identifier
 
 CT = "1.2.840.10008.5.1.4.1.1.2"
-
-
-def _identifier(level: str, **keys: object) -> Dataset:
-    ds = Dataset()
-    ds.QueryRetrieveLevel = level
-    for keyword, value in keys.items():
-        setattr(ds, keyword, value)
-    return ds
 
 
 @pytest.mark.parametrize(
     ("model", "identifier", "level", "keys"),
     [
-        (PATIENT_ROOT, _identifier("PATIENT", PatientID="P_1%"), "PATIENT", {"PatientID"}),
-        (STUDY_ROOT, _identifier("STUDY", StudyInstanceUID=["1.2", "1.3"]), "STUDY", None),
+        (PATIENT_ROOT, identifier("PATIENT", PatientID="P_1%"), "PATIENT", {"PatientID"}),
+        (STUDY_ROOT, identifier("STUDY", StudyInstanceUID=["1.2", "1.3"]), "STUDY", None),
         (
             PATIENT_ROOT,
-            _identifier("SERIES", PatientID="P", StudyInstanceUID="1.2", SeriesInstanceUID="1.3"),
+            identifier("SERIES", PatientID="P", StudyInstanceUID="1.2", SeriesInstanceUID="1.3"),
             "SERIES",
             {"PatientID", "StudyInstanceUID", "SeriesInstanceUID"},
         ),
         # Keys other than the unique keys are no matching keys of a retrieve: ignored.
-        (STUDY_ROOT, _identifier("STUDY", StudyInstanceUID="1.2", PatientName="X*"), "STUDY", None),
+        (STUDY_ROOT, identifier("STUDY", StudyInstanceUID="1.2", PatientName="X*"), "STUDY", None),
     ],
 )
 def test_accepted_identifiers(
@@ -49,19 +42,19 @@ def test_accepted_identifiers(
 @pytest.mark.parametrize(
     ("model", "identifier", "offending"),
     [
-        (STUDY_ROOT, _identifier("STUDY"), 0x0020000D),
-        (STUDY_ROOT, _identifier("STUDY", StudyInstanceUID=""), 0x0020000D),
-        (STUDY_ROOT, _identifier("STUDY", StudyInstanceUID="1.2.*"), 0x0020000D),
-        (STUDY_ROOT, _identifier("PATIENT", PatientID="P"), 0x00080052),
-        (STUDY_ROOT, _identifier("SERIES", SeriesInstanceUID="1.3"), 0x0020000D),
+        (STUDY_ROOT, identifier("STUDY"), 0x0020000D),
+        (STUDY_ROOT, identifier("STUDY", StudyInstanceUID=""), 0x0020000D),
+        (STUDY_ROOT, identifier("STUDY", StudyInstanceUID="1.2.*"), 0x0020000D),
+        (STUDY_ROOT, identifier("PATIENT", PatientID="P"), 0x00080052),
+        (STUDY_ROOT, identifier("SERIES", SeriesInstanceUID="1.3"), 0x0020000D),
         (
             STUDY_ROOT,
-            _identifier("SERIES", StudyInstanceUID=["1.2", "1.4"], SeriesInstanceUID="1.3"),
+            identifier("SERIES", StudyInstanceUID=["1.2", "1.4"], SeriesInstanceUID="1.3"),
             0x0020000D,
         ),
-        (PATIENT_ROOT, _identifier("PATIENT", PatientID="P*"), 0x00100020),
-        (PATIENT_ROOT, _identifier("PATIENT", PatientID=["P1", "P2"]), 0x00100020),
-        (PATIENT_ROOT, _identifier("STUDY", StudyInstanceUID="1.2"), 0x00100020),
+        (PATIENT_ROOT, identifier("PATIENT", PatientID="P*"), 0x00100020),
+        (PATIENT_ROOT, identifier("PATIENT", PatientID=["P1", "P2"]), 0x00100020),
+        (PATIENT_ROOT, identifier("STUDY", StudyInstanceUID="1.2"), 0x00100020),
     ],
 )
 def test_refused_identifiers_name_the_offending_key(

@@ -14,19 +14,14 @@ import contextlib
 import logging
 import ssl
 from collections.abc import Mapping
-from concurrent.futures import Executor
 from dataclasses import dataclass
 
-from sqlalchemy import Engine
-
-from minipacs.config import Destination
 from minipacs.index.keys import MOVE_MODELS
 from minipacs.net.client import AssociationRefused, ClientAssociation
 from minipacs.net.operations import Operation
 from minipacs.net.session import Timeouts
-from minipacs.services.retrieve import MOVE_DESTINATION_UNKNOWN, RetrieveOptions, RetrieveService
+from minipacs.services.retrieve import MOVE_DESTINATION_UNKNOWN, RetrieveService
 from minipacs.services.suboperations import Target, proposals
-from minipacs.storage.filestore import FileStore
 
 log = logging.getLogger("minipacs.move")
 
@@ -42,18 +37,7 @@ class MoveService(RetrieveService):
     name = "C-MOVE"
     models = MOVE_MODELS
 
-    def __init__(
-        self,
-        engine: Engine,
-        store: FileStore,
-        query_executor: Executor,
-        file_executor: Executor,
-        options: RetrieveOptions,
-        destinations: Mapping[str, Destination],
-    ) -> None:
-        super().__init__(engine, store, query_executor, file_executor, options)
-        self.destinations = dict(destinations)
-        self._tls: ssl.SSLContext | None = None
+    _tls: ssl.SSLContext | None = None
 
     def _destination(self, operation: Operation) -> str:
         return str(operation.command.get("MoveDestination", "")).strip(" ")
@@ -62,7 +46,7 @@ class MoveService(RetrieveService):
         """Refuse a Move Destination that is not configured (0xA801, PS3.4 C.4.2.1.5)."""
         name = self._destination(operation)
         operation.log_fields["destination"] = name
-        if name in self.destinations:
+        if name in self.options.destinations:
             return True
         await operation.respond(
             MOVE_DESTINATION_UNKNOWN, error_comment=f"move destination {name!r} is unknown"
@@ -74,7 +58,7 @@ class MoveService(RetrieveService):
     ) -> Target:
         """A new association to the move destination, or an unavailable target."""
         name = self._destination(operation)
-        destination = self.destinations[name]
+        destination = self.options.destinations[name]
         options = self.options
         try:
             client = await ClientAssociation.connect(

@@ -16,7 +16,7 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator, Mapping, Sequence
 from concurrent.futures import Executor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Final
 
 from pydicom import Dataset
@@ -24,10 +24,12 @@ from sqlalchemy import Engine
 from sqlalchemy.exc import SQLAlchemyError
 
 from minipacs import dataset as dicom
+from minipacs.config import Destination
 from minipacs.index.keys import InformationModel
 from minipacs.index.query import QueryError
 from minipacs.index.retrieve import RetrieveQuery, StoredInstance, plan_retrieve
-from minipacs.net.operations import PENDING, SOP_CLASS_NOT_SUPPORTED, SUCCESS, Operation
+from minipacs.net.operations import PENDING, SUCCESS, Operation
+from minipacs.services.qr import model_of, refuse_identifier
 from minipacs.services.suboperations import Counts, Sender, Target
 from minipacs.storage.filestore import FileStore
 
@@ -38,15 +40,15 @@ Page = tuple[Sequence[StoredInstance], int | None]
 # C-MOVE and C-GET failures before any sub-operation, PS3.4 Tables C.4-2 and C.4-3.
 UNABLE_TO_COUNT: Final = 0xA701
 MOVE_DESTINATION_UNKNOWN: Final = 0xA801
-IDENTIFIER_DOES_NOT_MATCH: Final = 0xA900
-UNABLE_TO_PROCESS: Final = 0xC000
 
 
 @dataclass(frozen=True)
 class RetrieveOptions:
-    """How retrieves run: our AE title, time bounds on the peer, page size."""
+    """How retrieves run: our AE title, move destinations, time bounds, page size."""
 
     ae_title: str
+    # C-MOVE destinations: the only places sub-operations may go (config [destinations]).
+    destinations: Mapping[str, Destination] = field(default_factory=dict)
     connect_timeout: float = 10.0
     # Longest wait for one C-STORE-RSP; past it the peer counts as gone.
     response_timeout: float = 60.0
@@ -75,20 +77,8 @@ class RetrieveService:
 
     async def handle(self, operation: Operation) -> None:
         """Serve one C-MOVE-RQ or C-GET-RQ, streaming Pending responses."""
-        context = operation.context
-        model = self.models.get(context.abstract_syntax)
+        model = await model_of(operation, self.models, self.name)
         if model is None:
-            await operation.respond(
-                SOP_CLASS_NOT_SUPPORTED,
-                error_comment=f"{context.abstract_syntax} is not a {self.name} model we serve",
-            )
-            return
-        sop_class = str(operation.command.get("AffectedSOPClassUID", ""))
-        if sop_class != context.abstract_syntax:
-            await operation.respond(
-                IDENTIFIER_DOES_NOT_MATCH,
-                error_comment=f"SOP Class {sop_class} sent on a {model.name} {self.name} context",
-            )
             return
         if not await self.accepts(operation):
             return
@@ -97,12 +87,8 @@ class RetrieveService:
             query, summary = await loop.run_in_executor(
                 self.query_executor, self._start, operation, model
             )
-        except dicom.DataSetError as exc:
-            await operation.respond(UNABLE_TO_PROCESS, error_comment=f"identifier: {exc}")
-            return
-        except QueryError as exc:
-            fields = {"OffendingElement": [exc.tag]} if exc.tag is not None else {}
-            await operation.respond(IDENTIFIER_DOES_NOT_MATCH, error_comment=str(exc), **fields)
+        except (dicom.DataSetError, QueryError) as exc:
+            await refuse_identifier(operation, exc)
             return
         except SQLAlchemyError:
             log.exception("%s query failed", self.name)
