@@ -27,6 +27,7 @@ import pydicom
 from bench import datasets
 from bench.peers import Peer, dcmtk_env, minipacs, orthanc, storescp
 from bench.rounds import alternate
+from bench.store import storescu_args
 
 SERVERS = ("minipacs", "orthanc")
 CLIENT_TIMEOUT = 600.0
@@ -46,17 +47,7 @@ def _run(args: list[str]) -> str:
 
 def load(peer: Peer, files: datasets.FileSet) -> None:
     """Store the study into a server (not timed)."""
-    _run(
-        [
-            "storescu",
-            "-aec",
-            peer.ae_title,
-            "127.0.0.1",
-            str(peer.port),
-            "+sd",
-            *map(str, files.parts),
-        ]
-    )
+    _run(storescu_args(peer, files.parts))
 
 
 def retrieve(peer: Peer, how: str, study_uid: str, count: int, destination: str) -> float:
