@@ -128,14 +128,15 @@ def site(
     destinations = {name: peer.port for name, peer in peers.items()}
     destinations["SILENT"] = silent.getsockname()[1]
     destinations["NOWHERE"] = free_port()
-    config = workdir / "minipacs.toml"
-    config.write_text(
-        "[destinations]\n"
-        + "".join(
-            f'{name} = {{ host = "127.0.0.1", port = {port} }}\n'
-            for name, port in destinations.items()
-        )
+    lines = [
+        f'{name} = {{ host = "127.0.0.1", port = {port} }}' for name, port in destinations.items()
+    ]
+    # TLS to a peer that speaks plain DICOM: the handshake fails, the move must not hang.
+    lines.append(
+        f'PLAINTLS = {{ host = "127.0.0.1", port = {peers["STORESCP"].port}, tls = true }}'
     )
+    config = workdir / "minipacs.toml"
+    config.write_text("[destinations]\n" + "\n".join(lines) + "\n")
     env = {
         "MINIPACS_CONFIG": str(config),
         "MINIPACS_STORAGE_MIN_FREE_BYTES": "0",
@@ -369,7 +370,7 @@ def test_no_matches_is_success_without_suboperations(site: Site) -> None:
     assert_counts(final, 0x0000, 0)
 
 
-@pytest.mark.parametrize("destination", ["REFUSER", "NOWHERE", "SILENT", "GONE"])
+@pytest.mark.parametrize("destination", ["REFUSER", "NOWHERE", "SILENT", "GONE", "PLAINTLS"])
 def test_failing_destination_fails_every_suboperation(site: Site, destination: str) -> None:
     expected = site.select(study_uid=STUDY_1)
     started = time.monotonic()
