@@ -17,6 +17,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from minipacs.index.keys import MOVE_MODELS
+from minipacs.logs import log_event
 from minipacs.net.client import AssociationRefused, ClientAssociation
 from minipacs.net.operations import Operation
 from minipacs.net.session import Timeouts
@@ -73,7 +74,13 @@ class MoveService(RetrieveService):
                 ssl=self._ssl_context() if destination.tls else None,
             )
         except AssociationRefused as exc:
-            log.warning("C-MOVE to %s: %s", name, exc)
+            log_event(
+                log,
+                "retrieve.destination_refused",
+                level=logging.WARNING,
+                destination=name,
+                error=str(exc),
+            )
             return Target(None, (), options.response_timeout, lost=f"{name}: {exc}")
         return _MoveTarget(
             client.session,

@@ -21,6 +21,7 @@ from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from minipacs import dataset as dicom
 from minipacs.index.retrieve import StoredInstance
+from minipacs.logs import log_event
 from minipacs.net.association import AssociationError
 from minipacs.net.commands import C_STORE_RQ, DATASET_PRESENT, PRIORITY_MEDIUM, Command
 from minipacs.net.dimse import DimseMessage
@@ -199,11 +200,13 @@ class Sender:
         for instance in batch:
             chosen = target.context_for(instance)
             if chosen is None:
-                log.warning(
-                    "no accepted context for %s in %s or uncompressed: %s fails",
-                    instance.sop_class_uid,
-                    instance.transfer_syntax,
-                    instance.sop_uid,
+                log_event(
+                    log,
+                    "retrieve.no_context",
+                    level=logging.WARNING,
+                    sop_instance=instance.sop_uid,
+                    sop_class=instance.sop_class_uid,
+                    transfer_syntax=instance.transfer_syntax,
                 )
             work.append((instance, chosen))
         loop = asyncio.get_running_loop()
@@ -235,7 +238,13 @@ class Sender:
                 else:
                     loaded.append(DatasetReader.open(path))
             except (OSError, dicom.DataSetError, TranscodeError) as exc:
-                log.warning("cannot read %s: %s", instance.sop_uid, exc)
+                log_event(
+                    log,
+                    "retrieve.unreadable",
+                    level=logging.WARNING,
+                    sop_instance=instance.sop_uid,
+                    error=str(exc),
+                )
                 loaded.append((None, None))
         return loaded
 
@@ -295,7 +304,8 @@ class Sender:
 
     def _lose(self, target: Target, why: str) -> None:
         target.lost = target.lost or why
-        log.warning("sub-operations stop: %s; what is left fails", target.lost)
+        # What is left of the retrieve fails; the operation's own event counts it.
+        log_event(log, "retrieve.peer_lost", level=logging.WARNING, error=target.lost)
 
 
 async def _batches(instances: AsyncIterator[StoredInstance]) -> AsyncIterator[list[StoredInstance]]:
