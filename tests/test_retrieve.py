@@ -486,6 +486,44 @@ def test_cancel_ends_with_fe00_and_counts(site: Site, command_field: int) -> Non
     assert echoscu(site.port) == 0
 
 
+async def _move_then_abort(port: int) -> None:
+    """Start a C-MOVE of the big series and abort the association at its first response."""
+    async with asyncio.timeout(TIMEOUT):
+        assoc = await ClientAssociation.connect(
+            "127.0.0.1",
+            port,
+            calling_ae="ABORTSCU",
+            called_ae="MINIPACS",
+            contexts=[(STUDY_MOVE, UNCOMPRESSED)],
+        )
+        command = {
+            "CommandField": C_MOVE_RQ,
+            "AffectedSOPClassUID": STUDY_MOVE,
+            "Priority": 0,
+            "CommandDataSetType": 1,
+            "MoveDestination": "STORESCP",
+        }
+        ds = identifier("SERIES", StudyInstanceUID=f"{ROOT}.3", SeriesInstanceUID=f"{ROOT}.3.1")
+        raw = dicom.encode(ds, ExplicitVRLittleEndian)
+        async for _ in assoc.request(1, command, raw):
+            break
+        await assoc.abort()
+
+
+def test_requestor_abort_mid_move_leaves_the_server_serving(site: Site) -> None:
+    asyncio.run(_move_then_abort(site.port))
+    time.sleep(0.5)
+    site.peers["STORESCP"].take()
+    # The abandoned move ended with its requestor; the next one to the same place completes.
+    _, final, _ = pynetdicom_move(
+        site.port, identifier("STUDY", StudyInstanceUID=STUDY_1), "STORESCP"
+    )
+    assert_counts(final, 0x0000, len(site.select(study_uid=STUDY_1)))
+    site.peers["STORESCP"].take()
+    assert echoscu(site.port) == 0
+    assert "aborted by peer" in site.pacs.log_text()
+
+
 async def _concurrent_moves(port: int, count: int) -> list[dict[str, object]]:
     async def one() -> dict[str, object]:
         assoc = await ClientAssociation.connect(
