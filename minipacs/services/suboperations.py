@@ -15,6 +15,7 @@ from collections import deque
 from collections.abc import AsyncGenerator, AsyncIterator, Mapping, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Final
 
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
@@ -44,7 +45,7 @@ MAX_CONTEXTS: Final = 128  # PS3.8 9.3.2.2: odd context IDs 1-255
 # batches (the one being sent, the next one) are in memory at once.
 READ_AHEAD: Final = 32
 FIRST_BATCH: Final = 4
-READ_AHEAD_BYTES: Final = 8 * 1024 * 1024
+READ_AHEAD_BYTES: Final = 4 * 1024 * 1024
 
 Pieces = AsyncGenerator[tuple[bytes, bool]]
 
@@ -122,15 +123,19 @@ class Target:
 
 @dataclass
 class Prepared:
-    """An instance ready to go: its context and its data set as (bytes, is_last) pieces."""
+    """An instance ready to go: its context, and its data set read ahead or to re-encode."""
 
     context_id: int
-    pieces: Pieces
+    pieces: Pieces | None = None
     reader: DatasetReader | None = None
+    # Re-encoded only when its turn comes, one at a time: decompressed, an instance can be
+    # far larger than its file, so it is not read ahead with its batch.
+    transcode_to: tuple[Path, str] | None = None
 
     async def close(self) -> None:
         """Release the file, whether or not the pieces were sent."""
-        await self.pieces.aclose()
+        if self.pieces is not None:
+            await self.pieces.aclose()
         if self.reader is not None:
             self.reader.close()
 
@@ -211,41 +216,35 @@ class Sender:
             work.append((instance, chosen))
         loop = asyncio.get_running_loop()
         loaded = await loop.run_in_executor(self.executor, self._load, work)
-        prepared = []
-        for (instance, chosen), (reader, first) in zip(work, loaded, strict=True):
-            if chosen is None or first is None:
+        prepared: list[tuple[StoredInstance, Prepared | None]] = []
+        for (instance, chosen), loaded_one in zip(work, loaded, strict=True):
+            if chosen is None:
                 prepared.append((instance, None))
-                continue
-            pieces = (
-                _single(first[0]) if reader is None else _chunks(loop, self.executor, reader, first)
-            )
-            prepared.append((instance, Prepared(chosen[0], pieces, reader)))
+            elif chosen[1] != instance.transfer_syntax:
+                path = self.store.path(instance.rel_path)
+                prepared.append((instance, Prepared(chosen[0], transcode_to=(path, chosen[1]))))
+            elif loaded_one is None:
+                prepared.append((instance, None))
+            else:
+                reader, first = loaded_one
+                pieces = _chunks(loop, self.executor, reader, first)
+                prepared.append((instance, Prepared(chosen[0], pieces, reader)))
         return prepared
 
     def _load(
         self, work: list[tuple[StoredInstance, tuple[int, str] | None]]
-    ) -> list[tuple[DatasetReader | None, tuple[bytes, bool] | None]]:
-        """Open each file and read its first chunk, or transcode it (blocking)."""
-        loaded: list[tuple[DatasetReader | None, tuple[bytes, bool] | None]] = []
+    ) -> list[tuple[DatasetReader, tuple[bytes, bool]] | None]:
+        """Open each file sent as stored and read its first chunk (blocking)."""
+        loaded: list[tuple[DatasetReader, tuple[bytes, bool]] | None] = []
         for instance, chosen in work:
-            if chosen is None:
-                loaded.append((None, None))
+            if chosen is None or chosen[1] != instance.transfer_syntax:
+                loaded.append(None)
                 continue
-            path = self.store.path(instance.rel_path)
             try:
-                if chosen[1] != instance.transfer_syntax:
-                    loaded.append((None, (transcode(path, chosen[1]), True)))
-                else:
-                    loaded.append(DatasetReader.open(path))
-            except (OSError, dicom.DataSetError, TranscodeError) as exc:
-                log_event(
-                    log,
-                    "retrieve.unreadable",
-                    level=logging.WARNING,
-                    sop_instance=instance.sop_uid,
-                    error=str(exc),
-                )
-                loaded.append((None, None))
+                loaded.append(DatasetReader.open(self.store.path(instance.rel_path)))
+            except (OSError, dicom.DataSetError) as exc:
+                _unreadable(instance, exc)
+                loaded.append(None)
         return loaded
 
     async def start(
@@ -257,6 +256,16 @@ class Sender:
             # Read ahead before the peer went: it cannot be sent now.
             await prepared.close()
             return None
+        pieces = prepared.pieces
+        if prepared.transcode_to is not None:
+            loop = asyncio.get_running_loop()
+            try:
+                data = await loop.run_in_executor(self.executor, transcode, *prepared.transcode_to)
+            except TranscodeError as exc:
+                _unreadable(instance, exc)
+                return None
+            pieces = _single(data)
+        assert pieces is not None
         message_id = session.next_message_id()
         command: Command = {
             "CommandField": C_STORE_RQ,
@@ -273,8 +282,8 @@ class Sender:
             command["MoveOriginatorMessageID"] = move_id
         try:
             async with asyncio.timeout(target.timeout) as bound:
-                pieces = _progressing(prepared.pieces, bound, target.timeout)
-                queue = await session.request_streamed(prepared.context_id, command, pieces)
+                progressing = _progressing(pieces, bound, target.timeout)
+                queue = await session.request_streamed(prepared.context_id, command, progressing)
         except (TimeoutError, OSError, AssociationError) as exc:
             # OSError: a file that cannot be read after its first piece cuts the message
             # short, so the association cannot carry another one.
@@ -282,6 +291,7 @@ class Sender:
             self._lose(target, f"cannot send {instance.sop_uid}: {exc or 'timed out'}")
             return None
         finally:
+            await pieces.aclose()
             await prepared.close()
         return InFlight(message_id, queue, asyncio.get_running_loop().time() + target.timeout)
 
@@ -324,6 +334,16 @@ async def _batches(instances: AsyncIterator[StoredInstance]) -> AsyncIterator[li
             batch, size, limit = [], 0, READ_AHEAD
     if batch:
         yield batch
+
+
+def _unreadable(instance: StoredInstance, exc: Exception) -> None:
+    log_event(
+        log,
+        "retrieve.unreadable",
+        level=logging.WARNING,
+        sop_instance=instance.sop_uid,
+        error=str(exc),
+    )
 
 
 async def _progressing(pieces: Pieces, bound: asyncio.Timeout, timeout: float) -> Pieces:
