@@ -35,6 +35,7 @@ from minipacs import dataset as dicom
 from minipacs.index.schema import upgrade
 from minipacs.net.client import ClientAssociation
 from minipacs.net.commands import C_FIND_RQ, DATASET_PRESENT, PRIORITY_MEDIUM
+from tests.qr_client import identifier as _identifier
 
 STUDY_ROOT_FIND = "1.2.840.10008.5.1.4.1.2.2.1"
 STUDY_KEYS = {
@@ -56,14 +57,6 @@ class QueryKind:
     name: str
     build: Callable[[Layout, random.Random], Dataset]
     matches: Callable[[Layout], int]
-
-
-def _identifier(level: str, **keys: str) -> Dataset:
-    ds = Dataset()
-    ds.QueryRetrieveLevel = level
-    for keyword, value in keys.items():
-        setattr(ds, keyword, value)
-    return ds
 
 
 def _by_patient_id(layout: Layout, rng: random.Random) -> Dataset:

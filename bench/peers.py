@@ -179,8 +179,13 @@ def minipacs_pg(server: PostgresServer, **env: str) -> Iterator[Peer]:
 
 
 @contextlib.contextmanager
-def orthanc(*, timeout: float = 60.0) -> Iterator[Peer]:
-    """Run Debian's Orthanc with a generated config: free ports, temporary SQLite store."""
+def orthanc(
+    *, timeout: float = 60.0, modalities: dict[str, tuple[str, int]] | None = None
+) -> Iterator[Peer]:
+    """Run Debian's Orthanc with a generated config: free ports, temporary SQLite store.
+
+    `modalities` are the C-MOVE destinations it knows: AE title -> (host, port).
+    """
     binary = shutil.which("Orthanc") or "/usr/sbin/Orthanc"
     if not Path(binary).exists():
         raise SystemExit("Orthanc not found: apt-get install orthanc")
@@ -201,6 +206,9 @@ def orthanc(*, timeout: float = 60.0) -> Iterator[Peer]:
             "StorageDirectory": str(root / "storage"),
             "IndexDirectory": str(root / "index"),
             "Plugins": [],
+            "DicomModalities": {
+                ae: [ae, host, port] for ae, (host, port) in (modalities or {}).items()
+            },
         }
         (root / "config.json").write_text(json.dumps(config, indent=2))
         log = root / "orthanc.log"

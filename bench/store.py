@@ -25,6 +25,7 @@ from pathlib import Path
 
 from bench import datasets
 from bench.peers import Peer, dcmtk_env, echo_probe, minipacs, minipacs_pg, orthanc, storescp
+from bench.rounds import alternate
 
 SERVERS = ["minipacs", "minipacs-pg", "dcmtk", "orthanc"]
 CLIENT_TIMEOUT = 1800.0
@@ -203,19 +204,14 @@ def main() -> None:
         try:
             results: dict[tuple[str, str], float] = {}
             for scenario in scenarios:
-                times: dict[str, list[float]] = {name: [] for name in names}
-                for round_ in range(args.rounds):
-                    for name in names:
-                        with servers.start(name, scenario.associations) as peer:
-                            elapsed = store(peer, scenario)
-                        times[name].append(elapsed)
-                        print(
-                            f"  {scenario.name:15s} round {round_ + 1} {name:12s}"
-                            f" {scenario.files.count / elapsed:8.1f} inst/s",
-                            file=sys.stderr,
-                        )
+
+                def run(name: str, scenario: Scenario = scenario) -> float:
+                    with servers.start(name, scenario.associations) as peer:
+                        return store(peer, scenario)
+
+                medians = alternate(args.rounds, names, scenario.name, scenario.files.count, run)
                 for name in names:
-                    results[scenario.name, name] = statistics.median(times[name])
+                    results[scenario.name, name] = medians[name]
 
             print()
             print(

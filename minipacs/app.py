@@ -25,6 +25,9 @@ from minipacs.ops.http import OpsServer
 from minipacs.ops.metrics import Metrics
 from minipacs.services import build_services
 from minipacs.services.find import FindOptions, FindService
+from minipacs.services.get import GetService
+from minipacs.services.move import MoveService
+from minipacs.services.retrieve import RetrieveOptions
 from minipacs.services.store import StoreService
 from minipacs.shutdown import StopSignals
 from minipacs.storage.filestore import FileStore
@@ -155,7 +158,22 @@ def build_server(settings: Settings, archive: Archive, observer: Observer | None
             max_results=settings.query.max_results,
         ),
     )
-    services = build_services(store_service, find_service)
+    retrieve_options = RetrieveOptions(
+        ae_title=settings.server.ae_title,
+        destinations=settings.destinations,
+        connect_timeout=settings.retrieve.connect_timeout,
+        response_timeout=settings.retrieve.response_timeout,
+    )
+    retrieve_args = (
+        archive.engine,
+        archive.store,
+        archive.query_executor,
+        archive.executor,
+        retrieve_options,
+    )
+    move_service = MoveService(*retrieve_args)
+    get_service = GetService(*retrieve_args)
+    services = build_services(store_service, find_service, move_service, get_service)
     return Server(server_config(settings), services, observer)
 
 

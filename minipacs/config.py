@@ -139,6 +139,14 @@ class MetricsSettings:
 
 
 @dataclass(frozen=True)
+class RetrieveSettings:
+    """[retrieve]: C-MOVE and C-GET sub-operations."""
+
+    connect_timeout: float = _key(10.0, low=0.1, high=3600)
+    response_timeout: float = _key(60.0, low=0.1, high=3600)
+
+
+@dataclass(frozen=True)
 class LogSettings:
     """[log]: level and format of the structured logs, and levels per logger."""
 
@@ -165,6 +173,7 @@ class Settings:
     database: DatabaseSettings = field(default_factory=DatabaseSettings)
     query: QuerySettings = field(default_factory=QuerySettings)
     metrics: MetricsSettings = field(default_factory=MetricsSettings)
+    retrieve: RetrieveSettings = field(default_factory=RetrieveSettings)
     log: LogSettings = field(default_factory=LogSettings)
     destinations: dict[str, Destination] = field(default_factory=dict)
     # Where the settings were read from (None: built-in defaults), for messages only.
@@ -189,6 +198,7 @@ _SECTIONS: dict[str, type] = {
     "database": DatabaseSettings,
     "query": QuerySettings,
     "metrics": MetricsSettings,
+    "retrieve": RetrieveSettings,
     "log": LogSettings,
 }
 

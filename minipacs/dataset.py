@@ -234,8 +234,11 @@ def _inspect_data(
     return Inspected(Dataset(elements), bytes(data[:end]), header_syntax(transfer_syntax))
 
 
-def _read_meta(handle: BinaryIO) -> tuple[Dataset, int]:
-    """A Part 10 file's File Meta Information and where its data set starts (PS3.10 7.1)."""
+def read_file_meta(handle: BinaryIO) -> tuple[Dataset, int]:
+    """A Part 10 file's File Meta Information and where its data set starts (PS3.10 7.1).
+
+    `handle` is left at the data set.
+    """
     lead = handle.read(_META_START + 12)
     # The group length (0002,0000) is Type 1 (PS3.10 Table 7.1-1): it tells where the
     # data set starts without decoding the meta elements one by one.
@@ -257,14 +260,14 @@ def _read_meta(handle: BinaryIO) -> tuple[Dataset, int]:
 def read_part10(path: Path, tags: Container[int]) -> tuple[Dataset, Inspected]:
     """A Part 10 file's File Meta Information and its inspected data set (PS3.10 7.1)."""
     with open(path, "rb") as handle:
-        meta, start = _read_meta(handle)
+        meta, start = read_file_meta(handle)
     return meta, inspect(path, str(meta.TransferSyntaxUID), tags, start)
 
 
 def part10_body(path: Path) -> tuple[str, bytes]:
     """A Part 10 file's transfer syntax and its data set bytes, as stored."""
     with open(path, "rb") as handle:
-        meta, _start = _read_meta(handle)
+        meta, _start = read_file_meta(handle)
         return str(meta.TransferSyntaxUID), handle.read()
 
 

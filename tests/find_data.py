@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import copy
 from dataclasses import dataclass
 
@@ -13,7 +12,7 @@ from pydicom.sequence import Sequence
 from pydicom.uid import ExplicitVRLittleEndian
 
 from minipacs import dataset as dicom
-from minipacs.net.client import ClientAssociation
+from tests.qr_client import store_encoded
 
 SC_IMAGE = "1.2.840.10008.5.1.4.1.1.7"
 CT_IMAGE = "1.2.840.10008.5.1.4.1.1.2"
@@ -139,23 +138,13 @@ def charset_dataset(name: str) -> Dataset:
 
 async def store_all(port: int, datasets: list[Dataset], timeout: float = 300.0) -> list[int]:
     """Store data sets over one association with our client; return their statuses."""
-    classes = sorted({str(ds.SOPClassUID) for ds in datasets})
-    async with asyncio.timeout(timeout):
-        assoc = await ClientAssociation.connect(
-            "127.0.0.1",
-            port,
-            calling_ae="FINDTEST",
-            called_ae="MINIPACS",
-            contexts=[(uid, [ExplicitVRLittleEndian]) for uid in classes],
+    instances = [
+        (
+            str(ds.SOPClassUID),
+            str(ds.SOPInstanceUID),
+            ExplicitVRLittleEndian,
+            dicom.encode(copy.copy(ds), ExplicitVRLittleEndian),
         )
-        statuses = []
-        async with assoc:
-            for ds in datasets:
-                body = copy.copy(ds)
-                raw = dicom.encode(body, ExplicitVRLittleEndian)
-                context_id = assoc.context_for(str(ds.SOPClassUID))
-                response = await assoc.store(
-                    context_id, str(ds.SOPClassUID), str(ds.SOPInstanceUID), raw
-                )
-                statuses.append(int(response["Status"]))  # type: ignore[call-overload]
-        return statuses
+        for ds in datasets
+    ]
+    return await store_encoded(port, "FINDTEST", instances, timeout)

@@ -20,13 +20,14 @@ from pynetdicom.sop_class import (
     StudyRootQueryRetrieveInformationModelFind as STUDY_ROOT,
 )
 
-from minipacs import dataset as dicom
 from minipacs.index import schema
 from minipacs.net.client import ClientAssociation
 from minipacs.net.commands import C_FIND_RQ
 from tests import find_data
 from tests.dicom_tools import dcmtk, echoscu
 from tests.find_data import BIG_SERIES_SIZE, ROOT, STUDIES
+from tests.qr_client import identifier as query
+from tests.qr_client import request_and_cancel
 from tests.servers import MinipacsProcess, start_minipacs
 
 TIMEOUT = 30
@@ -83,15 +84,6 @@ def find(
     finally:
         assoc.release()
     return found, pending, final
-
-
-def query(level: str, **keys: object) -> Dataset:
-    """An identifier: QueryRetrieveLevel and the given keys ("" asks for a value back)."""
-    ds = Dataset()
-    ds.QueryRetrieveLevel = level
-    for keyword, value in keys.items():
-        setattr(ds, keyword, value)
-    return ds
 
 
 def studies(port: int, **keys: object) -> set[str]:
@@ -303,33 +295,39 @@ def test_bad_identifiers_fail_with_a900(
     assert final.OffendingElement == offending
 
 
-async def _raw_find(port: int, identifier: bytes, cancel: bool = False) -> list[int]:
-    """Send a C-FIND with our client (C-CANCEL after the first response if asked); statuses."""
+async def _find_association(port: int) -> ClientAssociation:
+    return await ClientAssociation.connect(
+        "127.0.0.1",
+        port,
+        calling_ae="FINDSCU",
+        called_ae="MINIPACS",
+        contexts=[(STUDY_ROOT, [ExplicitVRLittleEndian])],
+    )
+
+
+async def _raw_find(port: int, identifier: bytes) -> list[int]:
+    """Send a C-FIND of raw identifier bytes with our client; the statuses, with comments."""
     async with asyncio.timeout(TIMEOUT):
-        assoc = await ClientAssociation.connect(
-            "127.0.0.1",
-            port,
-            calling_ae="FINDSCU",
-            called_ae="MINIPACS",
-            contexts=[(STUDY_ROOT, [ExplicitVRLittleEndian])],
-        )
-        async with assoc:
-            context_id = assoc.context_for(STUDY_ROOT)
-            message_id = assoc.session.next_message_id()
+        async with await _find_association(port) as assoc:
             command = {
                 "CommandField": C_FIND_RQ,
                 "AffectedSOPClassUID": STUDY_ROOT,
                 "Priority": 0,
                 "CommandDataSetType": 1,
             }
-            statuses = []
-            async for response in assoc.request(context_id, command, identifier, message_id):
-                statuses.append(int(response.command["Status"]))  # type: ignore[call-overload]
-                if cancel and len(statuses) == 1:
-                    await assoc.cancel(context_id, message_id)
-                last = dict(response.command)
-        assert last.get("ErrorComment") or statuses[-1] in (0x0000, 0xFE00)
-        return statuses
+            context_id = assoc.context_for(STUDY_ROOT)
+            responses = [r.command async for r in assoc.request(context_id, command, identifier)]
+        assert responses[-1].get("ErrorComment") or responses[-1]["Status"] == 0
+        return [int(r["Status"]) for r in responses]  # type: ignore[call-overload]
+
+
+async def _find_and_cancel(port: int, identifier: Dataset) -> list[int]:
+    """C-FIND, then C-CANCEL once the first response is in; every status."""
+    async with asyncio.timeout(TIMEOUT):
+        async with await _find_association(port) as assoc:
+            command = {"CommandField": C_FIND_RQ}
+            responses = await request_and_cancel(assoc, STUDY_ROOT, command, identifier)
+        return [int(r["Status"]) for r in responses]  # type: ignore[call-overload]
 
 
 def _element(group: int, element: int, vr: bytes, value: bytes) -> bytes:
@@ -465,8 +463,7 @@ def test_cancel_stops_the_stream(pacs: MinipacsProcess) -> None:
     )
     found, _, final = find(pacs.port, identifier)
     assert final.Status == 0 and len(found) == BIG_SERIES_SIZE
-    raw = dicom.encode(identifier, ExplicitVRLittleEndian)
-    statuses = asyncio.run(_raw_find(pacs.port, raw, cancel=True))
+    statuses = asyncio.run(_find_and_cancel(pacs.port, identifier))
     assert statuses[-1] == 0xFE00
     assert 1 <= len(statuses) - 1 < BIG_SERIES_SIZE
     assert echoscu(pacs.port) == 0

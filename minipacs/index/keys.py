@@ -36,6 +36,8 @@ class InformationModel:
 
     name: str
     find_uid: str
+    move_uid: str
+    get_uid: str
     levels: tuple[str, ...]
 
     def level_of(self, key_level: str) -> str:
@@ -43,13 +45,24 @@ class InformationModel:
         return key_level if key_level in self.levels else self.levels[0]
 
 
+# SOP Class UIDs of PS3.4 C.6.1.1 (Patient Root) and C.6.2.1 (Study Root): FIND, MOVE, GET.
 PATIENT_ROOT: Final = InformationModel(
-    "Patient Root", "1.2.840.10008.5.1.4.1.2.1.1", (PATIENT, STUDY, SERIES, IMAGE)
+    "Patient Root",
+    "1.2.840.10008.5.1.4.1.2.1.1",
+    "1.2.840.10008.5.1.4.1.2.1.2",
+    "1.2.840.10008.5.1.4.1.2.1.3",
+    (PATIENT, STUDY, SERIES, IMAGE),
 )
 STUDY_ROOT: Final = InformationModel(
-    "Study Root", "1.2.840.10008.5.1.4.1.2.2.1", (STUDY, SERIES, IMAGE)
+    "Study Root",
+    "1.2.840.10008.5.1.4.1.2.2.1",
+    "1.2.840.10008.5.1.4.1.2.2.2",
+    "1.2.840.10008.5.1.4.1.2.2.3",
+    (STUDY, SERIES, IMAGE),
 )
 FIND_MODELS: Final = {model.find_uid: model for model in (PATIENT_ROOT, STUDY_ROOT)}
+MOVE_MODELS: Final = {model.move_uid: model for model in (PATIENT_ROOT, STUDY_ROOT)}
+GET_MODELS: Final = {model.get_uid: model for model in (PATIENT_ROOT, STUDY_ROOT)}
 
 
 @dataclass(frozen=True)

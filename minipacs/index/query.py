@@ -168,14 +168,15 @@ def _sub_term(element: DataElement, fold_pn: bool) -> Term:
     return Term(tag, element.VR, Key(key.keyword, key.level, "header"), matcher)
 
 
-def _values_of(identifier: Dataset, tag: int) -> list[str]:
+def values_of(identifier: Dataset, tag: int) -> list[str]:
+    """The string values of one element of an identifier (none when absent or empty)."""
     element = identifier.get(tag)
     return strings(element.value) if element is not None else []
 
 
-def plan_find(model: InformationModel, identifier: Dataset, fold_pn: bool = True) -> FindPlan:
-    """Check an identifier against the model's hierarchical rules; raise QueryError."""
-    level_value = _values_of(identifier, QUERY_RETRIEVE_LEVEL)
+def query_level(model: InformationModel, identifier: Dataset) -> str:
+    """The identifier's Query/Retrieve Level, checked against the model; raise QueryError."""
+    level_value = values_of(identifier, QUERY_RETRIEVE_LEVEL)
     if not level_value:
         raise QueryError("Query/Retrieve Level (0008,0052) is missing", QUERY_RETRIEVE_LEVEL)
     level = level_value[0].strip().upper()
@@ -184,7 +185,30 @@ def plan_find(model: InformationModel, identifier: Dataset, fold_pn: bool = True
             f"Query/Retrieve Level {level!r} is not one of {'/'.join(model.levels)} ({model.name})",
             QUERY_RETRIEVE_LEVEL,
         )
-    charset = tuple(_values_of(identifier, SPECIFIC_CHARACTER_SET))
+    return level
+
+
+def check_levels_above(
+    model: InformationModel,
+    level: str,
+    is_single: Callable[[str], bool],
+    request: str = "query",
+    rule: str = "hierarchical search, PS3.4 C.4.1.3.1.1",
+) -> None:
+    """Each level above `level` must be named by its unique key with a single value."""
+    for upper in model.levels[: model.levels.index(level)]:
+        keyword = UNIQUE_KEYS[upper]
+        if not is_single(keyword):
+            raise QueryError(
+                f"a {level} {request} needs a single value of {keyword} ({rule})",
+                key_tag(keyword),
+            )
+
+
+def plan_find(model: InformationModel, identifier: Dataset, fold_pn: bool = True) -> FindPlan:
+    """Check an identifier against the model's hierarchical rules; raise QueryError."""
+    level = query_level(model, identifier)
+    charset = tuple(values_of(identifier, SPECIFIC_CHARACTER_SET))
     terms = []
     for element in identifier:
         tag = int(element.tag)
@@ -208,14 +232,7 @@ def plan_find(model: InformationModel, identifier: Dataset, fold_pn: bool = True
     by_keyword = {term.key.keyword: term for term in terms}
     # PS3.4 C.4.1.3.1.1: each level above the query level is named by its unique key,
     # with single value matching.
-    for upper in model.levels[: model.levels.index(level)]:
-        keyword = UNIQUE_KEYS[upper]
-        if not _is_single(by_keyword.get(keyword)):
-            raise QueryError(
-                f"a {level} query needs a single value of {keyword} "
-                f"(hierarchical search, PS3.4 C.4.1.3.1.1)",
-                key_tag(keyword),
-            )
+    check_levels_above(model, level, lambda keyword: _is_single(by_keyword.get(keyword)))
     return FindPlan(model, level, tuple(terms), charset, any(not term.supported for term in terms))
 
 
@@ -234,8 +251,8 @@ class Match:
     sop_classes: list[str] = field(default_factory=list)
 
 
-def _joined(level: str, top: str, columns: Sequence[Any]) -> Select[Any]:
-    """Select from the level's table, joined up to the highest level a key needs."""
+def joined(level: str, columns: Sequence[Any], top: str = PATIENT) -> Select[Any]:
+    """SELECT columns from a level's table, joined up to the `top` level (default: all)."""
     statement = select(*columns).select_from(TABLES[level])
     upward = (
         (IMAGE, Series, Instance.series_fk == Series.id),
@@ -258,6 +275,16 @@ def _top_level(plan: FindPlan) -> str:
                 STUDY if term.key.source in ("modalities", "sop_classes") else term.key.level
             )
     return min(levels, key=LEVELS.index)
+
+
+def keyset_page(
+    connection: Connection, statement: Select[Any], id_column: Any, after: int, size: int
+) -> tuple[Sequence[Any], int | None]:
+    """Rows of a statement ordered by id_column after id `after`, and the id to go on from."""
+    # Keyset pagination: each page is one short indexed read, whatever the number of rows;
+    # the continuation is None once a page comes back short (the last one).
+    rows = connection.execute(statement.where(id_column > after).limit(size)).all()
+    return rows, rows[-1][0] if len(rows) == size else None
 
 
 def _representative(level: str) -> Any:
@@ -348,14 +375,15 @@ class FindQuery:
             selected.append(Study.id.label("study"))
         if plan.needs_header:
             selected.append(_representative(plan.level).label("representative"))
-        joined = _joined(plan.level, _top_level(plan), selected)
-        self._statement = joined.where(*conditions).order_by(self._id)
+        statement = joined(plan.level, selected, _top_level(plan))
+        self._statement = statement.where(*conditions).order_by(self._id)
 
     def page(self, after: int = 0) -> tuple[list[Match], int | None]:
         """The matches after entity id `after`, and the id to continue from (None: done)."""
-        statement = self._statement.where(self._id > after).limit(self.page_size)
         with self.engine.connect() as connection:
-            rows = connection.execute(statement).all()
+            rows, following = keyset_page(
+                connection, self._statement, self._id, after, self.page_size
+            )
             headers = self._headers(connection, rows) if self.plan.needs_header else {}
             sop_classes = self._sop_classes(connection, rows) if self._wants_sop_classes else {}
         matches = []
@@ -368,7 +396,6 @@ class FindQuery:
             match = Match(row[0], values, header, classes)
             if all(self._passes(term, match, folded) for term in self._python_terms):
                 matches.append(match)
-        following = rows[-1][0] if len(rows) == self.page_size else None
         return matches, following
 
     def _passes(self, term: Term, match: Match, folded: dict[int, Any]) -> bool:

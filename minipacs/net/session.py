@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -88,6 +88,9 @@ class Session:
         self._operations: dict[int, Operation] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._waiters: dict[int, asyncio.Queue[DimseMessage | None]] = {}
+        # Held while a data set is streamed in pieces: no other message may slip between
+        # its fragments (PS3.8 9.3.5.1: the PDVs of one message are sent in order, alone).
+        self._streaming = asyncio.Lock()
         self._release_done: asyncio.Future[None] | None = None
         self._next_message_id = 0
         self._last_activity = asyncio.get_running_loop().time()
@@ -115,11 +118,31 @@ class Session:
 
     async def send(self, context_id: int, command: Command, dataset: bytes | None = None) -> None:
         """Send one DIMSE message and wait until the transport can take more."""
-        self.association.send_message(context_id, command, dataset)
+        if self._streaming.locked():
+            async with self._streaming:
+                self.association.send_message(context_id, command, dataset)
+        else:
+            self.association.send_message(context_id, command, dataset)
+        await self._drain()
+
+    async def _drain(self) -> None:
         self.flush()
         if self.writer.transport.get_write_buffer_size() > 0:
             with contextlib.suppress(ConnectionError):
                 await self.writer.drain()
+
+    async def request_streamed(
+        self, context_id: int, command: Command, pieces: AsyncIterator[tuple[bytes, bool]]
+    ) -> asyncio.Queue[DimseMessage | None]:
+        """Send a request whose data set arrives in (bytes, is_last) pieces; see `request`."""
+        queue: asyncio.Queue[DimseMessage | None] = asyncio.Queue()
+        self._waiters[int(command["MessageID"])] = queue  # type: ignore[call-overload]
+        async with self._streaming:
+            self.association.send_message(context_id, command, None)
+            async for data, last in pieces:
+                self.association.send_dataset_fragments(context_id, data, last)
+                await self._drain()
+        return queue
 
     def next_message_id(self) -> int:
         """A Message ID unique on this association (PS3.7 9.3.1.1), wrapping at 16 bits."""

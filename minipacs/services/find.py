@@ -26,18 +26,16 @@ from minipacs.net.operations import (
     OUT_OF_RESOURCES,
     PENDING,
     PENDING_WARNING,
-    SOP_CLASS_NOT_SUPPORTED,
     SUCCESS,
     Operation,
 )
 from minipacs.services.find_responses import encode_response
+from minipacs.services.qr import model_of, refuse_identifier
 from minipacs.storage.filestore import FileStore
 
 log = logging.getLogger("minipacs.find")
 
-# C-FIND statuses, PS3.4 Table C.4-1.
-IDENTIFIER_DOES_NOT_MATCH: Final = 0xA900
-UNABLE_TO_PROCESS: Final = 0xC000
+# C-FIND status, PS3.4 Table C.4-1 (Cxxx: unable to process).
 INDEX_UNAVAILABLE: Final = 0xC001
 
 
@@ -71,31 +69,15 @@ class FindService:
 
     async def handle(self, operation: Operation) -> None:
         """Serve one C-FIND-RQ, streaming Pending responses."""
-        context = operation.context
-        model = FIND_MODELS.get(context.abstract_syntax)
+        model = await model_of(operation, FIND_MODELS, "C-FIND")
         if model is None:
-            await operation.respond(
-                SOP_CLASS_NOT_SUPPORTED,
-                error_comment=f"{context.abstract_syntax} is not a C-FIND model we serve",
-            )
-            return
-        sop_class = str(operation.command.get("AffectedSOPClassUID", ""))
-        if sop_class != context.abstract_syntax:
-            await operation.respond(
-                IDENTIFIER_DOES_NOT_MATCH,
-                error_comment=f"SOP Class {sop_class} sent on a {model.name} FIND context",
-            )
             return
         loop = asyncio.get_running_loop()
         try:
             # One executor trip checks the identifier and reads the first page.
             query, page = await loop.run_in_executor(self.executor, self._start, operation, model)
-        except dicom.DataSetError as exc:
-            await operation.respond(UNABLE_TO_PROCESS, error_comment=f"identifier: {exc}")
-            return
-        except QueryError as exc:
-            fields = {"OffendingElement": [exc.tag]} if exc.tag is not None else {}
-            await operation.respond(IDENTIFIER_DOES_NOT_MATCH, error_comment=str(exc), **fields)
+        except (dicom.DataSetError, QueryError) as exc:
+            await refuse_identifier(operation, exc)
             return
         except SQLAlchemyError:
             await self._index_failed(operation)

@@ -1,0 +1,150 @@
+"""C-MOVE and C-GET benchmark: instances/s and MB/s of one study, minipacs against Orthanc.
+
+Run: flock /tmp/minipacs-bench.lock .venv/bin/python -m bench.retrieve [--rounds 3]
+         [--count 500] [--sizes small,ct]
+Each size (64x64 "small" and 512x512 "CT", 16-bit) is one study of `count` instances,
+stored once into minipacs (SQLite) and into Orthanc with DCMTK storescu. Then, `rounds`
+times and alternating servers, DCMTK movescu moves the study to a DCMTK storescp
+(--ignore: it receives every data set and writes nothing) and DCMTK getscu gets it
+(--ignore too); the time is from starting the client until it exits, and each run checks
+the client's exit code and that every sub-operation completed. The table shows medians
+and the ratio minipacs / Orthanc (higher is better).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import re
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pydicom
+
+from bench import datasets
+from bench.peers import Peer, dcmtk_env, minipacs, orthanc, storescp
+from bench.rounds import alternate
+from bench.store import storescu_args
+
+SERVERS = ("minipacs", "orthanc")
+CLIENT_TIMEOUT = 600.0
+_COMPLETED = re.compile(r"Number of Completed Suboperations\s*:\s*(\d+)")
+
+
+def _run(args: list[str]) -> str:
+    """Run a DCMTK client; return its stderr, or stop the benchmark when it failed."""
+    result = subprocess.run(
+        args, env=dcmtk_env(), capture_output=True, text=True, timeout=CLIENT_TIMEOUT, check=False
+    )
+    errors = [line for line in result.stderr.splitlines() if line.startswith(("E:", "F:"))]
+    if result.returncode != 0 or errors:
+        raise SystemExit(f"{args[0]} exited {result.returncode}:\n{result.stderr[-4000:]}")
+    return result.stderr
+
+
+def load(peer: Peer, files: datasets.FileSet) -> None:
+    """Store the study into a server (not timed)."""
+    _run(storescu_args(peer, files.parts))
+
+
+def retrieve(peer: Peer, how: str, study_uid: str, count: int, destination: str) -> float:
+    """Seconds one C-MOVE (to `destination`) or C-GET of the study takes; checks the count."""
+    common = ["-S", "-v", "-aet", "BENCHSCU", "-aec", peer.ae_title]
+    keys = ["-k", "QueryRetrieveLevel=STUDY", "-k", f"StudyInstanceUID={study_uid}"]
+    if how == "C-MOVE":
+        args = ["movescu", *common, "-aem", destination, *keys]
+    else:
+        args = ["getscu", *common, "--ignore", *keys]
+    started = time.perf_counter()
+    stderr = _run([*args, "127.0.0.1", str(peer.port)])
+    elapsed = time.perf_counter() - started
+    if how == "C-MOVE":
+        # movescu -v prints no counts: Success (no sub-operation failed) after one Pending
+        # response per sub-operation (Orthanc sends none after the last one).
+        pending = stderr.count("(Pending)")
+        success = "Final Move Response (Success)" in stderr
+        completed = count if success and pending in (count - 1, count) else -1
+    else:
+        found = _COMPLETED.findall(stderr)
+        completed = int(found[-1]) if found else -1
+    if completed != count:
+        raise SystemExit(
+            f"{how} from {peer.name}: completed {completed} of {count}\n{stderr[-2000:]}"
+        )
+    return elapsed
+
+
+@contextlib.contextmanager
+def servers(destination: Peer, config: Path) -> Iterator[dict[str, Peer]]:
+    """minipacs and Orthanc, both knowing the storescp destination."""
+    modalities = {destination.ae_title: ("127.0.0.1", destination.port)}
+    config.write_text(
+        f'[destinations]\n{destination.ae_title} = {{ host = "127.0.0.1", '
+        f"port = {destination.port} }}\n"
+    )
+    with (
+        minipacs(MINIPACS_CONFIG=str(config)) as ours,
+        orthanc(modalities=modalities) as theirs,
+    ):
+        yield {"minipacs": ours, "orthanc": theirs}
+
+
+def measure(
+    root: Path, destination: Peer, rounds: int, count: int, size: int
+) -> tuple[dict[tuple[str, str], float], int]:
+    """One study of `count` size x size images: median seconds by (operation, server)."""
+    files = datasets.generate(
+        root, count, size, parts=1, per_series=100, series_per_study=max(1, -(-count // 100))
+    )
+    first = next(files.parts[0].iterdir())
+    study_uid = str(pydicom.dcmread(first, stop_before_pixels=True).StudyInstanceUID)
+    results = {}
+    with servers(destination, root / "minipacs.toml") as peers:
+        for peer in peers.values():
+            load(peer, files)
+        for how in ("C-MOVE", "C-GET"):
+
+            def run(name: str, how: str = how) -> float:
+                return retrieve(peers[name], how, study_uid, count, destination.ae_title)
+
+            medians = alternate(rounds, SERVERS, f"{size}px {how}", count, run)
+            results.update({(how, name): seconds for name, seconds in medians.items()})
+    return results, files.total_bytes
+
+
+def main() -> None:
+    """Generate the studies, measure C-MOVE and C-GET on both servers, print a table."""
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--count", type=int, default=500, help="instances in the study")
+    parser.add_argument("--sizes", default="small,ct", help="small (64x64), ct (512x512)")
+    args = parser.parse_args()
+    sizes = {"small": 64, "ct": 512}
+    chosen = [s.strip() for s in args.sizes.split(",") if s.strip()]
+    if set(chosen) - set(sizes):
+        parser.error(f"unknown sizes {sorted(set(chosen) - set(sizes))}")
+    measured = {}
+    with tempfile.TemporaryDirectory(prefix="bench-retrieve-") as tmp, storescp("--ignore") as to:
+        for size in chosen:
+            measured[size] = measure(Path(tmp) / size, to, args.rounds, args.count, sizes[size])
+    print()
+    print(f"{'study':22s} {'op':7s} {'server':9s} {'inst/s':>8s} {'MB/s':>8s} {'vs Orthanc':>10s}")
+    for size in chosen:
+        results, total_bytes = measured[size]
+        label = f"{args.count} x {sizes[size]}x{sizes[size]}"
+        for how in ("C-MOVE", "C-GET"):
+            rate = {n: args.count / results[how, n] for n in SERVERS}
+            for name in SERVERS:
+                megabytes = total_bytes / 1e6 / results[how, name]
+                ratio = f"{rate[name] / rate['orthanc']:5.2f}x" if name == "minipacs" else ""
+                print(
+                    f"{label:22s} {how:7s} {name:9s} {rate[name]:8.1f} {megabytes:8.2f}"
+                    f" {ratio:>10s}"
+                )
+
+
+if __name__ == "__main__":
+    main()

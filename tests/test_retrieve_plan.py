@@ -1,0 +1,108 @@
+"""Retrieve identifiers (PS3.4 C.4.2.2.1), sub-operation counts and context choice, as units."""
+
+from __future__ import annotations
+
+import pytest
+from pydicom.dataset import Dataset
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, JPEG2000Lossless
+
+from minipacs.index.keys import PATIENT_ROOT, STUDY_ROOT
+from minipacs.index.query import QueryError
+from minipacs.index.retrieve import StoredInstance, plan_retrieve
+from minipacs.net.negotiation import AcceptedContext
+from minipacs.services.suboperations import Counts, Target, proposals
+from tests.qr_client import identifier
+
+CT = "1.2.840.10008.5.1.4.1.1.2"
+
+
+@pytest.mark.parametrize(
+    ("model", "identifier", "level", "keys"),
+    [
+        (PATIENT_ROOT, identifier("PATIENT", PatientID="P_1%"), "PATIENT", {"PatientID"}),
+        (STUDY_ROOT, identifier("STUDY", StudyInstanceUID=["1.2", "1.3"]), "STUDY", None),
+        (
+            PATIENT_ROOT,
+            identifier("SERIES", PatientID="P", StudyInstanceUID="1.2", SeriesInstanceUID="1.3"),
+            "SERIES",
+            {"PatientID", "StudyInstanceUID", "SeriesInstanceUID"},
+        ),
+        # Keys other than the unique keys are no matching keys of a retrieve: ignored.
+        (STUDY_ROOT, identifier("STUDY", StudyInstanceUID="1.2", PatientName="X*"), "STUDY", None),
+    ],
+)
+def test_accepted_identifiers(
+    model: object, identifier: Dataset, level: str, keys: set[str] | None
+) -> None:
+    plan = plan_retrieve(model, identifier)  # type: ignore[arg-type]
+    assert plan.level == level
+    assert {keyword for keyword, _ in plan.keys} == (keys or {"StudyInstanceUID"})
+
+
+@pytest.mark.parametrize(
+    ("model", "identifier", "offending"),
+    [
+        (STUDY_ROOT, identifier("STUDY"), 0x0020000D),
+        (STUDY_ROOT, identifier("STUDY", StudyInstanceUID=""), 0x0020000D),
+        (STUDY_ROOT, identifier("STUDY", StudyInstanceUID="1.2.*"), 0x0020000D),
+        (STUDY_ROOT, identifier("PATIENT", PatientID="P"), 0x00080052),
+        (STUDY_ROOT, identifier("SERIES", SeriesInstanceUID="1.3"), 0x0020000D),
+        (
+            STUDY_ROOT,
+            identifier("SERIES", StudyInstanceUID=["1.2", "1.4"], SeriesInstanceUID="1.3"),
+            0x0020000D,
+        ),
+        (PATIENT_ROOT, identifier("PATIENT", PatientID="P*"), 0x00100020),
+        (PATIENT_ROOT, identifier("PATIENT", PatientID=["P1", "P2"]), 0x00100020),
+        (PATIENT_ROOT, identifier("STUDY", StudyInstanceUID="1.2"), 0x00100020),
+    ],
+)
+def test_refused_identifiers_name_the_offending_key(
+    model: object, identifier: Dataset, offending: int
+) -> None:
+    with pytest.raises(QueryError) as caught:
+        plan_retrieve(model, identifier)  # type: ignore[arg-type]
+    assert caught.value.tag == offending
+
+
+@pytest.mark.parametrize(
+    ("results", "cancelled", "status"),
+    [
+        ([], False, 0x0000),
+        ([0x0000, 0x0000], False, 0x0000),
+        ([0x0000, 0xB007], False, 0xB000),
+        ([0x0000, 0xA700], False, 0xB000),
+        ([None, 0xA700], False, 0xA702),
+        ([0x0000], True, 0xFE00),
+    ],
+)
+def test_final_status(results: list[int | None], cancelled: bool, status: int) -> None:
+    counts = Counts(len(results) + 1)
+    for index, result in enumerate(results):
+        counts.record(result, f"1.2.{index}")
+    assert counts.final_status(cancelled) == status
+    assert counts.remaining == 1
+    assert len(counts.failed_uids) == counts.failed
+    assert "NumberOfRemainingSuboperations" in counts.fields(final=True, cancelled=True)
+    assert "NumberOfRemainingSuboperations" not in counts.fields(final=True)
+
+
+def test_proposals_offer_the_stored_syntax_then_uncompressed() -> None:
+    summary = {(CT, JPEG2000Lossless): 2, (CT, ExplicitVRLittleEndian): 1}
+    assert proposals(summary) == [
+        (CT, [JPEG2000Lossless]),
+        (CT, [ExplicitVRLittleEndian, ImplicitVRLittleEndian]),
+    ]
+
+
+def test_context_choice_prefers_the_stored_syntax() -> None:
+    instance = StoredInstance(1, CT, "1.2.3", JPEG2000Lossless, "a/b.dcm", 10)
+    uncompressed = AcceptedContext(3, CT, ImplicitVRLittleEndian, False, True)
+    stored = AcceptedContext(1, CT, JPEG2000Lossless, False, True)
+    no_role = AcceptedContext(5, CT, JPEG2000Lossless, True, False)
+    assert Target(None, [uncompressed, stored], 1.0).context_for(instance) == (1, JPEG2000Lossless)
+    assert Target(None, [no_role, uncompressed], 1.0).context_for(instance) == (
+        3,
+        ImplicitVRLittleEndian,
+    )
+    assert Target(None, [no_role], 1.0).context_for(instance) is None
