@@ -38,7 +38,7 @@ class _Handler:
 
 def test_every_dimse_service_in_the_document_has_a_handler() -> None:
     stand_in = _Handler()
-    services = build_services(store=stand_in, find=stand_in)  # type: ignore[arg-type]
+    services = build_services(stand_in, stand_in, stand_in, stand_in)  # type: ignore[arg-type]
     served = {COMMAND_NAMES[field].removesuffix("-RQ") for field in services}
     named = set(re.findall(r"\| (C-[A-Z]+) \|\n", conformance_statement()))
     assert named and named <= served

@@ -19,7 +19,7 @@ from minipacs.config import Settings
 from minipacs.identity import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
 from minipacs.index import keys
 from minipacs.net import negotiation as neg
-from minipacs.services import find, store
+from minipacs.services import find, qr, retrieve, store
 
 _SOURCES = {
     "column": "index column, matched in SQL",
@@ -44,15 +44,22 @@ def _services() -> list[str]:
     rows = [
         ("Verification", neg.VERIFICATION, "SCP", "C-ECHO"),
         *(
-            (model.name + " Q/R FIND", model.find_uid, "SCP", "C-FIND")
+            row
             for model in keys.FIND_MODELS.values()
+            for row in (
+                (model.name + " Q/R FIND", model.find_uid, "SCP", "C-FIND"),
+                (model.name + " Q/R MOVE", model.move_uid, "SCP", "C-MOVE"),
+                (model.name + " Q/R GET", model.get_uid, "SCP", "C-GET"),
+            )
         ),
     ]
     lines = ["## 2 AE specification: SOP classes", ""]
     lines += _table(("SOP class", "UID", "role", "DIMSE"), iter(rows))
     lines += [
         f"Storage, as SCP (C-STORE), for each of the {len(storage)} storage SOP classes "
-        "pynetdicom knows:",
+        "pynetdicom knows; as SCU for the C-STORE sub-operations of C-MOVE (on a new "
+        "association to a configured destination) and C-GET (on the requestor's own "
+        "association, for the classes it took the SCP role for):",
         "",
     ]
     lines += _table(("SOP class", "UID"), ((_name(uid), uid) for uid in storage))
@@ -114,9 +121,19 @@ def _statuses() -> list[str]:
         ("C-FIND", "0xFF00 / 0xFF01", "pending / pending, a key not supported"),
         ("C-FIND", "0x0000 / 0xFE00", "success / cancelled"),
         ("C-FIND", "0xA700", "more than query.max_results matches"),
-        ("C-FIND", f"0x{find.IDENTIFIER_DOES_NOT_MATCH:04X}", "identifier does not match"),
-        ("C-FIND", f"0x{find.UNABLE_TO_PROCESS:04X}", "identifier cannot be decoded"),
+        ("C-FIND", f"0x{qr.IDENTIFIER_DOES_NOT_MATCH:04X}", "identifier does not match"),
+        ("C-FIND", f"0x{qr.UNABLE_TO_PROCESS:04X}", "identifier cannot be decoded"),
         ("C-FIND", f"0x{find.INDEX_UNAVAILABLE:04X}", "index unavailable"),
+        ("C-MOVE/C-GET", "0xFF00", "pending, with sub-operation counts"),
+        ("C-MOVE/C-GET", "0x0000 / 0xFE00", "all sub-operations completed / cancelled"),
+        ("C-MOVE/C-GET", "0xB000", "some sub-operations failed (Failed SOP Instance UID List)"),
+        ("C-MOVE/C-GET", "0xA702", "every sub-operation failed"),
+        ("C-MOVE", f"0x{retrieve.MOVE_DESTINATION_UNKNOWN:04X}", "move destination unknown"),
+        (
+            "C-MOVE/C-GET",
+            f"0x{qr.IDENTIFIER_DOES_NOT_MATCH:04X}",
+            "identifier does not match (unique keys only, PS3.4 C.4.2.2.1)",
+        ),
     )
     return ["### Statuses", "", *_table(("service", "status", "meaning"), iter(rows))]
 
@@ -168,10 +185,11 @@ def conformance_statement() -> str:
         "",
         "## 1 Implementation model",
         "",
-        "One Application Entity, a storage and query SCP: modalities store instances with "
-        "C-STORE (written durably to a filesystem store and indexed in SQL before Success "
-        "is returned); workstations query them with C-FIND. One asyncio event loop serves "
-        "every association.",
+        "One Application Entity, a storage and query/retrieve SCP: modalities store "
+        "instances with C-STORE (written durably to a filesystem store and indexed in SQL "
+        "before Success is returned); workstations query them with C-FIND and retrieve "
+        "them with C-MOVE (to a destination from the configuration) or C-GET. One asyncio "
+        "event loop serves every association.",
         "",
         *_services(),
         *_syntaxes(),

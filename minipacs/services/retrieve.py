@@ -127,7 +127,8 @@ class RetrieveService:
         message = operation.message
         if message.dataset is None:
             raise QueryError(f"{self.name} request without an identifier")
-        identifier = dicom.inspect(message.dataset.getvalue(), operation.context.transfer_syntax)
+        syntax = operation.context.transfer_syntax
+        identifier = dicom.inspect(message.dataset.getvalue(), syntax, dicom.ALL_TAGS)
         plan = plan_retrieve(model, identifier.dataset)
         query = RetrieveQuery(plan, self.engine, self.options.page_size)
         return query, query.summary()
