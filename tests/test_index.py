@@ -371,3 +371,20 @@ def test_concurrent_writers_never_duplicate_an_instance(db_url: str, policy: str
     finally:
         for engine in engines:
             engine.dispose()
+
+
+def test_counts_of_a_batch_into_known_series(engine: Engine) -> None:
+    # Only counts change: on PostgreSQL all the UPDATEs go in one query.
+    ct = _record()
+    mr = _record("MR_small.dcm")
+    _apply(engine, [ct, mr], "keep-first")
+    more = [
+        dataclasses.replace(base, sop_uid=f"{base.sop_uid}.{n}", rel_path=f"x/{n}{base.rel_path}")
+        for n in range(1, 4)
+        for base in (ct, mr)
+    ]
+    _apply(engine, more, "keep-first")
+    _consistent(engine)
+    with Session(engine) as session:
+        assert sorted(session.scalars(select(Series.num_instances))) == [4, 4]
+        assert sum(session.scalars(select(Patient.num_instances))) == 8

@@ -23,6 +23,7 @@ from typing import Any, Final
 
 from sqlalchemy import (
     ColumnElement,
+    Connection,
     Integer,
     Update,
     bindparam,
@@ -123,6 +124,9 @@ class _Pending:
         for study in self._modalities:
             self.set(Study, study, {"modalities": self._modalities_of(session, study)})
         connection = session.connection()
+        if not self._values and connection.dialect.name == "postgresql":
+            self._flush_counts(connection)
+            return
         for model in (Patient, Study, Series):
             rows = {r for m, r in self._deltas if m is model} | {
                 r for m, r in self._values if m is model
@@ -155,6 +159,26 @@ class _Pending:
         self._deltas.clear()
         self._values.clear()
         self._modalities.clear()
+
+    def _flush_counts(self, connection: Connection) -> None:
+        """Only counts changed: every UPDATE, in lock order, in one query (PostgreSQL).
+
+        Three levels cost three round trips otherwise, each a GIL hand-off for the writer.
+        The SQL holds only our own table and column names and integers: nothing to quote.
+        """
+        statements = []
+        for model in (Patient, Study, Series):
+            for row_id in sorted(r for m, r in self._deltas if m is model):
+                added = self._deltas[(model, row_id)]
+                sets = ", ".join(f"{c} = {c} + {int(d)}" for c, d in sorted(added.items()) if d)
+                if sets:
+                    statements.append(
+                        f"UPDATE {model.__tablename__} SET {sets} WHERE id = {int(row_id)}"
+                    )
+        if statements:
+            # Without parameters psycopg sends a simple query, which may hold several.
+            connection.execution_options(no_parameters=True).exec_driver_sql("; ".join(statements))
+        self._deltas.clear()
 
 
 @functools.cache
