@@ -75,3 +75,37 @@ def test_database_outage_fails_stores_and_queries_then_recovers(
         assert len(instance_files(tmp_path / "store")) == 2
     finally:
         server.stop()
+
+
+def test_outage_during_a_replace_keeps_the_acknowledged_file(
+    own_postgres: PostgresServer, tmp_path: Path
+) -> None:
+    url = own_postgres.create_database()
+    schema.upgrade(url)
+    env = {
+        "MINIPACS_DATABASE_URL": url,
+        "MINIPACS_STORAGE_MIN_FREE_BYTES": "0",
+        "MINIPACS_STORAGE_DUPLICATE_POLICY": "replace",
+    }
+    server = start_minipacs(tmp_path, env)
+    (instance,) = _instances(1)
+    try:
+        assert asyncio.run(find_data.store_all(server.port, [instance], timeout=60)) == [0]
+        own_postgres.halt()
+        # The replacement is written over the stored file, then its index commit fails.
+        assert asyncio.run(find_data.store_all(server.port, [instance], timeout=60)) == [0xA700]
+        own_postgres.resume()
+        files = instance_files(tmp_path / "store")
+        assert len(files) == 1, "the acknowledged instance's file must survive"
+        found, _, final = find(
+            server.port,
+            query(
+                "IMAGE",
+                StudyInstanceUID=str(instance.StudyInstanceUID),
+                SeriesInstanceUID=str(instance.SeriesInstanceUID),
+                SOPInstanceUID="",
+            ),
+        )
+        assert final.Status == 0 and len(found) == 1
+    finally:
+        server.stop()

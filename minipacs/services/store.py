@@ -60,6 +60,7 @@ class Written:
 
     record: InstanceRecord
     rel_path: str
+    # False when the write replaced a file already at rel_path (duplicate policy "replace").
     fresh: bool
 
 
@@ -193,11 +194,15 @@ class StoreService:
             raise StoreRefused(DATASET_DOES_NOT_MATCH, str(exc)) from exc
         if self.duplicate_policy != "replace" and self._already_stored(rel_path, sop_instance):
             return None
+        # "replace" writes over the file of an instance already acknowledged: if the index
+        # then fails, that file must stay (it is a valid version of the instance the index
+        # still lists), so only a file new at its path is removed again.
+        fresh = self.duplicate_policy != "replace" or not self.store.exists(rel_path)
         self.store.ensure_free_space()
         meta = encode_file_meta(sop_class, sop_instance, context.transfer_syntax, calling_ae)
         stored = self.store.write_instance(rel_path, meta, source)
         record = dataclasses.replace(record, rel_path=stored.rel_path, size=stored.size)
-        return Written(record, stored.rel_path, fresh=True)
+        return Written(record, stored.rel_path, fresh)
 
 
 def _source(dataset: DataSet) -> bytes | Path:
