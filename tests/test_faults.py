@@ -14,7 +14,7 @@ from minipacs.index import schema
 from tests import find_data
 from tests.dicom_tools import echoscu
 from tests.pgserver import PostgresServer, start_postgres
-from tests.servers import start_minipacs
+from tests.servers import MinipacsProcess, start_minipacs
 from tests.test_find import find, query
 from tests.test_store import instance_files
 
@@ -37,14 +37,33 @@ def _instances(count: int) -> list[Dataset]:
     return made
 
 
+def _server_on(postgres: PostgresServer, workdir: Path, **env: str) -> MinipacsProcess:
+    """A daemon on a fresh, migrated database of `postgres`."""
+    url = postgres.create_database()
+    schema.upgrade(url)
+    environ = {"MINIPACS_DATABASE_URL": url, "MINIPACS_STORAGE_MIN_FREE_BYTES": "0", **env}
+    return start_minipacs(workdir, environ)
+
+
+def _series_instances(server: MinipacsProcess, of: Dataset) -> set[str]:
+    """The SOP Instance UIDs a C-FIND finds in the series of `of` (asserting Success)."""
+    found, _, final = find(
+        server.port,
+        query(
+            "IMAGE",
+            StudyInstanceUID=str(of.StudyInstanceUID),
+            SeriesInstanceUID=str(of.SeriesInstanceUID),
+            SOPInstanceUID="",
+        ),
+    )
+    assert final.Status == 0
+    return {str(ds.SOPInstanceUID) for ds in found}
+
+
 def test_database_outage_fails_stores_and_queries_then_recovers(
     own_postgres: PostgresServer, tmp_path: Path
 ) -> None:
-    url = own_postgres.create_database()
-    schema.upgrade(url)
-    server = start_minipacs(
-        tmp_path, {"MINIPACS_DATABASE_URL": url, "MINIPACS_STORAGE_MIN_FREE_BYTES": "0"}
-    )
+    server = _server_on(own_postgres, tmp_path)
     first, second = _instances(2)
     try:
         assert asyncio.run(find_data.store_all(server.port, [first], timeout=60)) == [0]
@@ -58,20 +77,8 @@ def test_database_outage_fails_stores_and_queries_then_recovers(
         assert echoscu(server.port) == 0  # still serving
         own_postgres.resume()
         assert asyncio.run(find_data.store_all(server.port, [second], timeout=60)) == [0]
-        found, _, final = find(
-            server.port,
-            query(
-                "IMAGE",
-                StudyInstanceUID=str(first.StudyInstanceUID),
-                SeriesInstanceUID=str(first.SeriesInstanceUID),
-                SOPInstanceUID="",
-            ),
-        )
-        assert final.Status == 0
-        assert {str(ds.SOPInstanceUID) for ds in found} == {
-            str(first.SOPInstanceUID),
-            str(second.SOPInstanceUID),
-        }
+        expected = {str(first.SOPInstanceUID), str(second.SOPInstanceUID)}
+        assert _series_instances(server, first) == expected
         assert len(instance_files(tmp_path / "store")) == 2
     finally:
         server.stop()
@@ -80,14 +87,7 @@ def test_database_outage_fails_stores_and_queries_then_recovers(
 def test_outage_during_a_replace_keeps_the_acknowledged_file(
     own_postgres: PostgresServer, tmp_path: Path
 ) -> None:
-    url = own_postgres.create_database()
-    schema.upgrade(url)
-    env = {
-        "MINIPACS_DATABASE_URL": url,
-        "MINIPACS_STORAGE_MIN_FREE_BYTES": "0",
-        "MINIPACS_STORAGE_DUPLICATE_POLICY": "replace",
-    }
-    server = start_minipacs(tmp_path, env)
+    server = _server_on(own_postgres, tmp_path, MINIPACS_STORAGE_DUPLICATE_POLICY="replace")
     (instance,) = _instances(1)
     try:
         assert asyncio.run(find_data.store_all(server.port, [instance], timeout=60)) == [0]
@@ -97,15 +97,6 @@ def test_outage_during_a_replace_keeps_the_acknowledged_file(
         own_postgres.resume()
         files = instance_files(tmp_path / "store")
         assert len(files) == 1, "the acknowledged instance's file must survive"
-        found, _, final = find(
-            server.port,
-            query(
-                "IMAGE",
-                StudyInstanceUID=str(instance.StudyInstanceUID),
-                SeriesInstanceUID=str(instance.SeriesInstanceUID),
-                SOPInstanceUID="",
-            ),
-        )
-        assert final.Status == 0 and len(found) == 1
+        assert _series_instances(server, instance) == {str(instance.SOPInstanceUID)}
     finally:
         server.stop()
