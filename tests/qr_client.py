@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Sequence
+from typing import Any
 
 from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian
@@ -11,6 +12,15 @@ from pydicom.uid import ExplicitVRLittleEndian
 from minipacs import dataset as dicom
 from minipacs.net.client import ClientAssociation
 from minipacs.net.commands import Command
+
+
+async def connect(
+    port: int, calling_ae: str, contexts: Sequence[tuple[str, Sequence[str]]], **options: Any
+) -> ClientAssociation:
+    """An association with the daemon on 127.0.0.1:port (options go to connect)."""
+    return await ClientAssociation.connect(
+        "127.0.0.1", port, calling_ae=calling_ae, called_ae="MINIPACS", contexts=contexts, **options
+    )
 
 
 def identifier(level: str, **keys: object) -> Dataset:
@@ -47,12 +57,8 @@ async def store_encoded(
     """Store (SOP class, SOP instance, transfer syntax, data set) over one association."""
     contexts = sorted({(sop_class, syntax) for sop_class, _, syntax, _ in instances})
     async with asyncio.timeout(timeout):
-        assoc = await ClientAssociation.connect(
-            "127.0.0.1",
-            port,
-            calling_ae=calling_ae,
-            called_ae="MINIPACS",
-            contexts=[(sop_class, [syntax]) for sop_class, syntax in contexts],
+        assoc = await connect(
+            port, calling_ae, [(sop_class, [syntax]) for sop_class, syntax in contexts]
         )
         statuses = []
         async with assoc:

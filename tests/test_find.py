@@ -21,13 +21,12 @@ from pynetdicom.sop_class import (
 )
 
 from minipacs.index import schema
-from minipacs.net.client import ClientAssociation
 from minipacs.net.commands import C_FIND_RQ
 from tests import find_data
 from tests.dicom_tools import dcmtk, echoscu
 from tests.find_data import BIG_SERIES_SIZE, ROOT, STUDIES
+from tests.qr_client import connect, request_and_cancel
 from tests.qr_client import identifier as query
-from tests.qr_client import request_and_cancel
 from tests.servers import MinipacsProcess, start_minipacs
 
 TIMEOUT = 30
@@ -260,13 +259,7 @@ def test_bad_identifiers_fail_with_a900(
 
 async def _raw_find(port: int, identifier: bytes) -> dict[str, object]:
     async with asyncio.timeout(TIMEOUT):
-        assoc = await ClientAssociation.connect(
-            "127.0.0.1",
-            port,
-            calling_ae="FINDSCU",
-            called_ae="MINIPACS",
-            contexts=[(STUDY_ROOT, [ExplicitVRLittleEndian])],
-        )
+        assoc = await connect(port, "FINDSCU", [(STUDY_ROOT, [ExplicitVRLittleEndian])])
         async with assoc:
             command = {
                 "CommandField": C_FIND_RQ,
@@ -404,13 +397,7 @@ def test_non_ascii_names_in_their_character_sets(pacs: MinipacsProcess) -> None:
 async def _find_and_cancel(port: int, identifier: Dataset) -> tuple[int, int]:
     """C-FIND, then C-CANCEL once the first response is in; (responses, final status)."""
     async with asyncio.timeout(TIMEOUT):
-        assoc = await ClientAssociation.connect(
-            "127.0.0.1",
-            port,
-            calling_ae="FINDSCU",
-            called_ae="MINIPACS",
-            contexts=[(STUDY_ROOT, [ExplicitVRLittleEndian])],
-        )
+        assoc = await connect(port, "FINDSCU", [(STUDY_ROOT, [ExplicitVRLittleEndian])])
         async with assoc:
             command = {"CommandField": C_FIND_RQ}
             responses = await request_and_cancel(assoc, STUDY_ROOT, command, identifier)
