@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Sequence
+from typing import Any
 
 from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian
@@ -11,6 +12,15 @@ from pydicom.uid import ExplicitVRLittleEndian
 from minipacs import dataset as dicom
 from minipacs.net.client import ClientAssociation
 from minipacs.net.commands import Command
+
+
+async def connect(
+    port: int, calling_ae: str, contexts: Sequence[tuple[str, Sequence[str]]], **options: Any
+) -> ClientAssociation:
+    """An association with the daemon on 127.0.0.1:port (options go to connect)."""
+    return await ClientAssociation.connect(
+        "127.0.0.1", port, calling_ae=calling_ae, called_ae="MINIPACS", contexts=contexts, **options
+    )
 
 
 def identifier(level: str, **keys: object) -> Dataset:
@@ -23,18 +33,25 @@ def identifier(level: str, **keys: object) -> Dataset:
 
 
 async def request_and_cancel(
-    assoc: ClientAssociation, model: str, command: Command, ds: Dataset
+    assoc: ClientAssociation, model: str, command: Command, ds: Dataset, at_once: bool = False
 ) -> list[Command]:
-    """Send a C-FIND/C-MOVE/C-GET, C-CANCEL it after the first response; every response."""
+    """Send a C-FIND/C-MOVE/C-GET and C-CANCEL it after the first response (or right after
+    the request, `at_once`: PS3.7 9.3.2.3 allows it at any time); every response."""
     context_id = assoc.context_for(model)
     message_id = assoc.session.next_message_id()
     command = {"AffectedSOPClassUID": model, "Priority": 0, "CommandDataSetType": 1, **command}
     raw = dicom.encode(ds, ExplicitVRLittleEndian)
-    responses = []
-    async for response in assoc.request(context_id, command, raw, message_id):
+    stream = assoc.request(context_id, command, raw, message_id)
+    first = asyncio.ensure_future(anext(stream))
+    if at_once:
+        # One turn of the loop: the request is written before its first response is awaited.
+        await asyncio.sleep(0)
+        await assoc.cancel(context_id, message_id)
+    responses = [(await first).command]
+    if not at_once:
+        await assoc.cancel(context_id, message_id)
+    async for response in stream:
         responses.append(response.command)
-        if len(responses) == 1:
-            await assoc.cancel(context_id, message_id)
     return responses
 
 
@@ -47,12 +64,8 @@ async def store_encoded(
     """Store (SOP class, SOP instance, transfer syntax, data set) over one association."""
     contexts = sorted({(sop_class, syntax) for sop_class, _, syntax, _ in instances})
     async with asyncio.timeout(timeout):
-        assoc = await ClientAssociation.connect(
-            "127.0.0.1",
-            port,
-            calling_ae=calling_ae,
-            called_ae="MINIPACS",
-            contexts=[(sop_class, [syntax]) for sop_class, syntax in contexts],
+        assoc = await connect(
+            port, calling_ae, [(sop_class, [syntax]) for sop_class, syntax in contexts]
         )
         statuses = []
         async with assoc:

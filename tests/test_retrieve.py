@@ -12,6 +12,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Final
 
 import numpy as np
 import pydicom
@@ -34,13 +35,12 @@ from pynetdicom.sop_class import (
 
 from minipacs import dataset as dicom
 from minipacs.index import schema
-from minipacs.net.client import ClientAssociation
 from minipacs.net.commands import C_GET_RQ, C_MOVE_RQ, C_STORE_RQ
 from minipacs.net.operations import SUCCESS, Operation, Service
 from minipacs.storage.meta import encode_file_meta
 from tests import retrieve_data
 from tests.dicom_tools import dcmtk, echoscu
-from tests.qr_client import identifier, request_and_cancel
+from tests.qr_client import connect, identifier, request_and_cancel
 from tests.retrieve_data import BIG_SERIES_SIZE, CT_IMAGE, MR_IMAGE, ROOT, Stored
 from tests.servers import MinipacsProcess, free_port, start_minipacs, wait_for_port
 
@@ -455,12 +455,10 @@ async def _retrieve_and_cancel(port: int, command_field: int) -> tuple[int, dict
         await operation.respond(SUCCESS)
 
     async with asyncio.timeout(TIMEOUT):
-        assoc = await ClientAssociation.connect(
-            "127.0.0.1",
+        assoc = await connect(
             port,
-            calling_ae="CANCELSCU",
-            called_ae="MINIPACS",
-            contexts=[(model, UNCOMPRESSED), (CT_IMAGE, UNCOMPRESSED)],
+            "CANCELSCU",
+            [(model, UNCOMPRESSED), (CT_IMAGE, UNCOMPRESSED)],
             roles={CT_IMAGE: (False, True)},
             services={C_STORE_RQ: Service(on_store)},
         )
@@ -486,26 +484,22 @@ def test_cancel_ends_with_fe00_and_counts(site: Site, command_field: int) -> Non
     assert echoscu(site.port) == 0
 
 
+# A Study Root C-MOVE-RQ to the storescp destination (its identifier sent apart).
+MOVE_TO_STORESCP: Final = {
+    "CommandField": C_MOVE_RQ,
+    "AffectedSOPClassUID": STUDY_MOVE,
+    "Priority": 0,
+    "CommandDataSetType": 1,
+    "MoveDestination": "STORESCP",
+}
+
+
 async def _move_then_abort(port: int) -> None:
     """Start a C-MOVE of the big series and abort the association at its first response."""
     async with asyncio.timeout(TIMEOUT):
-        assoc = await ClientAssociation.connect(
-            "127.0.0.1",
-            port,
-            calling_ae="ABORTSCU",
-            called_ae="MINIPACS",
-            contexts=[(STUDY_MOVE, UNCOMPRESSED)],
-        )
-        command = {
-            "CommandField": C_MOVE_RQ,
-            "AffectedSOPClassUID": STUDY_MOVE,
-            "Priority": 0,
-            "CommandDataSetType": 1,
-            "MoveDestination": "STORESCP",
-        }
+        assoc = await connect(port, "ABORTSCU", [(STUDY_MOVE, UNCOMPRESSED)])
         ds = identifier("SERIES", StudyInstanceUID=f"{ROOT}.3", SeriesInstanceUID=f"{ROOT}.3.1")
-        raw = dicom.encode(ds, ExplicitVRLittleEndian)
-        async for _ in assoc.request(1, command, raw):
+        async for _ in assoc.request(1, MOVE_TO_STORESCP, dicom.encode(ds, ExplicitVRLittleEndian)):
             break
         await assoc.abort()
 
@@ -526,24 +520,12 @@ def test_requestor_abort_mid_move_leaves_the_server_serving(site: Site) -> None:
 
 async def _concurrent_moves(port: int, count: int) -> list[dict[str, object]]:
     async def one() -> dict[str, object]:
-        assoc = await ClientAssociation.connect(
-            "127.0.0.1",
-            port,
-            calling_ae=f"MOVESCU{count}",
-            called_ae="MINIPACS",
-            contexts=[(STUDY_MOVE, UNCOMPRESSED)],
-        )
+        assoc = await connect(port, f"MOVESCU{count}", [(STUDY_MOVE, UNCOMPRESSED)])
         async with assoc:
-            command = {
-                "CommandField": C_MOVE_RQ,
-                "AffectedSOPClassUID": STUDY_MOVE,
-                "Priority": 0,
-                "CommandDataSetType": 1,
-                "MoveDestination": "STORESCP",
-            }
-            ds = identifier("STUDY", StudyInstanceUID=f"{ROOT}.3")
-            raw = dicom.encode(ds, ExplicitVRLittleEndian)
-            responses = [r.command async for r in assoc.request(1, command, raw)]
+            raw = dicom.encode(
+                identifier("STUDY", StudyInstanceUID=f"{ROOT}.3"), ExplicitVRLittleEndian
+            )
+            responses = [r.command async for r in assoc.request(1, MOVE_TO_STORESCP, raw)]
         return responses[-1]
 
     async with asyncio.timeout(120):
