@@ -1,11 +1,13 @@
-"""The association acceptor: accept loop, association policy, limits, graceful shutdown."""
+"""The association acceptor: accept loops (plain and TLS), association policy, limits,
+graceful shutdown."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -13,7 +15,16 @@ from pynetdicom.pdu_primitives import A_ASSOCIATE
 
 from minipacs.logs import log_event
 from minipacs.net import negotiation as neg
+from minipacs.net.access import (
+    AccessPolicy,
+    Admission,
+    Identity,
+    Refusal,
+    peer_host,
+    peer_identity,
+)
 from minipacs.net.association import AssociateRequested, Association, Limits
+from minipacs.net.guard import guard_services
 from minipacs.net.observer import Observer
 from minipacs.net.operations import Service
 from minipacs.net.pdu import CACHEABLE_ASSOCIATE_LENGTH, encode_associate_ac
@@ -30,8 +41,15 @@ class ServerConfig:
     host: str = "127.0.0.1"
     port: int = 11112
     check_called_ae: bool = True
-    allowed_calling_aes: Sequence[str] = ()
+    access: AccessPolicy = field(default_factory=AccessPolicy)
     max_associations: int = 400
+    # 0: no limit (but max_associations) / no rate limit.
+    max_associations_per_ae: int = 0
+    associations_per_minute: int = 0
+    max_pending_connections: int = 512
+    # The TLS listener, on host, when tls_port is set (0: none).
+    tls_port: int = 0
+    ssl_context: ssl.SSLContext | None = None
     limits: Limits = field(default_factory=Limits)
     timeouts: Timeouts = field(default_factory=Timeouts)
     spool_dir: Path = Path("minipacs-data/store/.spool")
@@ -47,15 +65,24 @@ class Server:
         observer: Observer | None = None,
     ) -> None:
         self.config = config
-        self.services = services
+        self.services = guard_services(services, config.access, config.limits.max_dataset_size)
         self.observer = observer or Observer()
+        self.admission = Admission(
+            config.access,
+            config.max_associations_per_ae,
+            config.associations_per_minute,
+            time.monotonic,
+        )
         self.policy = neg.AcceptorPolicy()
         self.sessions: set[Session] = set()
         # Sessions whose association was accepted and has not ended: the limit's count.
         self._established: set[Session] = set()
+        # Connected sessions with no A-ASSOCIATE-RQ yet, oldest first (a dict keeps order).
+        self._pending: dict[Session, None] = {}
         self.accepted_total = 0
         self.rejected: dict[str, int] = {}
         self._server: asyncio.Server | None = None
+        self._tls_server: asyncio.Server | None = None
         self._draining = False
         self._tasks: set[asyncio.Task[None]] = set()
         self._ac_cache: dict[bytes, bytes] = {}
@@ -71,22 +98,38 @@ class Server:
         assert self._server is not None
         return int(self._server.sockets[0].getsockname()[1])
 
+    @property
+    def tls_port(self) -> int:
+        """The bound TLS port (0: no TLS listener)."""
+        if self._tls_server is None:
+            return 0
+        return int(self._tls_server.sockets[0].getsockname()[1])
+
     async def start(self) -> None:
-        """Bind and start accepting."""
-        self._server = await asyncio.start_server(
-            self._on_connection,
-            self.config.host,
-            self.config.port,
-            reuse_address=True,
-            backlog=1024,
-            limit=2 * 1024 * 1024,
-        )
+        """Bind and start accepting, on the TLS port too when configured."""
+        self._server = await self._listen(self.config.port, None)
+        if self.config.tls_port and self.config.ssl_context is not None:
+            self._tls_server = await self._listen(self.config.tls_port, self.config.ssl_context)
         log_event(
             log,
             "server.listening",
             ae_title=self.config.ae_title,
             host=self.config.host,
             port=self.port,
+            tls_port=self.tls_port or None,
+        )
+
+    async def _listen(self, port: int, context: ssl.SSLContext | None) -> asyncio.Server:
+        return await asyncio.start_server(
+            self._on_connection,
+            self.config.host,
+            port,
+            reuse_address=True,
+            backlog=1024,
+            limit=2 * 1024 * 1024,
+            ssl=context,
+            # A TLS handshake that never finishes is held no longer than ARTIM would.
+            ssl_handshake_timeout=self.config.timeouts.artim if context is not None else None,
         )
 
     async def shutdown(self, grace: float, hurry: asyncio.Event | None = None) -> None:
@@ -95,8 +138,9 @@ class Server:
         Setting `hurry` (a second stop signal) ends the grace period at once.
         """
         self._draining = True
-        if self._server is not None:
-            self._server.close()
+        listeners = [s for s in (self._server, self._tls_server) if s is not None]
+        for listener in listeners:
+            listener.close()
         log_event(log, "server.draining", active=len(self.sessions), grace_s=grace)
         if self._tasks:
             pending = await self._drain(grace, hurry)
@@ -112,8 +156,8 @@ class Server:
                 session.abort("server shutting down")
             if pending:
                 await asyncio.wait(pending, timeout=5)
-        if self._server is not None:
-            await self._server.wait_closed()
+        for listener in listeners:
+            await listener.wait_closed()
         log_event(log, "server.stopped", accepted_total=self.accepted_total)
 
     async def _drain(self, grace: float, hurry: asyncio.Event | None) -> set[asyncio.Task[None]]:
@@ -153,12 +197,15 @@ class Server:
         )
         started = time.perf_counter()
         self.sessions.add(session)
+        self._admit_pending(session)
         try:
             await session.run()
         finally:
             self.sessions.discard(session)
+            self._pending.pop(session, None)
             if session in self._established:
                 self._established.discard(session)
+                self.admission.closed(session.calling_ae)
                 self.observer.association_ended(session.bytes_received, session.bytes_sent)
             level = logging.INFO if session.outcome == "released" else logging.WARNING
             if log.isEnabledFor(level):
@@ -174,6 +221,22 @@ class Server:
                     requests=session.requests_served,
                     duration_ms=round((time.perf_counter() - started) * 1000, 3),
                 )
+
+    def _admit_pending(self, session: Session) -> None:
+        """Count a new connection; past the cap, close the one that waited longest."""
+        self._pending[session] = None
+        if len(self._pending) <= self.config.max_pending_connections:
+            return
+        # A peer that associates sends its RQ at once: the oldest silent one is the
+        # likeliest flood, and a flood then only ever pushes out itself.
+        oldest = next(iter(self._pending))
+        del self._pending[oldest]
+        why = "pending connection limit"
+        oldest.outcome = f"closed: {why}"
+        self.rejected[why] = self.rejected.get(why, 0) + 1
+        self.observer.association_rejected(why)
+        log_event(log, "connection.dropped", level=logging.WARNING, peer=oldest.peer, reason=why)
+        oldest.writer.transport.abort()
 
     def _refuse(self, session: Session, why: str, result: tuple[int, int, int]) -> None:
         self.rejected[why] = self.rejected.get(why, 0) + 1
@@ -192,6 +255,7 @@ class Server:
         )
 
     async def _on_associate(self, session: Session, event: AssociateRequested) -> None:
+        self._pending.pop(session, None)
         request = event.request
         config = self.config
         if not event.protocol_version & 0x0001:
@@ -201,23 +265,34 @@ class Server:
             return self._refuse(session, "application context", neg.REJECT_APPLICATION_CONTEXT)
         if config.check_called_ae and session.called_ae != config.ae_title:
             return self._refuse(session, "called AE title", neg.REJECT_CALLED_AE)
-        if config.allowed_calling_aes and session.calling_ae not in config.allowed_calling_aes:
-            return self._refuse(session, "calling AE title", neg.REJECT_CALLING_AE)
+        host = peer_host(session.peer)
+        refusal = config.access.association_refusal(session.calling_ae, host)
+        if refusal is not None:
+            return self._refuse(session, refusal.why, refusal.result)
+        identity = peer_identity(request.user_information)
+        refusal = await self._identity_refusal(identity)
+        if refusal is not None:
+            return self._refuse(session, refusal.why, refusal.result)
         if self._draining:
             return self._refuse(session, "shutting down", neg.REJECT_LOCAL_LIMIT)
         if len(self._established) >= config.max_associations:
             return self._refuse(session, "association limit", neg.REJECT_LOCAL_LIMIT)
+        refusal = self.admission.refusal(session.calling_ae, host)
+        if refusal is not None:
+            return self._refuse(session, refusal.why, refusal.result)
         roles = neg.role_proposals(request.user_information)
         negotiated = self.policy.negotiate(request.presentation_context_definition_list, roles)
         if not negotiated.accepted:
             return self._refuse(session, "no acceptable presentation context", neg.REJECT_NO_REASON)
+        confirmed = config.access.confirms_identity(identity)
         session.association.accept(
-            self._accept_pdu(event.raw, request, negotiated),
+            self._accept_pdu(event.raw, request, negotiated, confirmed),
             negotiated.accepted,
             neg.peer_max_pdu(request.user_information),
         )
         self.accepted_total += 1
         self._established.add(session)
+        self.admission.opened(session.calling_ae)
         self.observer.association_accepted()
         if not log.isEnabledFor(logging.INFO):
             return None
@@ -229,17 +304,29 @@ class Server:
             calling_ae=session.calling_ae,
             called_ae=session.called_ae,
             implementation=f"{class_uid} {version}".strip(),
+            tls=session.writer.get_extra_info("ssl_object") is not None,
+            user=identity.primary.decode("utf-8", "replace") if identity is not None else None,
             contexts_proposed=len(request.presentation_context_definition_list),
             contexts_accepted=len(negotiated.accepted),
             abstract_syntaxes=sorted({c.abstract_syntax for c in negotiated.accepted.values()}),
         )
         return None
 
-    def _accept_pdu(self, raw: bytes, request: A_ASSOCIATE, negotiated: neg.Negotiated) -> bytes:
+    async def _identity_refusal(self, identity: Identity | None) -> Refusal | None:
+        policy = self.config.access
+        if identity is None or not policy.checks_identity:
+            return policy.identity_refusal(identity)
+        # scrypt costs ~50 ms of CPU by design: off the event loop.
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(None, policy.identity_refusal, identity)
+
+    def _accept_pdu(
+        self, raw: bytes, request: A_ASSOCIATE, negotiated: neg.Negotiated, confirmed: bool
+    ) -> bytes:
         # The AC is a pure function of the RQ bytes and our (fixed) configuration.
         cached = self._ac_cache.get(raw)
         if cached is None:
-            cached = encode_associate_ac(self._accept_primitive(request, negotiated))
+            cached = encode_associate_ac(self._accept_primitive(request, negotiated, confirmed))
             if len(raw) > CACHEABLE_ASSOCIATE_LENGTH:
                 return cached
             if len(self._ac_cache) >= 256:
@@ -247,7 +334,9 @@ class Server:
             self._ac_cache[raw] = cached
         return cached
 
-    def _accept_primitive(self, request: A_ASSOCIATE, negotiated: neg.Negotiated) -> A_ASSOCIATE:
+    def _accept_primitive(
+        self, request: A_ASSOCIATE, negotiated: neg.Negotiated, confirmed: bool
+    ) -> A_ASSOCIATE:
         response = A_ASSOCIATE()
         response.application_context_name = neg.APPLICATION_CONTEXT_NAME
         response.calling_ae_title = request.calling_ae_title
@@ -256,6 +345,9 @@ class Server:
         response.result_source = 0x01
         response.presentation_context_definition_results_list = negotiated.results
         response.user_information = neg.user_information_reply(
-            self.config.limits.max_pdu_length, request.user_information, negotiated.role_replies
+            self.config.limits.max_pdu_length,
+            request.user_information,
+            negotiated.role_replies,
+            confirmed,
         )
         return response
