@@ -15,6 +15,7 @@ from pynetdicom.pdu_primitives import A_ASSOCIATE
 
 from minipacs.logs import log_event
 from minipacs.net import negotiation as neg
+from minipacs.net import tls
 from minipacs.net.access import (
     AccessPolicy,
     Admission,
@@ -82,7 +83,7 @@ class Server:
         self.accepted_total = 0
         self.rejected: dict[str, int] = {}
         self._server: asyncio.Server | None = None
-        self._tls_server: asyncio.Server | None = None
+        self._tls: tls.TlsListener | None = None
         self._draining = False
         self._tasks: set[asyncio.Task[None]] = set()
         self._ac_cache: dict[bytes, bytes] = {}
@@ -101,15 +102,30 @@ class Server:
     @property
     def tls_port(self) -> int:
         """The bound TLS port (0: no TLS listener)."""
-        if self._tls_server is None:
-            return 0
-        return int(self._tls_server.sockets[0].getsockname()[1])
+        return self._tls.port if self._tls is not None else 0
 
     async def start(self) -> None:
         """Bind and start accepting, on the TLS port too when configured."""
-        self._server = await self._listen(self.config.port, None)
-        if self.config.tls_port and self.config.ssl_context is not None:
-            self._tls_server = await self._listen(self.config.tls_port, self.config.ssl_context)
+        config = self.config
+        self._server = await asyncio.start_server(
+            self._on_connection,
+            config.host,
+            config.port,
+            reuse_address=True,
+            backlog=1024,
+            limit=2 * 1024 * 1024,
+        )
+        if config.tls_port and config.ssl_context is not None:
+            self._tls = tls.TlsListener(
+                self._on_connection,
+                self._tls_failed,
+                config.ssl_context,
+                # A handshake is held no longer than ARTIM holds a silent peer (PS3.8 9.1.5).
+                handshake_timeout=config.timeouts.artim,
+                max_handshakes=config.max_pending_connections,
+                limit=2 * 1024 * 1024,
+            )
+            await self._tls.start(config.host, config.tls_port)
         log_event(
             log,
             "server.listening",
@@ -119,26 +135,13 @@ class Server:
             tls_port=self.tls_port or None,
         )
 
-    async def _listen(self, port: int, context: ssl.SSLContext | None) -> asyncio.Server:
-        return await asyncio.start_server(
-            self._on_connection,
-            self.config.host,
-            port,
-            reuse_address=True,
-            backlog=1024,
-            limit=2 * 1024 * 1024,
-            ssl=context,
-            # A TLS handshake that never finishes is held no longer than ARTIM would.
-            ssl_handshake_timeout=self.config.timeouts.artim if context is not None else None,
-        )
-
     async def shutdown(self, grace: float, hurry: asyncio.Event | None = None) -> None:
         """Stop accepting, let associations finish for `grace` seconds, abort the rest.
 
         Setting `hurry` (a second stop signal) ends the grace period at once.
         """
         self._draining = True
-        listeners = [s for s in (self._server, self._tls_server) if s is not None]
+        listeners = [s for s in (self._server, self._tls) if s is not None]
         for listener in listeners:
             listener.close()
         log_event(log, "server.draining", active=len(self.sessions), grace_s=grace)
@@ -222,6 +225,10 @@ class Server:
                     duration_ms=round((time.perf_counter() - started) * 1000, 3),
                 )
 
+    def _tls_failed(self, peer: str, detail: str) -> None:
+        """A TLS handshake failed (PS3.15 B.9): no certificate, unknown CA, not TLS..."""
+        self._count_drop(peer, "TLS handshake", detail)
+
     def _admit_pending(self, session: Session) -> None:
         """Count a new connection; past the cap, close the one that waited longest."""
         self._pending[session] = None
@@ -231,12 +238,25 @@ class Server:
         # likeliest flood, and a flood then only ever pushes out itself.
         oldest = next(iter(self._pending))
         del self._pending[oldest]
-        why = "pending connection limit"
-        oldest.outcome = f"closed: {why}"
+        self._drop(oldest, "pending connection limit", None)
+
+    def _drop(self, session: Session, why: str, detail: str | None) -> None:
+        """Close a connection that never associated; log and count why."""
+        session.outcome = f"closed: {why}"
+        self._count_drop(session.peer, why, detail)
+        session.writer.transport.abort()
+
+    def _count_drop(self, peer: str, why: str, detail: str | None) -> None:
         self.rejected[why] = self.rejected.get(why, 0) + 1
         self.observer.association_rejected(why)
-        log_event(log, "connection.dropped", level=logging.WARNING, peer=oldest.peer, reason=why)
-        oldest.writer.transport.abort()
+        log_event(
+            log,
+            "connection.dropped",
+            level=logging.WARNING,
+            peer=peer,
+            reason=why,
+            detail=detail,
+        )
 
     def _refuse(self, session: Session, why: str, result: tuple[int, int, int]) -> None:
         self.rejected[why] = self.rejected.get(why, 0) + 1

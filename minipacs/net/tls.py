@@ -7,7 +7,10 @@ forward secrecy. TLS 1.3 suites are AEAD by definition and OpenSSL's defaults ar
 
 from __future__ import annotations
 
+import asyncio
+import socket
 import ssl
+from collections.abc import Awaitable, Callable
 from typing import Final
 
 # RFC 7525 4.2, as named by OpenSSL: ECDHE/DHE key exchange, AES-GCM.
@@ -57,3 +60,100 @@ def client_context(
     if certificate:
         context.load_cert_chain(certificate, private_key or None)
     return context
+
+
+Connected = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+
+
+class TlsListener:
+    """Accepts TCP connections and hands each on as streams once its TLS handshake is done.
+
+    Not asyncio.start_server(ssl=...): a failed handshake there is dropped silently, and
+    StreamWriter.start_tls after accepting loses the ClientHello on uvloop (it reads
+    before the callback runs). Here each handshake is awaited, so its failure is reported
+    to `failed` with the peer's address, and at most `max_handshakes` run at once (past
+    that the oldest is cancelled, as for connections that have not associated).
+    """
+
+    def __init__(
+        self,
+        connected: Connected,
+        failed: Callable[[str, str], None],
+        context: ssl.SSLContext,
+        handshake_timeout: float,
+        max_handshakes: int,
+        limit: int,
+    ) -> None:
+        self.connected = connected
+        self.failed = failed
+        self.context = context
+        self.handshake_timeout = handshake_timeout
+        self.max_handshakes = max_handshakes
+        self.limit = limit
+        self.socket: socket.socket | None = None
+        self._accepting: asyncio.Task[None] | None = None
+        self._closing = False
+        # Handshakes in progress, oldest first.
+        self._handshakes: dict[asyncio.Task[None], None] = {}
+
+    @property
+    def port(self) -> int:
+        """The bound port."""
+        assert self.socket is not None
+        return int(self.socket.getsockname()[1])
+
+    async def start(self, host: str, port: int) -> None:
+        """Bind and start accepting."""
+        self.socket = socket.create_server((host, port), backlog=1024)
+        self.socket.setblocking(False)
+        self._accepting = asyncio.create_task(self._accept(self.socket))
+
+    async def _accept(self, listening: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                connection, address = await loop.sock_accept(listening)
+            except OSError:
+                # EMFILE and the like: the next accept may succeed once some close.
+                await asyncio.sleep(0.1)
+                continue
+            task = asyncio.create_task(self._handshake(connection, f"{address[0]}:{address[1]}"))
+            self._handshakes[task] = None
+            task.add_done_callback(self._handshakes.pop)
+            if len(self._handshakes) > self.max_handshakes:
+                next(iter(self._handshakes)).cancel()
+
+    async def _handshake(self, connection: socket.socket, peer: str) -> None:
+        loop = asyncio.get_running_loop()
+        reader = asyncio.StreamReader(limit=self.limit, loop=loop)
+        # The callback runs (as its own task) only once the handshake succeeded.
+        protocol = asyncio.StreamReaderProtocol(reader, self.connected, loop=loop)
+        try:
+            await loop.connect_accepted_socket(
+                lambda: protocol,
+                connection,
+                ssl=self.context,
+                ssl_handshake_timeout=self.handshake_timeout,
+            )
+        except (OSError, TimeoutError) as exc:  # ssl.SSLError is an OSError
+            connection.close()
+            self.failed(peer, str(getattr(exc, "reason", None) or type(exc).__name__))
+        except asyncio.CancelledError:
+            connection.close()
+            if not self._closing:
+                self.failed(peer, "too many handshakes at once")
+
+    def close(self) -> None:
+        """Stop accepting; handshakes in progress are cancelled."""
+        self._closing = True
+        if self._accepting is not None:
+            self._accepting.cancel()
+        for task in list(self._handshakes):
+            task.cancel()
+        if self.socket is not None:
+            self.socket.close()
+
+    async def wait_closed(self) -> None:
+        """Wait until the accept loop and the handshakes have stopped."""
+        tasks = [t for t in (self._accepting, *self._handshakes) if t is not None]
+        await asyncio.gather(*tasks, return_exceptions=True)
