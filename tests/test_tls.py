@@ -23,6 +23,7 @@ from tests.certs import Certificates, make_certificates
 from tests.dicom_tools import dcmtk, echoscu
 from tests.servers import MinipacsProcess, free_port, start_minipacs
 from tests.test_bad_input import ECHO, _associate_rq
+from tests.test_limits import Flood
 
 TIMEOUT = 20
 
@@ -42,6 +43,7 @@ def tls_server(
         tmp_path_factory.mktemp("tls"),
         {
             "MINIPACS_SERVER_ARTIM_TIMEOUT": "2",
+            "MINIPACS_SERVER_MAX_PENDING_CONNECTIONS": "50",
             "MINIPACS_TLS_PORT": str(free_port()),
             "MINIPACS_TLS_CERTIFICATE": str(certs.server_cert),
             "MINIPACS_TLS_PRIVATE_KEY": str(certs.server_key),
@@ -190,3 +192,22 @@ def test_plain_tcp_on_the_tls_port_fails_cleanly(
     assert asyncio.run(_echo(port, context))[0] == 0
     assert echoscu(tls_server.port) == 0
     assert tls_server.process.poll() is None
+
+
+def test_handshake_flood(tls_server: MinipacsProcess, certs: Certificates) -> None:
+    # 300 connections that never send a ClientHello, against a cap of 50 handshakes.
+    port = _tls_port(tls_server)
+    flood = Flood(port, 300)
+    flood.start()
+    try:
+        assert flood.ready.wait(30), "could not open the flood"
+        context = client_context(str(certs.ca), str(certs.client_cert), str(certs.client_key))
+        for _ in range(3):
+            assert asyncio.run(_echo(port, context))[0] == 0
+        assert echoscu(tls_server.port) == 0
+    finally:
+        flood.stop.set()
+        flood.join(30)
+    # Most of the 250 past the cap, as seen by the flood before it stopped.
+    assert flood.closed_by_server >= 200
+    assert "too many handshakes at once" in tls_server.log_text()
