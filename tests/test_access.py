@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-from minipacs.app import access_policy
+from minipacs.app import access_policy, server_config
 from minipacs.config import ConfigError, load_settings
 from minipacs.net import negotiation as neg
 from minipacs.net.access import (
@@ -218,3 +220,29 @@ def test_bad_trust_settings(tmp_path: Path, text: str, message: str) -> None:
 def test_users_only_in_the_file() -> None:
     with pytest.raises(ConfigError, match="users can only be set in the configuration file"):
         load_settings(None, environ={"MINIPACS_USERS_ALICE": "x"})
+
+
+def test_hash_password_command(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "minipacs", "hash-password"],
+        input="correct horse\n",
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    stored = result.stdout.strip()
+    assert verify_password(b"correct horse", stored)
+    assert "correct horse" not in result.stdout + result.stderr
+
+
+def test_tls_files_that_do_not_load_are_a_config_error(tmp_path: Path) -> None:
+    path = tmp_path / "minipacs.toml"
+    path.write_text(
+        f'[tls]\nport = 2762\ncertificate = "{tmp_path}/none.pem"\n'
+        f'private_key = "{tmp_path}/none.key"\n'
+    )
+    with pytest.raises(ConfigError, match="tls: cannot load certificate"):
+        server_config(load_settings(path, environ={}))
