@@ -7,14 +7,14 @@ import contextlib
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
 
 import pytest
 
 from minipacs.net import pdu
 from minipacs.net.commands import C_STORE_RQ, DATASET_PRESENT, PRIORITY_MEDIUM, encode_command
 from tests import peers
-from tests.servers import MinipacsProcess, start_minipacs
+from tests.servers import MinipacsProcess, running_minipacs
 from tests.test_bad_input import _associate_rq, _connect, _read_pdu
 
 ARTIM = 3.0
@@ -25,7 +25,7 @@ MAX_DATASET = 65536
 @pytest.fixture(scope="module")
 def limited(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MinipacsProcess]:
     """minipacs with a short ARTIM, a small pending-connection cap and data set cap."""
-    process = start_minipacs(
+    with running_minipacs(
         tmp_path_factory.mktemp("limits"),
         {
             "MINIPACS_SERVER_ARTIM_TIMEOUT": str(ARTIM),
@@ -34,9 +34,8 @@ def limited(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MinipacsProces
             "MINIPACS_STORAGE_MIN_FREE_BYTES": "0",
             "MINIPACS_STORAGE_FSYNC": "false",
         },
-    )
-    yield process
-    process.stop()
+    ) as process:
+        yield process
 
 
 class Flood(threading.Thread):
@@ -166,17 +165,10 @@ def test_endless_dataset_is_aborted(limited: MinipacsProcess) -> None:
     peers.served(limited.port)
 
 
-@pytest.fixture
-def rated(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MinipacsProcess]:
-    """minipacs taking 5 associations a minute from one address."""
-    process = start_minipacs(
-        tmp_path_factory.mktemp("rated"), {"MINIPACS_SERVER_ASSOCIATIONS_PER_MINUTE": "5"}
-    )
-    yield process
-    process.stop()
-
-
-def test_association_rate_per_address(rated: MinipacsProcess) -> None:
+def test_association_rate_per_address(
+    minipacs_with: Callable[[Mapping[str, str]], MinipacsProcess],
+) -> None:
+    rated = minipacs_with({"MINIPACS_SERVER_ASSOCIATIONS_PER_MINUTE": "5"})
     assert [peers.rejection(rated.port) for _ in range(5)] == [None] * 5
     # Transient, service-provider (presentation), local limit exceeded: try again later.
     assert peers.rejection(rated.port) == (2, 3, 2)

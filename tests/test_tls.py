@@ -22,7 +22,7 @@ from minipacs.net.client import AssociationRefused, ClientAssociation
 from minipacs.net.tls import client_context
 from tests.certs import Certificates, make_certificates
 from tests.dicom_tools import dcmtk, echoscu
-from tests.servers import MinipacsProcess, free_port, start_minipacs
+from tests.servers import MinipacsProcess, free_port, running_minipacs
 from tests.test_bad_input import ECHO, _associate_rq
 from tests.test_limits import Flood
 
@@ -40,7 +40,7 @@ def tls_server(
     tmp_path_factory: pytest.TempPathFactory, certs: Certificates
 ) -> Iterator[MinipacsProcess]:
     """minipacs with its TLS listener requiring client certificates from the test CA."""
-    process = start_minipacs(
+    with running_minipacs(
         tmp_path_factory.mktemp("tls"),
         {
             "MINIPACS_SERVER_ARTIM_TIMEOUT": "2",
@@ -51,9 +51,8 @@ def tls_server(
             "MINIPACS_TLS_CA_FILE": str(certs.ca),
             "MINIPACS_TLS_REQUIRE_CLIENT_CERT": "true",
         },
-    )
-    yield process
-    process.stop()
+    ) as process:
+        yield process
 
 
 def _tls_port(server: MinipacsProcess) -> int:

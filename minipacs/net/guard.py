@@ -23,6 +23,11 @@ log = logging.getLogger("minipacs.access")
 NOT_AUTHORIZED: Final = 0x0124
 
 
+def log_refusal(logger: logging.Logger, event: str, peer: str, **fields: object) -> None:
+    """Log one refusal (association, connection or service) as a WARNING event."""
+    log_event(logger, event, level=logging.WARNING, peer=peer, **fields)
+
+
 @dataclass(frozen=True, slots=True)
 class _Guard:
     service: Service
@@ -33,11 +38,10 @@ class _Guard:
     async def handle(self, operation: Operation) -> None:
         session = operation.session
         if not self.policy.allows(session.calling_ae, self.name):
-            log_event(
+            log_refusal(
                 log,
                 "access.refused",
-                level=logging.WARNING,
-                peer=session.peer,
+                session.peer,
                 calling_ae=session.calling_ae,
                 service=self.name,
             )

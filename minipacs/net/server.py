@@ -25,7 +25,7 @@ from minipacs.net.access import (
     peer_identity,
 )
 from minipacs.net.association import AssociateRequested, Association, Limits
-from minipacs.net.guard import guard_services
+from minipacs.net.guard import guard_services, log_refusal
 from minipacs.net.observer import Observer
 from minipacs.net.operations import Service
 from minipacs.net.pdu import CACHEABLE_ASSOCIATE_LENGTH, encode_associate_ac
@@ -249,25 +249,17 @@ class Server:
     def _count_drop(self, peer: str, why: str, detail: str | None) -> None:
         self.rejected[why] = self.rejected.get(why, 0) + 1
         self.observer.association_rejected(why)
-        log_event(
-            log,
-            "connection.dropped",
-            level=logging.WARNING,
-            peer=peer,
-            reason=why,
-            detail=detail,
-        )
+        log_refusal(log, "connection.dropped", peer, reason=why, detail=detail)
 
     def _refuse(self, session: Session, why: str, result: tuple[int, int, int]) -> None:
         self.rejected[why] = self.rejected.get(why, 0) + 1
         self.observer.association_rejected(why)
         session.outcome = f"rejected: {why}"
         session.association.reject(*result)
-        log_event(
+        log_refusal(
             log,
             "association.rejected",
-            level=logging.WARNING,
-            peer=session.peer,
+            session.peer,
             calling_ae=session.calling_ae,
             called_ae=session.called_ae,
             reason=why,

@@ -11,6 +11,7 @@ import asyncio
 import socket
 import ssl
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
 from typing import Final
 
 # RFC 7525 4.2, as named by OpenSSL: ECDHE/DHE key exchange, AES-GCM.
@@ -65,6 +66,7 @@ def client_context(
 Connected = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 
 
+@dataclass(eq=False)
 class TlsListener:
     """Accepts TCP connections and hands each on as streams once its TLS handshake is done.
 
@@ -75,38 +77,30 @@ class TlsListener:
     that the oldest is cancelled, as for connections that have not associated).
     """
 
-    def __init__(
-        self,
-        connected: Connected,
-        failed: Callable[[str, str], None],
-        context: ssl.SSLContext,
-        handshake_timeout: float,
-        max_handshakes: int,
-        limit: int,
-    ) -> None:
-        self.connected = connected
-        self.failed = failed
-        self.context = context
-        self.handshake_timeout = handshake_timeout
-        self.max_handshakes = max_handshakes
-        self.limit = limit
-        self.socket: socket.socket | None = None
-        self._accepting: asyncio.Task[None] | None = None
-        self._closing = False
-        # Handshakes in progress, oldest first.
-        self._handshakes: dict[asyncio.Task[None], None] = {}
+    connected: Connected
+    # Called with the peer ("address:port") and why, for each failed handshake.
+    failed: Callable[[str, str], None]
+    context: ssl.SSLContext
+    handshake_timeout: float
+    max_handshakes: int
+    limit: int
+    sock: socket.socket | None = field(default=None, init=False)
+    _accepting: asyncio.Task[None] | None = field(default=None, init=False)
+    _closing: bool = field(default=False, init=False)
+    # Handshakes in progress, oldest first.
+    _handshakes: dict[asyncio.Task[None], None] = field(default_factory=dict, init=False)
 
     @property
     def port(self) -> int:
         """The bound port."""
-        assert self.socket is not None
-        return int(self.socket.getsockname()[1])
+        assert self.sock is not None
+        return int(self.sock.getsockname()[1])
 
     async def start(self, host: str, port: int) -> None:
         """Bind and start accepting."""
-        self.socket = socket.create_server((host, port), backlog=1024)
-        self.socket.setblocking(False)
-        self._accepting = asyncio.create_task(self._accept(self.socket))
+        self.sock = socket.create_server((host, port), backlog=1024)
+        self.sock.setblocking(False)
+        self._accepting = asyncio.create_task(self._accept(self.sock))
 
     async def _accept(self, listening: socket.socket) -> None:
         loop = asyncio.get_running_loop()
@@ -150,8 +144,8 @@ class TlsListener:
             self._accepting.cancel()
         for task in list(self._handshakes):
             task.cancel()
-        if self.socket is not None:
-            self.socket.close()
+        if self.sock is not None:
+            self.sock.close()
 
     async def wait_closed(self) -> None:
         """Wait until the accept loop and the handshakes have stopped."""
