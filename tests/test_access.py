@@ -136,15 +136,16 @@ def test_admission_per_ae_and_per_host() -> None:
     admission = Admission(policy, max_per_ae=2, per_minute_per_host=0, clock=lambda: 0.0)
     local_limit = Refusal("calling AE association limit", neg.REJECT_LOCAL_LIMIT)
     admission.opened("ONE")
-    assert admission.refusal("ONE", "h") == local_limit
+    assert admission.limit_refusal("ONE") == local_limit
     admission.opened("CT")
-    assert admission.refusal("CT", "h") is None
+    assert admission.limit_refusal("CT") is None
     admission.opened("CT")
-    assert admission.refusal("CT", "h") == local_limit
+    assert admission.limit_refusal("CT") == local_limit
     admission.closed("CT")
-    assert admission.refusal("CT", "h") is None
+    assert admission.limit_refusal("CT") is None
+    assert admission.rate_refusal("h") is None, "no rate limit configured"
     rated = Admission(AccessPolicy(), 0, per_minute_per_host=2, clock=lambda: 0.0)
-    assert [rated.refusal("CT", "h") for _ in range(3)] == [
+    assert [rated.rate_refusal("h") for _ in range(3)] == [
         None,
         None,
         Refusal("association rate", neg.REJECT_LOCAL_LIMIT),

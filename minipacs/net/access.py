@@ -9,7 +9,9 @@ None (go ahead) or a `Refusal` naming why, with the A-ASSOCIATE-RJ values to sen
 
 from __future__ import annotations
 
+import functools
 import ipaddress
+import secrets
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Final
@@ -18,7 +20,7 @@ from pynetdicom.pdu_primitives import UserIdentityNegotiation
 
 from minipacs.net import negotiation as neg
 from minipacs.net.commands import C_ECHO_RQ, C_FIND_RQ, C_GET_RQ, C_MOVE_RQ, C_STORE_RQ
-from minipacs.passwords import verify_password
+from minipacs.passwords import hash_password, verify_password
 
 # The services access rules name, by the Command Field of their request.
 SERVICE_NAMES: Final = {
@@ -113,6 +115,9 @@ class AccessPolicy:
             return Refusal("user identity type not supported", REJECT_IDENTITY)
         stored = self.users.get(identity.primary.decode("utf-8", "replace"))
         if stored is None:
+            if identity.kind == USERNAME_AND_PASSCODE:
+                # As slow as a known user's check: timing tells no one which names exist.
+                verify_password(identity.secondary, _decoy_hash())
             return Refusal("user identity unknown", REJECT_IDENTITY)
         if identity.kind == USERNAME_AND_PASSCODE and not verify_password(
             identity.secondary, stored
@@ -137,6 +142,11 @@ class AccessPolicy:
         if rule is None:
             return self.unknown_ae == "allow"
         return service in rule.services
+
+
+@functools.cache
+def _decoy_hash() -> str:
+    return hash_password(secrets.token_hex(16))
 
 
 def peer_identity(user_information: Iterable[object]) -> Identity | None:
@@ -215,14 +225,18 @@ class Admission:
         if self.per_minute_per_host:
             self._rate = RateLimiter(self.per_minute_per_host, self.clock)
 
-    def refusal(self, calling_ae: str, host: str) -> Refusal | None:
-        """Why the limits leave no room for one more association, or None."""
+    def rate_refusal(self, host: str) -> Refusal | None:
+        """Take one A-ASSOCIATE-RQ from host off its rate; a Refusal if none is left."""
+        if self._rate is not None and not self._rate.allow(host):
+            return Refusal("association rate", neg.REJECT_LOCAL_LIMIT)
+        return None
+
+    def limit_refusal(self, calling_ae: str) -> Refusal | None:
+        """Why calling_ae may not have one more association at once, or None."""
         rule = self.policy.rules.get(calling_ae)
         limit = (rule.max_associations if rule is not None else 0) or self.max_per_ae
         if limit and self._active.get(calling_ae, 0) >= limit:
             return Refusal("calling AE association limit", neg.REJECT_LOCAL_LIMIT)
-        if self._rate is not None and not self._rate.allow(host):
-            return Refusal("association rate", neg.REJECT_LOCAL_LIMIT)
         return None
 
     def opened(self, calling_ae: str) -> None:

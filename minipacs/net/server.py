@@ -278,9 +278,13 @@ class Server:
         if config.check_called_ae and session.called_ae != config.ae_title:
             return self._refuse(session, "called AE title", neg.REJECT_CALLED_AE)
         host = peer_host(session.peer)
-        refusal = config.access.association_refusal(session.calling_ae, host)
+        refusal = config.access.association_refusal(
+            session.calling_ae, host
+        ) or self.admission.rate_refusal(host)
         if refusal is not None:
             return self._refuse(session, refusal.why, refusal.result)
+        # After the rate (a flood of passcodes costs scrypt time), before the limits (the
+        # check awaits: the counts must be read after it, with no await before accept).
         identity = peer_identity(request.user_information)
         refusal = await self._identity_refusal(identity)
         if refusal is not None:
@@ -289,7 +293,7 @@ class Server:
             return self._refuse(session, "shutting down", neg.REJECT_LOCAL_LIMIT)
         if len(self._established) >= config.max_associations:
             return self._refuse(session, "association limit", neg.REJECT_LOCAL_LIMIT)
-        refusal = self.admission.refusal(session.calling_ae, host)
+        refusal = self.admission.limit_refusal(session.calling_ae)
         if refusal is not None:
             return self._refuse(session, refusal.why, refusal.result)
         roles = neg.role_proposals(request.user_information)
