@@ -247,13 +247,15 @@ class Server:
         session.writer.transport.abort()
 
     def _count_drop(self, peer: str, why: str, detail: str | None) -> None:
-        self.rejected[why] = self.rejected.get(why, 0) + 1
-        self.observer.association_rejected(why)
+        self._count(why)
         log_refusal(log, "connection.dropped", peer, reason=why, detail=detail)
 
-    def _refuse(self, session: Session, why: str, result: tuple[int, int, int]) -> None:
+    def _count(self, why: str) -> None:
         self.rejected[why] = self.rejected.get(why, 0) + 1
         self.observer.association_rejected(why)
+
+    def _refuse(self, session: Session, why: str, result: tuple[int, int, int]) -> None:
+        self._count(why)
         session.outcome = f"rejected: {why}"
         session.association.reject(*result)
         log_refusal(
@@ -300,9 +302,8 @@ class Server:
         negotiated = self.policy.negotiate(request.presentation_context_definition_list, roles)
         if not negotiated.accepted:
             return self._refuse(session, "no acceptable presentation context", neg.REJECT_NO_REASON)
-        confirmed = config.access.confirms_identity(identity)
         session.association.accept(
-            self._accept_pdu(event.raw, request, negotiated, confirmed),
+            self._accept_pdu(event.raw, request, negotiated, identity),
             negotiated.accepted,
             neg.peer_max_pdu(request.user_information),
         )
@@ -337,13 +338,19 @@ class Server:
         return await loop.run_in_executor(None, policy.identity_refusal, identity)
 
     def _accept_pdu(
-        self, raw: bytes, request: A_ASSOCIATE, negotiated: neg.Negotiated, confirmed: bool
+        self,
+        raw: bytes,
+        request: A_ASSOCIATE,
+        negotiated: neg.Negotiated,
+        identity: Identity | None,
     ) -> bytes:
         # The AC is a pure function of the RQ bytes and our (fixed) configuration.
         cached = self._ac_cache.get(raw)
         if cached is None:
+            confirmed = self.config.access.confirms_identity(identity)
             cached = encode_associate_ac(self._accept_primitive(request, negotiated, confirmed))
-            if len(raw) > CACHEABLE_ASSOCIATE_LENGTH:
+            # An RQ with a User Identity holds a passcode: never kept as a cache key.
+            if len(raw) > CACHEABLE_ASSOCIATE_LENGTH or identity is not None:
                 return cached
             if len(self._ac_cache) >= 256:
                 self._ac_cache.pop(next(iter(self._ac_cache)))
