@@ -173,7 +173,7 @@ class LogSettings:
 
 @dataclass(frozen=True)
 class TlsSettings:
-    """[tls]: the DICOM TLS listener (PS3.15 B.9) and the requestor's certificates."""
+    """[tls]: the DICOM TLS listener (PS3.15 B.10) and the requestor's certificates."""
 
     port: int = _key(0, low=0, high=65535)
     certificate: str = _key("")

@@ -1,4 +1,4 @@
-"""DICOM TLS (PS3.15 B.9): DCMTK, pynetdicom and our requestor on the TLS port; refusals."""
+"""DICOM TLS (PS3.15 B.10): DCMTK, pynetdicom and our requestor on the TLS port; refusals."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from minipacs.app import tls_client_context
 from minipacs.config import load_settings
 from minipacs.net import negotiation as neg
 from minipacs.net.client import AssociationRefused, ClientAssociation
-from minipacs.net.tls import client_context
+from minipacs.net.tls import BCP195_CIPHERS, client_context
 from tests.certs import Certificates, make_certificates
 from tests.dicom_tools import dcmtk, echoscu
 from tests.servers import MinipacsProcess, free_port, running_minipacs
@@ -95,7 +95,7 @@ def _tls_echoscu(port: int, *tls: str) -> int:
 def test_echoscu_over_tls(tls_server: MinipacsProcess, certs: Certificates) -> None:
     port = _tls_port(tls_server)
     key, cert = str(certs.client_key), str(certs.client_cert)
-    # DCMTK's default profile is the Non-Downgrading BCP 195 one (PS3.15 B.9).
+    # DCMTK's default profile is the Non-Downgrading BCP 195 one (PS3.15 B.10).
     assert _tls_echoscu(port, "+tls", key, cert, "+cf", str(certs.ca)) == 0
     # Without a client certificate, the handshake fails: client certificates are required.
     assert _tls_echoscu(port, "+tla", "+cf", str(certs.ca)) != 0
@@ -116,11 +116,19 @@ def test_our_client_with_the_context_from_config(
     assert version in ("TLSv1.2", "TLSv1.3")
 
 
-def test_tls_1_2_uses_a_bcp195_suite(tls_server: MinipacsProcess, certs: Certificates) -> None:
+@pytest.mark.parametrize(
+    "suite", [*BCP195_CIPHERS.split(":")[:4], "AES128-SHA", "AES256-GCM-SHA384"]
+)
+def test_tls_1_2_suites(tls_server: MinipacsProcess, certs: Certificates, suite: str) -> None:
+    # PS3.15 B.10: the four BCP 195 suites all work; none without forward secrecy does.
     context = client_context(str(certs.ca), str(certs.client_cert), str(certs.client_key))
     context.maximum_version = ssl.TLSVersion.TLSv1_2
-    status, version = asyncio.run(_echo(_tls_port(tls_server), context))
-    assert (status, version) == (0, "TLSv1.2")
+    context.set_ciphers(suite)
+    if suite in BCP195_CIPHERS.split(":"):
+        assert asyncio.run(_echo(_tls_port(tls_server), context)) == (0, "TLSv1.2")
+    else:
+        with pytest.raises(AssociationRefused):
+            asyncio.run(_echo(_tls_port(tls_server), context))
 
 
 def test_pynetdicom_over_tls(tls_server: MinipacsProcess, certs: Certificates) -> None:
@@ -162,7 +170,7 @@ def test_refused_clients(tls_server: MinipacsProcess, certs: Certificates, who: 
 def test_server_certificate_checked_by_the_client(
     tls_server: MinipacsProcess, certs: Certificates
 ) -> None:
-    # A requestor that trusts another CA does not talk to us (PS3.15 B.9: peer auth).
+    # A requestor that trusts another CA does not talk to us (PS3.15 B.10: peer auth).
     context = client_context(
         str(certs.stranger_cert), str(certs.client_cert), str(certs.client_key)
     )

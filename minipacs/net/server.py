@@ -226,7 +226,7 @@ class Server:
                 )
 
     def _tls_failed(self, peer: str, detail: str) -> None:
-        """A TLS handshake failed (PS3.15 B.9): no certificate, unknown CA, not TLS..."""
+        """A TLS handshake failed (PS3.15 B.10): no certificate, unknown CA, not TLS..."""
         self._count_drop(peer, "TLS handshake", detail)
 
     def _admit_pending(self, session: Session) -> None:

@@ -1,8 +1,8 @@
-"""TLS contexts for the DICOM listener and requestor (PS3.15 B.9, BCP 195 profiles).
+"""TLS contexts for the DICOM listener and requestor (PS3.15 B.10, BCP 195 profiles).
 
-PS3.15 B.9 (Non-Downgrading BCP 195 TLS Secure Transport Connection Profile): TLS 1.2
-or later only, and for TLS 1.2 the RFC 7525 (BCP 195) cipher suites, all AEAD with
-forward secrecy. TLS 1.3 suites are AEAD by definition and OpenSSL's defaults are kept.
+PS3.15 B.10 (Non-Downgrading BCP 195 TLS Secure Transport Connection Profile): never
+TLS 1.0 or 1.1, and the four RFC 7525 (BCP 195) cipher suites, all AEAD with forward
+secrecy; TLS 1.3 suites are AEAD by definition and OpenSSL's defaults are kept.
 """
 
 from __future__ import annotations
@@ -12,20 +12,24 @@ import socket
 import ssl
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Final
 
-# RFC 7525 4.2, as named by OpenSSL: ECDHE/DHE key exchange, AES-GCM.
+# PS3.15 B.10's four (RFC 7525 4.2), as named by OpenSSL: ECDHE/DHE key exchange, AES-GCM.
 BCP195_CIPHERS: Final = ":".join(
     (
         "ECDHE-RSA-AES128-GCM-SHA256",
         "ECDHE-RSA-AES256-GCM-SHA384",
         "DHE-RSA-AES128-GCM-SHA256",
         "DHE-RSA-AES256-GCM-SHA384",
-        # The same suites for ECDSA certificates (PS3.15 B.10, Extended BCP 195 profile).
+        # The same for ECDSA certificates, among those PS3.15 B.11 (Extended) recommends.
         "ECDHE-ECDSA-AES128-GCM-SHA256",
         "ECDHE-ECDSA-AES256-GCM-SHA384",
     )
 )
+# The RFC 7919 ffdhe2048 group: without DH parameters OpenSSL never picks a DHE suite,
+# and PS3.15 B.11 wants DHE keys of 2048 bits or more.
+_DH_PARAMETERS: Final = Path(__file__).with_name("ffdhe2048.pem")
 
 
 def _bcp195(context: ssl.SSLContext) -> ssl.SSLContext:
@@ -41,10 +45,11 @@ def server_context(
 ) -> ssl.SSLContext:
     """The listener's context; client certificates are checked against ca_file if given."""
     context = _bcp195(ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER))
+    context.load_dh_params(str(_DH_PARAMETERS))
     context.load_cert_chain(certificate, private_key)
     if ca_file:
         context.load_verify_locations(cafile=ca_file)
-        # PS3.15 B.9: peers authenticate with certificates; optional unless required.
+        # PS3.15 B.10: peers authenticate with certificates; optional unless required.
         context.verify_mode = ssl.CERT_REQUIRED if require_client_cert else ssl.CERT_OPTIONAL
     return context
 

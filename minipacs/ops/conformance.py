@@ -117,9 +117,11 @@ def _association(settings: Settings) -> list[str]:
 
 def _security(settings: Settings) -> list[str]:
     rows = (
-        ("TLS profile", "PS3.15 B.9 Non-Downgrading BCP 195 (TLS 1.2 or later)"),
+        ("TLS profile", "PS3.15 B.10 Non-Downgrading BCP 195 (TLS 1.2 or later)"),
         ("TLS 1.2 cipher suites", tls.BCP195_CIPHERS.replace(":", ", ")),
-        ("TLS port (default)", settings.tls.port or "off"),
+        ("TLS port (default)", f"`tls.port`: {settings.tls.port or 'off'} (IANA 2762)"),
+        ("Key management", "PEM certificate chain, key and CA bundle files; no CRL/OCSP"),
+        ("Integrity failure", "the connection is closed (A-P-ABORT), logged and counted"),
         ("Client certificates", "verified against `tls.ca_file`; `tls.require_client_cert`"),
         ("Unknown calling AE (default)", settings.access.unknown_ae),
         ("User Identity (default)", settings.access.user_identity),
