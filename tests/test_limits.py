@@ -178,3 +178,28 @@ def test_association_rate_per_address(
     # Transient, service-provider (presentation), local limit exceeded: try again later.
     assert peers.rejection(rated.port) == (2, 3, 2)
     assert '"reason": "association rate"' in rated.log_text()
+
+
+def test_slow_loris_after_association(limited: MinipacsProcess) -> None:
+    # Associated, then a C-ECHO-RQ a byte a second: one association held, nobody else.
+    with _connect(limited.port) as sock:
+        sock.sendall(_associate_rq([(peers.CT_IMAGE, ("1.2.840.10008.1.2",))]))
+        assert _read_pdu(sock)[:1] == b"\x02"
+        trickle = pdu.pdata_header(1, True, True, 200) + b"\0" * 200
+        stop = threading.Event()
+
+        def send() -> None:
+            for byte in trickle:
+                if stop.wait(1.0):
+                    return
+                sock.sendall(bytes([byte]))
+
+        loris = threading.Thread(target=send, daemon=True)
+        loris.start()
+        try:
+            for _ in range(3):
+                peers.served(limited.port, "NORMAL")
+                time.sleep(1)
+        finally:
+            stop.set()
+            loris.join(5)
