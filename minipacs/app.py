@@ -4,19 +4,22 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from sqlalchemy import Engine, text
 from sqlalchemy.exc import SQLAlchemyError
 
-from minipacs.config import Settings
+from minipacs.config import ConfigError, Settings
 from minipacs.index.db import make_engine, read_engine
 from minipacs.index.recover import recover
 from minipacs.index.schema import ensure_schema
 from minipacs.index.statistics import StatisticsKeeper
 from minipacs.index.writer import IndexWriter
 from minipacs.logs import log_event
+from minipacs.net import tls
+from minipacs.net.access import AccessPolicy, AeRule, parse_networks
 from minipacs.net.association import Limits
 from minipacs.net.observer import Observer
 from minipacs.net.server import Server, ServerConfig
@@ -37,6 +40,45 @@ log = logging.getLogger("minipacs.app")
 _READY_TIMEOUT = 2.0
 
 
+def access_policy(settings: Settings) -> AccessPolicy:
+    """The access rules: [access], [access.<AE>] and [users], with server.allowed_calling_aes."""
+    rules = {
+        title: AeRule(frozenset(rule.services), parse_networks(rule.hosts), rule.max_associations)
+        for title, rule in settings.access_rules.items()
+    }
+    unknown_ae = settings.access.unknown_ae
+    legacy = settings.server.allowed_calling_aes
+    if legacy:
+        # The older list: each title listed may do everything from anywhere, unless an
+        # [access.<AE>] rule says otherwise, and no other title may associate.
+        rules = {title: AeRule() for title in legacy} | rules
+        if unknown_ae == "allow":
+            unknown_ae = "refuse-association"
+    return AccessPolicy(rules, unknown_ae, settings.access.user_identity, dict(settings.users))
+
+
+def tls_server_context(settings: Settings) -> ssl.SSLContext | None:
+    """The TLS listener's context from [tls] (None when tls.port is 0)."""
+    config = settings.tls
+    if not config.port:
+        return None
+    try:
+        return tls.server_context(
+            config.certificate, config.private_key, config.ca_file, config.require_client_cert
+        )
+    except OSError as exc:  # ssl.SSLError is one; neither names the file
+        raise ConfigError(
+            f"{settings.config_path}: tls: cannot load certificate {config.certificate!r}, "
+            f"key {config.private_key!r} or CA bundle {config.ca_file!r}: {exc}"
+        ) from None
+
+
+def tls_client_context(settings: Settings) -> ssl.SSLContext:
+    """The requestor's context for destinations with tls = true: [tls] CA and certificate."""
+    config = settings.tls
+    return tls.client_context(config.ca_file, config.certificate, config.private_key)
+
+
 def server_config(settings: Settings) -> ServerConfig:
     """Translate Settings into the acceptor's configuration."""
     server = settings.server
@@ -45,12 +87,18 @@ def server_config(settings: Settings) -> ServerConfig:
         host=server.host,
         port=server.port,
         check_called_ae=server.check_called_ae,
-        allowed_calling_aes=tuple(server.allowed_calling_aes),
+        access=access_policy(settings),
         max_associations=server.max_associations,
+        max_associations_per_ae=server.max_associations_per_ae,
+        associations_per_minute=server.associations_per_minute,
+        max_pending_connections=server.max_pending_connections,
+        tls_port=settings.tls.port,
+        ssl_context=tls_server_context(settings),
         limits=Limits(
             max_pdu_length=server.max_pdu_length,
             max_associate_length=server.max_associate_rq_length,
             spool_threshold=server.spool_threshold,
+            max_dataset_size=server.max_dataset_size,
         ),
         timeouts=Timeouts(artim=server.artim_timeout, idle=server.idle_timeout),
         spool_dir=settings.spool_dir,
@@ -163,6 +211,11 @@ def build_server(settings: Settings, archive: Archive, observer: Observer | None
         destinations=settings.destinations,
         connect_timeout=settings.retrieve.connect_timeout,
         response_timeout=settings.retrieve.response_timeout,
+        tls_context=(
+            tls_client_context(settings)
+            if any(destination.tls for destination in settings.destinations.values())
+            else None
+        ),
     )
     retrieve_args = (
         archive.engine,

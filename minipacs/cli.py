@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import getpass
 import json
 import logging
 import os
@@ -274,6 +275,21 @@ def _conformance(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _hash_password(args: argparse.Namespace) -> int:
+    from minipacs.passwords import hash_password
+
+    # Read, never taken as an argument: a password on the command line is in `ps` and
+    # in the shell's history.
+    if sys.stdin.isatty():
+        password = getpass.getpass("password: ")
+    else:
+        password = sys.stdin.readline().rstrip("\r\n")
+    if not password:
+        raise ConfigError("hash-password: empty password")
+    print(hash_password(password))
+    return EXIT_OK
+
+
 def _add_client_commands(commands: argparse._SubParsersAction) -> None:
     client = argparse.ArgumentParser(add_help=False)
     client.add_argument("host", help="address of the DICOM peer")
@@ -405,6 +421,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     conformance.add_argument("-o", "--output", metavar="PATH", help="write to PATH")
     conformance.set_defaults(func=_conformance)
+    hashing = commands.add_parser(
+        "hash-password",
+        help="print a salted hash of a password, for the [users] table",
+        description="Read a password (prompted on a terminal, else the first line of "
+        "stdin) and print its salted scrypt hash, the value of a [users] entry for User "
+        "Identity negotiation. The password itself is never stored.",
+    )
+    hashing.set_defaults(func=_hash_password)
     _add_client_commands(commands)
     return parser
 

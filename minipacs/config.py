@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import ipaddress
 import json
 import os
 import tomllib
@@ -17,6 +18,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, get_type_hints
+
+from minipacs.passwords import password_hash_problem
 
 ENV_PREFIX = "MINIPACS_"
 # Variables with our prefix that name no setting; any other MINIPACS_* must name one.
@@ -43,6 +46,23 @@ def ae_title_problem(value: str) -> str | None:
 
 def _not_empty(value: str) -> str | None:
     return None if value else "must not be empty"
+
+
+def _network(value: str) -> str | None:
+    try:
+        ipaddress.ip_network(value, strict=False)
+    except ValueError:
+        return "must be an IP address or a CIDR block such as 10.1.0.0/16"
+    return None
+
+
+# The services [access.<AE>] rules name (minipacs.net.access.SERVICES, not imported: the
+# settings depend on nothing of the network layer).
+ACCESS_SERVICES = ("echo", "store", "find", "move", "get")
+
+
+def _service(value: str) -> str | None:
+    return None if value in ACCESS_SERVICES else f"must be one of {', '.join(ACCESS_SERVICES)}"
 
 
 def _log_level(value: str) -> str | None:
@@ -96,6 +116,10 @@ class ServerSettings:
     idle_timeout: float = _key(300.0, low=0.1, high=86_400)
     shutdown_grace: float = _key(30.0, low=0, high=3600)
     spool_threshold: int = _key(8_388_608, low=65_536, high=1 << 31)
+    max_associations_per_ae: int = _key(0, low=0, high=100_000)
+    associations_per_minute: int = _key(0, low=0, high=1_000_000)
+    max_pending_connections: int = _key(512, low=1, high=100_000)
+    max_dataset_size: int = _key(4_294_967_296, low=65_536, high=1 << 40)
     use_uvloop: bool = _key(True)
 
 
@@ -156,6 +180,34 @@ class LogSettings:
 
 
 @dataclass(frozen=True)
+class TlsSettings:
+    """[tls]: the DICOM TLS listener (PS3.15 B.10) and the requestor's certificates."""
+
+    port: int = _key(0, low=0, high=65535)
+    certificate: str = _key("")
+    private_key: str = _key("")
+    ca_file: str = _key("")
+    require_client_cert: bool = _key(False)
+
+
+@dataclass(frozen=True)
+class AccessSettings:
+    """[access]: the policy for calling AE titles without an [access.<AE>] rule, users."""
+
+    unknown_ae: str = _key("allow", choices=("allow", "refuse-association", "refuse-services"))
+    user_identity: str = _key("off", choices=("off", "optional", "required"))
+
+
+@dataclass(frozen=True)
+class AccessRule:
+    """[access.<AE title>]: what one calling AE may do, and from which addresses."""
+
+    services: list[str] = _key(list(ACCESS_SERVICES), item=_service)
+    hosts: list[str] = _key([], item=_network)
+    max_associations: int = _key(0, low=0, high=100_000)
+
+
+@dataclass(frozen=True)
 class Destination:
     """[destinations.<AE title>]: where a C-MOVE destination AE can be reached."""
 
@@ -175,7 +227,12 @@ class Settings:
     metrics: MetricsSettings = field(default_factory=MetricsSettings)
     retrieve: RetrieveSettings = field(default_factory=RetrieveSettings)
     log: LogSettings = field(default_factory=LogSettings)
+    tls: TlsSettings = field(default_factory=TlsSettings)
+    access: AccessSettings = field(default_factory=AccessSettings)
+    access_rules: dict[str, AccessRule] = field(default_factory=dict)
     destinations: dict[str, Destination] = field(default_factory=dict)
+    # Username -> salted password hash; repr off like every secret.
+    users: dict[str, str] = field(default_factory=dict, repr=False)
     # Where the settings were read from (None: built-in defaults), for messages only.
     config_path: Path | None = field(default=None, compare=False)
 
@@ -200,7 +257,11 @@ _SECTIONS: dict[str, type] = {
     "metrics": MetricsSettings,
     "retrieve": RetrieveSettings,
     "log": LogSettings,
+    "tls": TlsSettings,
+    "access": AccessSettings,
 }
+# Tables set only in the configuration file, never from the environment.
+_FILE_ONLY = ("destinations", "users")
 
 
 class _Invalid(Exception):
@@ -355,29 +416,49 @@ def _env_key(var: str) -> tuple[str, str]:
     for section in _SECTIONS:
         if rest.startswith(section.upper() + "_"):
             return section, rest[len(section) + 1 :].lower()
-    if rest.startswith("DESTINATIONS_"):
-        raise ConfigError(f"{var}: destinations can only be set in the configuration file")
+    for table in _FILE_ONLY:
+        if rest.startswith(table.upper() + "_"):
+            raise ConfigError(f"{var}: {table} can only be set in the configuration file")
     names = ", ".join(s.upper() for s in _SECTIONS)
     raise ConfigError(f"{var}: unknown setting, expected {ENV_PREFIX}<SECTION>_<KEY> ({names})")
 
 
-def _destinations(raw: Any, origin: str) -> dict[str, Destination]:
-    """The [destinations] table: AE title -> Destination."""
+def _per_ae(raw: Any, section: str, cls: type, origin: str) -> dict[str, Any]:
+    """A table of AE title -> sub-table ([destinations], [access.<AE>]), each built as cls."""
+    keys = ", ".join(f.name for f in dataclasses.fields(cls))
     if not isinstance(raw, dict):
-        raise ConfigError(f"{origin}: destinations: must be a table of AE title = {{host, port}}")
+        raise ConfigError(f"{origin}: {section}: must be a table of AE title = {{{keys}}}")
     result = {}
     for title, entry in raw.items():
-        where = f"destinations.{title}"
+        where = f"{section}.{title}"
         problem = ae_title_problem(title)
         if problem:
             raise ConfigError(f"{origin}: {where}: {problem}, got {_show(title)}")
         if not isinstance(entry, dict):
-            raise ConfigError(
-                f"{origin}: {where}: must be a table {{host, port, tls}}, got {_show(entry)}"
-            )
+            raise ConfigError(f"{origin}: {where}: must be a table {{{keys}}}, got {_show(entry)}")
         values = {key: (value, origin, False) for key, value in entry.items()}
-        result[title] = _build(Destination, where, values, origin)
+        result[title] = _build(cls, where, values, origin)
     return result
+
+
+def _users(raw: Any, origin: str) -> dict[str, str]:
+    """The [users] table: username -> password hash."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{origin}: users: must be a table of username = password hash")
+    for name, stored in raw.items():
+        problem = password_hash_problem(stored) if isinstance(stored, str) else "must be a string"
+        if problem:
+            # Never echo the value: a plain password put here by mistake stays out of logs.
+            raise ConfigError(f"{origin}: users.{name}: {problem}")
+    return dict(raw)
+
+
+def _check_tls(tls: TlsSettings, origin: str) -> None:
+    """Settings that only make sense together; raise ConfigError."""
+    if tls.port and not (tls.certificate and tls.private_key):
+        raise ConfigError(f"{origin}: tls.certificate: tls.port needs a certificate and key")
+    if tls.require_client_cert and not tls.ca_file:
+        raise ConfigError(f"{origin}: tls.ca_file: require_client_cert needs a CA bundle")
 
 
 def load_settings(path: Path | None = None, environ: Mapping[str, str] | None = None) -> Settings:
@@ -386,14 +467,19 @@ def load_settings(path: Path | None = None, environ: Mapping[str, str] | None = 
     data = _read(path) if path is not None else {}
     origin = str(path)
     values: dict[str, dict[str, _Raw]] = {name: {} for name in _SECTIONS}
+    rules: dict[str, Any] = {}
     for name, table in data.items():
-        if name == "destinations":
+        if name in _FILE_ONLY:
             continue
         if name not in _SECTIONS:
-            known = [*_SECTIONS, "destinations"]
+            known = [*_SECTIONS, *_FILE_ONLY]
             raise ConfigError(f"{origin}: [{name}]: unknown section{_did_you_mean(name, known)}")
         if not isinstance(table, dict):
             raise ConfigError(f"{origin}: {name}: must be a table [{name}], got {_show(table)}")
+        if name == "access":
+            # [access.<AE>] sub-tables are rules; the other keys are AccessSettings.
+            rules = {key: value for key, value in table.items() if isinstance(value, dict)}
+            table = {key: value for key, value in table.items() if key not in rules}
         values[name] = {key: (value, origin, False) for key, value in table.items()}
     # Sorted so that, of several bad variables, the same one is reported every time.
     for var in sorted(environ):
@@ -401,5 +487,11 @@ def load_settings(path: Path | None = None, environ: Mapping[str, str] | None = 
             section, key = _env_key(var)
             values[section][key] = (environ[var], var, True)
     sections = {name: _build(cls, name, values[name], origin) for name, cls in _SECTIONS.items()}
-    destinations = _destinations(data.get("destinations", {}), origin)
-    return Settings(**sections, destinations=destinations, config_path=path)
+    _check_tls(sections["tls"], origin)
+    return Settings(
+        **sections,
+        access_rules=_per_ae(rules, "access", AccessRule, origin),
+        destinations=_per_ae(data.get("destinations", {}), "destinations", Destination, origin),
+        users=_users(data.get("users", {}), origin),
+        config_path=path,
+    )

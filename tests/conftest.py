@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import contextlib
+from collections.abc import Callable, Iterator, Mapping
 
 import pytest
 
 from minipacs.index import schema
-from tests.servers import MinipacsProcess, start_minipacs
+from tests.servers import MinipacsProcess, running_minipacs, start_minipacs
 
 pytest_plugins = ["tests.fixtures_db"]
 
@@ -18,6 +19,17 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MinipacsProcess
     process = start_minipacs(tmp_path_factory.mktemp("minipacs"))
     yield process
     process.stop()
+
+
+@pytest.fixture
+def minipacs_with(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[Callable[[Mapping[str, str]], MinipacsProcess]]:
+    """Start daemons with extra MINIPACS_* settings; each is stopped after the test."""
+    with contextlib.ExitStack() as stack:
+        yield lambda env: stack.enter_context(
+            running_minipacs(tmp_path_factory.mktemp("minipacs"), env)
+        )
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -92,3 +93,15 @@ def start_minipacs(workdir: Path, env: Mapping[str, str] | None = None) -> Minip
         raise RuntimeError(f"minipacs did not start:\n{log_path.read_text()}") from None
     url = environ["MINIPACS_DATABASE_URL"]
     return MinipacsProcess(process, port, workdir, log_path, database_url=url)
+
+
+@contextlib.contextmanager
+def running_minipacs(
+    workdir: Path, env: Mapping[str, str] | None = None
+) -> Iterator[MinipacsProcess]:
+    """start_minipacs, stopped (SIGTERM) when the block ends."""
+    process = start_minipacs(workdir, env)
+    try:
+        yield process
+    finally:
+        process.stop()

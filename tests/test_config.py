@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from minipacs.config import (
+    AccessSettings,
     ConfigError,
     DatabaseSettings,
     Destination,
@@ -21,6 +22,7 @@ from minipacs.config import (
     ServerSettings,
     Settings,
     StorageSettings,
+    TlsSettings,
     load_settings,
 )
 from minipacs.logs import configure_logging, log_event
@@ -32,6 +34,8 @@ SECTIONS = {
     "storage": StorageSettings,
     "database": DatabaseSettings,
     "log": LogSettings,
+    "tls": TlsSettings,
+    "access": AccessSettings,
 }
 
 
@@ -60,6 +64,7 @@ def test_shipped_config_lists_every_key() -> None:
     for name, cls in SECTIONS.items():
         assert set(data[name]) == {f.name for f in dataclasses.fields(cls)}, name
     assert data["destinations"] == {}
+    assert data["users"] == {}
 
 
 def test_no_file_and_no_environment_is_the_defaults() -> None:

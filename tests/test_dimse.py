@@ -30,7 +30,7 @@ def _pdvs(context_id: int, data: bytes, command: bool, size: int) -> list[pdu.Pd
 
 
 def test_message_with_dataset_reassembles() -> None:
-    assembler = MessageAssembler({1}, spool_threshold=1 << 20)
+    assembler = MessageAssembler({1}, spool_threshold=1 << 20, max_dataset_size=1 << 32)
     dataset = bytes(range(256)) * 40
     assert assembler.feed(_pdvs(1, STORE, True, 16)) == []
     messages = assembler.feed(_pdvs(1, dataset, False, 1000))
@@ -41,7 +41,7 @@ def test_message_with_dataset_reassembles() -> None:
 
 
 def test_large_dataset_spills_to_disk(tmp_path: Path) -> None:
-    assembler = MessageAssembler({1}, spool_threshold=4096)
+    assembler = MessageAssembler({1}, spool_threshold=4096, max_dataset_size=1 << 32)
     dataset = b"\x01\x02" * 50_000
     assembler.feed(_pdvs(1, STORE, True, 1000))
     spilled = 0
@@ -73,7 +73,7 @@ def test_large_dataset_spills_to_disk(tmp_path: Path) -> None:
     ],
 )
 def test_protocol_violations_are_refused(steps: list[tuple]) -> None:
-    assembler = MessageAssembler({1, 5}, spool_threshold=1 << 20)
+    assembler = MessageAssembler({1, 5}, spool_threshold=1 << 20, max_dataset_size=1 << 32)
     with pytest.raises(pdu.PduError):
         for step in steps:
             context_id, data, command, *last = step

@@ -110,6 +110,7 @@ class Limits:
     max_pdu_length: int = 1024 * 1024
     max_associate_length: int = 1024 * 1024
     spool_threshold: int = 8 * 1024 * 1024
+    max_dataset_size: int = 4 * 1024 * 1024 * 1024
 
 
 class AssociationError(Exception):
@@ -130,7 +131,9 @@ class Association:
         self.machine = StateMachine(requestor=requestor)
         self.reader = pdu.PduReader(self.limits.max_pdu_length, self.limits.max_associate_length)
         self.contexts: dict[int, AcceptedContext] = {}
-        self.assembler = MessageAssembler(self.contexts, self.limits.spool_threshold)
+        self.assembler = MessageAssembler(
+            self.contexts, self.limits.spool_threshold, self.limits.max_dataset_size
+        )
         self.peer_max_pdu = 0
         self.artim_running = False
         self.should_close = False

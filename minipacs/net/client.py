@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import ssl
 from collections.abc import AsyncIterator, Mapping, Sequence
 from pathlib import Path
-from ssl import SSLContext
 from types import TracebackType
 
-from pynetdicom.pdu_primitives import A_ASSOCIATE
+from pynetdicom.pdu_primitives import A_ASSOCIATE, UserIdentityNegotiation
 
 from minipacs.net import negotiation as neg
 from minipacs.net.association import (
@@ -68,9 +68,10 @@ class ClientAssociation:
         timeouts: Timeouts | None = None,
         spool_dir: Path | None = None,
         connect_timeout: float = 30.0,
-        ssl: SSLContext | None = None,
+        ssl_context: ssl.SSLContext | None = None,
+        user_identity: UserIdentityNegotiation | None = None,
     ) -> ClientAssociation:
-        """Open a connection, negotiate, and return the association once accepted."""
+        """Open a connection (over TLS with ssl_context), negotiate, return the association."""
         limits = limits or Limits()
         timeouts = timeouts or Timeouts()
         role_map = dict(roles or {})
@@ -81,14 +82,17 @@ class ClientAssociation:
         request.called_ae_title = called_ae
         request.presentation_context_definition_list = proposed
         request.user_information = neg.user_information_request(limits.max_pdu_length, role_map)
+        if user_identity is not None:
+            # PS3.7 D.3.3.7.1: username, with a passcode or not, as the caller built it.
+            request.user_information.append(user_identity)
         association = Association(requestor=True, limits=limits)
         association.request(request)
         try:
             async with asyncio.timeout(connect_timeout):
                 reader, writer = await asyncio.open_connection(
-                    host, port, limit=2 * 1024 * 1024, ssl=ssl
+                    host, port, limit=2 * 1024 * 1024, ssl=ssl_context
                 )
-        except (OSError, TimeoutError) as exc:
+        except (OSError, TimeoutError) as exc:  # ssl.SSLError is an OSError
             raise AssociationRefused(f"cannot connect to {host}:{port}: {exc}") from exc
         # asyncio and uvloop set TCP_NODELAY on TCP transports themselves (tests/test_server.py).
         sock = writer.get_extra_info("socket")

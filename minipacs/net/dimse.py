@@ -26,6 +26,8 @@ class DataSet:
     def __init__(self) -> None:
         self.size = 0
         self.spool_path: Path | None = None
+        # Past the size cap: the rest is counted, not kept, and the request refused.
+        self.oversized = False
         self._chunks: list[bytes] = []
         self._pending = 0
 
@@ -39,6 +41,13 @@ class DataSet:
         self._chunks.append(bytes(data))
         self.size += len(data)
         self._pending += len(data)
+
+    def drop(self, data: memoryview) -> None:
+        """Count a fragment past the size cap without keeping it; forget what is in memory."""
+        self.oversized = True
+        self._chunks.clear()
+        self._pending = 0
+        self.size += len(data)
 
     def spill(self, spool_dir: Path) -> None:
         """Move the in-memory chunks to the spool file (blocking: run in an executor)."""
@@ -92,9 +101,12 @@ class _Partial:
 class MessageAssembler:
     """Reassembles DIMSE messages from PDVs, one message at a time (PS3.8 9.3.5.1)."""
 
-    def __init__(self, accepted_contexts: Container[int], spool_threshold: int) -> None:
+    def __init__(
+        self, accepted_contexts: Container[int], spool_threshold: int, max_dataset_size: int
+    ) -> None:
         self.accepted_contexts = accepted_contexts
         self.spool_threshold = spool_threshold
+        self.max_dataset_size = max_dataset_size
         self._partial: _Partial | None = None
 
     @property
@@ -149,7 +161,14 @@ class MessageAssembler:
             return self._command_complete(partial.context_id, b"".join(partial.command_chunks))
         if partial.dataset is None:
             raise PduError("data set fragment for a command that announced none")
-        partial.dataset.append(pdv.data)
+        dataset = partial.dataset
+        if dataset.size + len(pdv.data) <= self.max_dataset_size:
+            dataset.append(pdv.data)
+        elif dataset.size <= 2 * self.max_dataset_size:
+            # Dropped, to be answered 0xA700 once the message ends (PS3.7 9.1.1.1.9).
+            dataset.drop(pdv.data)
+        else:
+            raise PduError(f"data set still going at {dataset.size} bytes, over twice the cap")
         if not pdv.is_last:
             return None
         self._partial = None

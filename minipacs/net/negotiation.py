@@ -19,6 +19,7 @@ from pynetdicom.pdu_primitives import (
     ImplementationVersionNameNotification,
     MaximumLengthNotification,
     SCP_SCU_RoleSelectionNegotiation,
+    UserIdentityNegotiation,
 )
 from pynetdicom.presentation import (
     PresentationContext,
@@ -199,7 +200,10 @@ def peer_implementation(user_information: Iterable[object]) -> tuple[str, str]:
 
 
 def user_information_reply(
-    max_pdu: int, requested: Iterable[object], role_replies: Sequence[object]
+    max_pdu: int,
+    requested: Iterable[object],
+    role_replies: Sequence[object],
+    identity_confirmed: bool = False,
 ) -> list[object]:
     """The user information items of our A-ASSOCIATE-AC (PS3.7 D.3.3)."""
     max_length = MaximumLengthNotification()
@@ -215,6 +219,12 @@ def user_information_reply(
         window.maximum_number_operations_invoked = 1
         window.maximum_number_operations_performed = 1
         items.append(window)
+    if identity_confirmed:
+        # PS3.7 D.3.3.7.2: the positive response the requestor asked for; for a username
+        # (with or without passcode) its Server Response is zero length.
+        identity = UserIdentityNegotiation()
+        identity.server_response = b""
+        items.append(identity)
     return items
 
 

@@ -1,11 +1,13 @@
-"""The association acceptor: accept loop, association policy, limits, graceful shutdown."""
+"""The association acceptor: accept loops (plain and TLS), association policy, limits,
+graceful shutdown."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -13,7 +15,17 @@ from pynetdicom.pdu_primitives import A_ASSOCIATE
 
 from minipacs.logs import log_event
 from minipacs.net import negotiation as neg
+from minipacs.net import tls
+from minipacs.net.access import (
+    AccessPolicy,
+    Admission,
+    Identity,
+    Refusal,
+    peer_host,
+    peer_identity,
+)
 from minipacs.net.association import AssociateRequested, Association, Limits
+from minipacs.net.guard import guard_services, log_refusal
 from minipacs.net.observer import Observer
 from minipacs.net.operations import Service
 from minipacs.net.pdu import CACHEABLE_ASSOCIATE_LENGTH, encode_associate_ac
@@ -30,8 +42,15 @@ class ServerConfig:
     host: str = "127.0.0.1"
     port: int = 11112
     check_called_ae: bool = True
-    allowed_calling_aes: Sequence[str] = ()
+    access: AccessPolicy = field(default_factory=AccessPolicy)
     max_associations: int = 400
+    # 0: no limit (but max_associations) / no rate limit.
+    max_associations_per_ae: int = 0
+    associations_per_minute: int = 0
+    max_pending_connections: int = 512
+    # The TLS listener, on host, when tls_port is set (0: none).
+    tls_port: int = 0
+    ssl_context: ssl.SSLContext | None = None
     limits: Limits = field(default_factory=Limits)
     timeouts: Timeouts = field(default_factory=Timeouts)
     spool_dir: Path = Path("minipacs-data/store/.spool")
@@ -47,15 +66,24 @@ class Server:
         observer: Observer | None = None,
     ) -> None:
         self.config = config
-        self.services = services
+        self.services = guard_services(services, config.access, config.limits.max_dataset_size)
         self.observer = observer or Observer()
+        self.admission = Admission(
+            config.access,
+            config.max_associations_per_ae,
+            config.associations_per_minute,
+            time.monotonic,
+        )
         self.policy = neg.AcceptorPolicy()
         self.sessions: set[Session] = set()
         # Sessions whose association was accepted and has not ended: the limit's count.
         self._established: set[Session] = set()
+        # Connected sessions with no A-ASSOCIATE-RQ yet, oldest first (a dict keeps order).
+        self._pending: dict[Session, None] = {}
         self.accepted_total = 0
         self.rejected: dict[str, int] = {}
         self._server: asyncio.Server | None = None
+        self._tls: tls.TlsListener | None = None
         self._draining = False
         self._tasks: set[asyncio.Task[None]] = set()
         self._ac_cache: dict[bytes, bytes] = {}
@@ -71,22 +99,40 @@ class Server:
         assert self._server is not None
         return int(self._server.sockets[0].getsockname()[1])
 
+    @property
+    def tls_port(self) -> int:
+        """The bound TLS port (0: no TLS listener)."""
+        return self._tls.port if self._tls is not None else 0
+
     async def start(self) -> None:
-        """Bind and start accepting."""
+        """Bind and start accepting, on the TLS port too when configured."""
+        config = self.config
         self._server = await asyncio.start_server(
             self._on_connection,
-            self.config.host,
-            self.config.port,
+            config.host,
+            config.port,
             reuse_address=True,
             backlog=1024,
             limit=2 * 1024 * 1024,
         )
+        if config.tls_port and config.ssl_context is not None:
+            self._tls = tls.TlsListener(
+                self._on_connection,
+                self._tls_failed,
+                config.ssl_context,
+                # A handshake is held no longer than ARTIM holds a silent peer (PS3.8 9.1.5).
+                handshake_timeout=config.timeouts.artim,
+                max_handshakes=config.max_pending_connections,
+                limit=2 * 1024 * 1024,
+            )
+            await self._tls.start(config.host, config.tls_port)
         log_event(
             log,
             "server.listening",
             ae_title=self.config.ae_title,
             host=self.config.host,
             port=self.port,
+            tls_port=self.tls_port or None,
         )
 
     async def shutdown(self, grace: float, hurry: asyncio.Event | None = None) -> None:
@@ -95,8 +141,9 @@ class Server:
         Setting `hurry` (a second stop signal) ends the grace period at once.
         """
         self._draining = True
-        if self._server is not None:
-            self._server.close()
+        listeners = [s for s in (self._server, self._tls) if s is not None]
+        for listener in listeners:
+            listener.close()
         log_event(log, "server.draining", active=len(self.sessions), grace_s=grace)
         if self._tasks:
             pending = await self._drain(grace, hurry)
@@ -112,8 +159,8 @@ class Server:
                 session.abort("server shutting down")
             if pending:
                 await asyncio.wait(pending, timeout=5)
-        if self._server is not None:
-            await self._server.wait_closed()
+        for listener in listeners:
+            await listener.wait_closed()
         log_event(log, "server.stopped", accepted_total=self.accepted_total)
 
     async def _drain(self, grace: float, hurry: asyncio.Event | None) -> set[asyncio.Task[None]]:
@@ -153,12 +200,15 @@ class Server:
         )
         started = time.perf_counter()
         self.sessions.add(session)
+        self._admit_pending(session)
         try:
             await session.run()
         finally:
             self.sessions.discard(session)
+            self._pending.pop(session, None)
             if session in self._established:
                 self._established.discard(session)
+                self.admission.closed(session.calling_ae)
                 self.observer.association_ended(session.bytes_received, session.bytes_sent)
             level = logging.INFO if session.outcome == "released" else logging.WARNING
             if log.isEnabledFor(level):
@@ -175,16 +225,43 @@ class Server:
                     duration_ms=round((time.perf_counter() - started) * 1000, 3),
                 )
 
-    def _refuse(self, session: Session, why: str, result: tuple[int, int, int]) -> None:
+    def _tls_failed(self, peer: str, detail: str) -> None:
+        """A TLS handshake failed (PS3.15 B.10): no certificate, unknown CA, not TLS..."""
+        self._count_drop(peer, "TLS handshake", detail)
+
+    def _admit_pending(self, session: Session) -> None:
+        """Count a new connection; past the cap, close the one that waited longest."""
+        self._pending[session] = None
+        if len(self._pending) <= self.config.max_pending_connections:
+            return
+        # A peer that associates sends its RQ at once: the oldest silent one is the
+        # likeliest flood, and a flood then only ever pushes out itself.
+        oldest = next(iter(self._pending))
+        del self._pending[oldest]
+        self._drop(oldest, "pending connection limit", None)
+
+    def _drop(self, session: Session, why: str, detail: str | None) -> None:
+        """Close a connection that never associated; log and count why."""
+        session.outcome = f"closed: {why}"
+        self._count_drop(session.peer, why, detail)
+        session.writer.transport.abort()
+
+    def _count_drop(self, peer: str, why: str, detail: str | None) -> None:
+        self._count(why)
+        log_refusal(log, "connection.dropped", peer, reason=why, detail=detail)
+
+    def _count(self, why: str) -> None:
         self.rejected[why] = self.rejected.get(why, 0) + 1
         self.observer.association_rejected(why)
+
+    def _refuse(self, session: Session, why: str, result: tuple[int, int, int]) -> None:
+        self._count(why)
         session.outcome = f"rejected: {why}"
         session.association.reject(*result)
-        log_event(
+        log_refusal(
             log,
             "association.rejected",
-            level=logging.WARNING,
-            peer=session.peer,
+            session.peer,
             calling_ae=session.calling_ae,
             called_ae=session.called_ae,
             reason=why,
@@ -192,6 +269,7 @@ class Server:
         )
 
     async def _on_associate(self, session: Session, event: AssociateRequested) -> None:
+        self._pending.pop(session, None)
         request = event.request
         config = self.config
         if not event.protocol_version & 0x0001:
@@ -201,23 +279,37 @@ class Server:
             return self._refuse(session, "application context", neg.REJECT_APPLICATION_CONTEXT)
         if config.check_called_ae and session.called_ae != config.ae_title:
             return self._refuse(session, "called AE title", neg.REJECT_CALLED_AE)
-        if config.allowed_calling_aes and session.calling_ae not in config.allowed_calling_aes:
-            return self._refuse(session, "calling AE title", neg.REJECT_CALLING_AE)
+        host = peer_host(session.peer)
+        refusal = config.access.association_refusal(
+            session.calling_ae, host
+        ) or self.admission.rate_refusal(host)
+        if refusal is not None:
+            return self._refuse(session, refusal.why, refusal.result)
+        # After the rate (a flood of passcodes costs scrypt time), before the limits (the
+        # check awaits: the counts must be read after it, with no await before accept).
+        identity = peer_identity(request.user_information)
+        refusal = await self._identity_refusal(identity)
+        if refusal is not None:
+            return self._refuse(session, refusal.why, refusal.result)
         if self._draining:
             return self._refuse(session, "shutting down", neg.REJECT_LOCAL_LIMIT)
         if len(self._established) >= config.max_associations:
             return self._refuse(session, "association limit", neg.REJECT_LOCAL_LIMIT)
+        refusal = self.admission.limit_refusal(session.calling_ae)
+        if refusal is not None:
+            return self._refuse(session, refusal.why, refusal.result)
         roles = neg.role_proposals(request.user_information)
         negotiated = self.policy.negotiate(request.presentation_context_definition_list, roles)
         if not negotiated.accepted:
             return self._refuse(session, "no acceptable presentation context", neg.REJECT_NO_REASON)
         session.association.accept(
-            self._accept_pdu(event.raw, request, negotiated),
+            self._accept_pdu(event.raw, request, negotiated, identity),
             negotiated.accepted,
             neg.peer_max_pdu(request.user_information),
         )
         self.accepted_total += 1
         self._established.add(session)
+        self.admission.opened(session.calling_ae)
         self.observer.association_accepted()
         if not log.isEnabledFor(logging.INFO):
             return None
@@ -229,25 +321,45 @@ class Server:
             calling_ae=session.calling_ae,
             called_ae=session.called_ae,
             implementation=f"{class_uid} {version}".strip(),
+            tls=session.writer.get_extra_info("ssl_object") is not None,
+            user=identity.primary.decode("utf-8", "replace") if identity is not None else None,
             contexts_proposed=len(request.presentation_context_definition_list),
             contexts_accepted=len(negotiated.accepted),
             abstract_syntaxes=sorted({c.abstract_syntax for c in negotiated.accepted.values()}),
         )
         return None
 
-    def _accept_pdu(self, raw: bytes, request: A_ASSOCIATE, negotiated: neg.Negotiated) -> bytes:
+    async def _identity_refusal(self, identity: Identity | None) -> Refusal | None:
+        policy = self.config.access
+        if identity is None or not policy.checks_identity:
+            return policy.identity_refusal(identity)
+        # scrypt costs ~50 ms of CPU by design: off the event loop.
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(None, policy.identity_refusal, identity)
+
+    def _accept_pdu(
+        self,
+        raw: bytes,
+        request: A_ASSOCIATE,
+        negotiated: neg.Negotiated,
+        identity: Identity | None,
+    ) -> bytes:
         # The AC is a pure function of the RQ bytes and our (fixed) configuration.
         cached = self._ac_cache.get(raw)
         if cached is None:
-            cached = encode_associate_ac(self._accept_primitive(request, negotiated))
-            if len(raw) > CACHEABLE_ASSOCIATE_LENGTH:
+            confirmed = self.config.access.confirms_identity(identity)
+            cached = encode_associate_ac(self._accept_primitive(request, negotiated, confirmed))
+            # An RQ with a User Identity holds a passcode: never kept as a cache key.
+            if len(raw) > CACHEABLE_ASSOCIATE_LENGTH or identity is not None:
                 return cached
             if len(self._ac_cache) >= 256:
                 self._ac_cache.pop(next(iter(self._ac_cache)))
             self._ac_cache[raw] = cached
         return cached
 
-    def _accept_primitive(self, request: A_ASSOCIATE, negotiated: neg.Negotiated) -> A_ASSOCIATE:
+    def _accept_primitive(
+        self, request: A_ASSOCIATE, negotiated: neg.Negotiated, confirmed: bool
+    ) -> A_ASSOCIATE:
         response = A_ASSOCIATE()
         response.application_context_name = neg.APPLICATION_CONTEXT_NAME
         response.calling_ae_title = request.calling_ae_title
@@ -256,6 +368,9 @@ class Server:
         response.result_source = 0x01
         response.presentation_context_definition_results_list = negotiated.results
         response.user_information = neg.user_information_reply(
-            self.config.limits.max_pdu_length, request.user_information, negotiated.role_replies
+            self.config.limits.max_pdu_length,
+            request.user_information,
+            negotiated.role_replies,
+            confirmed,
         )
         return response

@@ -200,7 +200,10 @@ class Session:
                 if not data:
                     await self._handle(association.connection_lost())
                     break
-                self._last_activity = loop.time()
+                if not association.artim_running:
+                    # PS3.8 9.1.5: bytes do not restart ARTIM, or a peer trickling a
+                    # byte a second would never send a whole A-ASSOCIATE-RQ nor time out.
+                    self._last_activity = loop.time()
                 self.bytes_received += len(data)
                 await self._handle(association.receive_data(data))
                 pending = association.assembler.needs_spill
@@ -208,6 +211,8 @@ class Session:
                     await loop.run_in_executor(None, pending.spill, self.spool_dir)
                 self.flush()
                 if association.artim_running != self._watching_artim:
+                    # ARTIM started or stopped: the timer now running counts from here.
+                    self._last_activity = loop.time()
                     self._arm_watchdog()
         finally:
             if self._watchdog is not None:

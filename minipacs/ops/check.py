@@ -1,4 +1,4 @@
-"""`minipacs check`: can this configuration serve? Database, schema, store, free space.
+"""`minipacs check`: can this configuration serve? Database, schema, store, free space, TLS.
 
 Each check reports one line an operator can act on; none changes anything (the schema is
 never migrated here, and the store probe is a temp file removed at once).
@@ -16,7 +16,7 @@ from pathlib import Path
 from sqlalchemy import text
 from sqlalchemy.exc import SQLAlchemyError
 
-from minipacs.config import Settings
+from minipacs.config import ConfigError, Settings
 from minipacs.index import schema
 from minipacs.index.db import is_sqlite, make_engine
 
@@ -78,7 +78,21 @@ def _store(settings: Settings) -> Iterator[Check]:
         )
 
 
-CHECKS: tuple[Callable[[Settings], Iterator[Check]], ...] = (_database, _store)
+def _tls(settings: Settings) -> Iterator[Check]:
+    """With [tls] port set: the certificate, key and CA bundle load as the listener's."""
+    if not settings.tls.port:
+        return
+    from minipacs.app import tls_server_context
+
+    try:
+        tls_server_context(settings)
+    except ConfigError as exc:
+        yield Check("tls", False, str(exc))
+        return
+    yield Check("tls", True, f"{settings.tls.certificate} and its key load (TLS 1.2+)")
+
+
+CHECKS: tuple[Callable[[Settings], Iterator[Check]], ...] = (_database, _store, _tls)
 
 
 def run_checks(settings: Settings) -> list[Check]:

@@ -18,7 +18,9 @@ from pydicom.uid import UID
 from minipacs.config import Settings
 from minipacs.identity import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
 from minipacs.index import keys
+from minipacs.net import access, guard, tls
 from minipacs.net import negotiation as neg
+from minipacs.net.operations import OUT_OF_RESOURCES
 from minipacs.services import find, qr, retrieve, store
 
 _SOURCES = {
@@ -102,10 +104,57 @@ def _association(settings: Settings) -> list[str]:
     lines = ["## 4 Association policies", ""]
     lines += _table(("item", "value"), iter(rows))
     lines += [
-        "An association beyond the limit is refused with A-ASSOCIATE-RJ "
-        f"{neg.REJECT_LOCAL_LIMIT} (result, source, reason: transient, local limit); an "
-        f"unknown called AE with {neg.REJECT_CALLED_AE}, a calling AE outside "
-        f"`server.allowed_calling_aes` with {neg.REJECT_CALLING_AE}.",
+        "An association beyond a limit (`server.max_associations`, "
+        "`server.max_associations_per_ae`, `server.associations_per_minute` per peer "
+        f"address) is refused with A-ASSOCIATE-RJ {neg.REJECT_LOCAL_LIMIT} (result, source, "
+        f"reason: transient, local limit); an unknown called AE with {neg.REJECT_CALLED_AE}; "
+        "a calling AE refused by the access rules (section 7) with "
+        f"{neg.REJECT_CALLING_AE}.",
+        "",
+        f"At most {server.max_pending_connections} connections (default) may be waiting "
+        "for their A-ASSOCIATE-RQ or TLS handshake; past that the oldest is closed. ARTIM "
+        "runs from the connection and is not restarted by partial PDUs. A data set over "
+        f"`server.max_dataset_size` ({server.max_dataset_size} bytes, default) is not kept: "
+        f"the request gets 0x{OUT_OF_RESOURCES:04X} with an Error Comment, and a peer "
+        "still sending at twice the cap is aborted.",
+        "",
+    ]
+    return lines
+
+
+def _security(settings: Settings) -> list[str]:
+    rows = (
+        ("TLS profile", "PS3.15 B.10 Non-Downgrading BCP 195 (TLS 1.2 or later)"),
+        ("TLS 1.2 cipher suites", tls.BCP195_CIPHERS.replace(":", ", ")),
+        ("TLS port (default)", f"`tls.port`: {settings.tls.port or 'off'} (IANA 2762)"),
+        ("Key management", "PEM certificate chain, key and CA bundle files; no CRL/OCSP"),
+        ("Integrity failure", "the connection is closed (A-P-ABORT), logged and counted"),
+        ("Client certificates", "verified against `tls.ca_file`; `tls.require_client_cert`"),
+        ("Unknown calling AE (default)", settings.access.unknown_ae),
+        ("User Identity (default)", settings.access.user_identity),
+    )
+    lines = ["## 7 Security", ""]
+    lines += _table(("item", "value"), iter(rows))
+    lines += [
+        "DICOM TLS on its own port (`[tls]`) beside the plain one. As a requestor over TLS "
+        "(for C-MOVE destinations with `tls = true`, once C-MOVE is served) minipacs "
+        "offers the same certificate and verifies the peer's against `tls.ca_file`, its "
+        "host name or address included. A failed handshake is logged and counted.",
+        "",
+        "Access control by calling AE title (`[access.<AE>]`: the services it may use of "
+        f"{', '.join(access.SERVICES)}, the addresses it may call from, its own "
+        "association limit) with a policy for AEs without a rule: allow, "
+        f"refuse-association (A-ASSOCIATE-RJ {neg.REJECT_CALLING_AE}) or refuse-services. "
+        f"A service not granted is answered 0x{guard.NOT_AUTHORIZED:04X} (Refused: Not "
+        "Authorized) with an Error Comment; a call from an address not listed is rejected "
+        f"with {neg.REJECT_CALLING_AE}. `server.allowed_calling_aes` is still read: its "
+        "titles may do everything, any other is refused at association.",
+        "",
+        "User Identity negotiation (PS3.7 D.3.3.7): types 1 (username) and 2 (username and "
+        "passcode) are checked against `[users]` (salted scrypt hashes); types 3-5 are "
+        f"refused. A failed check is rejected with {access.REJECT_IDENTITY} (permanent, ACSE, "
+        "no reason given); the positive response is sent when asked for. Every refusal "
+        "is logged and counted in the metrics.",
         "",
     ]
     return lines
@@ -115,7 +164,7 @@ def _statuses() -> list[str]:
     rows = (
         ("C-STORE", "0x0000", "stored durably and indexed"),
         ("C-STORE", f"0x{store.DUPLICATE_SOP_INSTANCE:04X}", "duplicate refused (policy)"),
-        ("C-STORE", "0xA700", "out of resources (free-space floor, write error, index)"),
+        ("C-STORE", "0xA700", "out of resources (free space, write error, index, size cap)"),
         ("C-STORE", f"0x{store.DATASET_DOES_NOT_MATCH:04X}", "data set does not match"),
         ("C-STORE", f"0x{store.CANNOT_UNDERSTAND:04X}", "cannot understand"),
         ("C-FIND", "0xFF00 / 0xFF01", "pending / pending, a key not supported"),
@@ -134,6 +183,7 @@ def _statuses() -> list[str]:
             f"0x{qr.IDENTIFIER_DOES_NOT_MATCH:04X}",
             "identifier does not match (unique keys only, PS3.4 C.4.2.2.1)",
         ),
+        ("any", f"0x{guard.NOT_AUTHORIZED:04X}", "refused: not authorized (access rules)"),
     )
     return ["### Statuses", "", *_table(("service", "status", "meaning"), iter(rows))]
 
@@ -166,7 +216,7 @@ def _query_keys() -> list[str]:
 def _settings_table(settings: Settings) -> list[str]:
     lines = ["## 6 Configuration (defaults)", ""]
     rows = []
-    for section in ("server", "storage", "database", "query"):
+    for section in ("server", "storage", "database", "query", "tls", "access"):
         values = getattr(settings, section)
         for item in dataclasses.fields(values):
             if item.repr:
@@ -197,11 +247,7 @@ def conformance_statement() -> str:
         *_query_keys(),
         *_statuses(),
         *_settings_table(settings),
-        "## 7 Security",
-        "",
-        "Access control by called and calling AE title (`server.check_called_ae`, "
-        "`server.allowed_calling_aes`). No TLS, no user identity negotiation yet.",
-        "",
+        *_security(settings),
         "## 8 Character sets",
         "",
         "Every Specific Character Set pydicom decodes (single-byte ISO 8859 sets, ISO 2022 "

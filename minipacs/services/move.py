@@ -71,7 +71,7 @@ class MoveService(RetrieveService):
                 # The idle timer stays the default: response_timeout bounds each wait.
                 timeouts=Timeouts(artim=options.connect_timeout),
                 connect_timeout=options.connect_timeout,
-                ssl=self._ssl_context() if destination.tls else None,
+                ssl_context=self._ssl_context() if destination.tls else None,
             )
         except AssociationRefused as exc:
             log_event(
@@ -103,7 +103,8 @@ class MoveService(RetrieveService):
                 await client.abort()
 
     def _ssl_context(self) -> ssl.SSLContext:
-        # The system's trust store, host name checked: TLS for DICOM, PS3.15 B.1.
+        # The configured context ([tls] CA and certificate), else the system's trust store;
+        # host name checked either way (PS3.15 B.1).
         if self._tls is None:
-            self._tls = ssl.create_default_context()
+            self._tls = self.options.tls_context or ssl.create_default_context()
         return self._tls

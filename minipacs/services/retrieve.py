@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 from collections.abc import AsyncIterator, Mapping, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
@@ -50,6 +51,8 @@ class RetrieveOptions:
     # C-MOVE destinations: the only places sub-operations may go (config [destinations]).
     destinations: Mapping[str, Destination] = field(default_factory=dict)
     connect_timeout: float = 10.0
+    # For destinations with tls = true: [tls] CA bundle and client certificate (app).
+    tls_context: ssl.SSLContext | None = None
     # Longest wait for one C-STORE-RSP; past it the peer counts as gone.
     response_timeout: float = 60.0
     page_size: int = 100
