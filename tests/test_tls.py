@@ -14,17 +14,21 @@ from pathlib import Path
 
 import pytest
 from pynetdicom import AE
+from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelMove as STUDY_ROOT_MOVE
 
 from minipacs.app import tls_client_context
 from minipacs.config import load_settings
 from minipacs.net import negotiation as neg
 from minipacs.net.client import AssociationRefused, ClientAssociation
 from minipacs.net.tls import BCP195_CIPHERS, client_context
+from tests import find_data
 from tests.certs import Certificates, make_certificates
 from tests.dicom_tools import dcmtk, echoscu
+from tests.qr_client import identifier as query
 from tests.servers import MinipacsProcess, free_port, running_minipacs
 from tests.test_bad_input import ECHO, _associate_rq
 from tests.test_cli import run_minipacs
+from tests.test_find import find
 from tests.test_limits import Flood, wait_for_log
 
 TIMEOUT = 20
@@ -240,3 +244,51 @@ def test_check_loads_the_tls_files(certs: Certificates, tmp_path: Path) -> None:
     result = run_minipacs(tmp_path, "check", env=env)
     assert result.returncode == 1
     assert "FAIL  tls: " in result.stdout
+
+
+def test_c_move_to_a_tls_destination(
+    tls_server: MinipacsProcess, certs: Certificates, tmp_path: Path
+) -> None:
+    # The destination is the TLS listener above (client certificates required); the
+    # source reaches it with the [tls] client context: test CA and client certificate.
+    config = tmp_path / "minipacs.toml"
+    config.write_text(
+        "[tls]\n"
+        f'ca_file = "{certs.ca}"\n'
+        f'certificate = "{certs.client_cert}"\n'
+        f'private_key = "{certs.client_key}"\n'
+        "[destinations]\n"
+        f'MINIPACS = {{ host = "127.0.0.1", port = {_tls_port(tls_server)}, tls = true }}\n'
+    )
+    workdir = tmp_path / "source"
+    workdir.mkdir()
+    env = {"MINIPACS_CONFIG": str(config), "MINIPACS_STORAGE_MIN_FREE_BYTES": "0"}
+    (instance,) = [ds for ds in find_data.archive_datasets() if "PBIG" not in ds.PatientID][:1]
+    with running_minipacs(workdir, env) as source:
+        assert asyncio.run(find_data.store_all(source.port, [instance], timeout=TIMEOUT)) == [0]
+        ae = AE(ae_title="MOVESCU")
+        ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = TIMEOUT
+        ae.add_requested_context(STUDY_ROOT_MOVE)
+        assoc = ae.associate("127.0.0.1", source.port, ae_title="MINIPACS")
+        assert assoc.is_established
+        identifier = query(
+            "IMAGE",
+            StudyInstanceUID=str(instance.StudyInstanceUID),
+            SeriesInstanceUID=str(instance.SeriesInstanceUID),
+            SOPInstanceUID=str(instance.SOPInstanceUID),
+        )
+        responses = list(assoc.send_c_move(identifier, "MINIPACS", STUDY_ROOT_MOVE))
+        assoc.release()
+    final = responses[-1][0]
+    assert final.Status == 0 and final.NumberOfCompletedSuboperations == 1
+    found, _, done = find(
+        tls_server.port,
+        query(
+            "IMAGE",
+            StudyInstanceUID=str(instance.StudyInstanceUID),
+            SeriesInstanceUID=str(instance.SeriesInstanceUID),
+            SOPInstanceUID="",
+        ),
+    )
+    assert done.Status == 0
+    assert [str(ds.SOPInstanceUID) for ds in found] == [str(instance.SOPInstanceUID)]
