@@ -15,7 +15,7 @@ from tests import find_data
 from tests.dicom_tools import echoscu
 from tests.pgserver import PostgresServer, start_postgres
 from tests.servers import MinipacsProcess, start_minipacs
-from tests.test_find import find, query
+from tests.test_find import find, query, series_instances
 from tests.test_store import instance_files
 
 
@@ -45,21 +45,6 @@ def _server_on(postgres: PostgresServer, workdir: Path, **env: str) -> MinipacsP
     return start_minipacs(workdir, environ)
 
 
-def _series_instances(server: MinipacsProcess, of: Dataset) -> set[str]:
-    """The SOP Instance UIDs a C-FIND finds in the series of `of` (asserting Success)."""
-    found, _, final = find(
-        server.port,
-        query(
-            "IMAGE",
-            StudyInstanceUID=str(of.StudyInstanceUID),
-            SeriesInstanceUID=str(of.SeriesInstanceUID),
-            SOPInstanceUID="",
-        ),
-    )
-    assert final.Status == 0
-    return {str(ds.SOPInstanceUID) for ds in found}
-
-
 def test_database_outage_fails_stores_and_queries_then_recovers(
     own_postgres: PostgresServer, tmp_path: Path
 ) -> None:
@@ -78,7 +63,7 @@ def test_database_outage_fails_stores_and_queries_then_recovers(
         own_postgres.resume()
         assert asyncio.run(find_data.store_all(server.port, [second], timeout=60)) == [0]
         expected = {str(first.SOPInstanceUID), str(second.SOPInstanceUID)}
-        assert _series_instances(server, first) == expected
+        assert series_instances(server.port, first) == expected
         assert len(instance_files(tmp_path / "store")) == 2
     finally:
         server.stop()
@@ -97,6 +82,6 @@ def test_outage_during_a_replace_keeps_the_acknowledged_file(
         own_postgres.resume()
         files = instance_files(tmp_path / "store")
         assert len(files) == 1, "the acknowledged instance's file must survive"
-        assert _series_instances(server, instance) == {str(instance.SOPInstanceUID)}
+        assert series_instances(server.port, instance) == {str(instance.SOPInstanceUID)}
     finally:
         server.stop()

@@ -95,6 +95,21 @@ def studies(port: int, **keys: object) -> set[str]:
     return set(uids)
 
 
+def series_instances(port: int, of: Dataset) -> set[str]:
+    """The SOP Instance UIDs an IMAGE C-FIND finds in the series of `of` (asserting Success)."""
+    found, _, final = find(
+        port,
+        query(
+            "IMAGE",
+            StudyInstanceUID=str(of.StudyInstanceUID),
+            SeriesInstanceUID=str(of.SeriesInstanceUID),
+            SOPInstanceUID="",
+        ),
+    )
+    assert final.Status == 0
+    return {str(ds.SOPInstanceUID) for ds in found}
+
+
 def ours(*numbers: int) -> set[str]:
     """UIDs of the test studies by number."""
     return {f"{ROOT}.{n}" for n in numbers}

@@ -28,7 +28,7 @@ from tests.qr_client import identifier as query
 from tests.servers import MinipacsProcess, free_port, running_minipacs
 from tests.test_bad_input import ECHO, _associate_rq
 from tests.test_cli import run_minipacs
-from tests.test_find import find
+from tests.test_find import series_instances
 from tests.test_limits import Flood, wait_for_log
 
 TIMEOUT = 20
@@ -281,14 +281,4 @@ def test_c_move_to_a_tls_destination(
         assoc.release()
     final = responses[-1][0]
     assert final.Status == 0 and final.NumberOfCompletedSuboperations == 1
-    found, _, done = find(
-        tls_server.port,
-        query(
-            "IMAGE",
-            StudyInstanceUID=str(instance.StudyInstanceUID),
-            SeriesInstanceUID=str(instance.SeriesInstanceUID),
-            SOPInstanceUID="",
-        ),
-    )
-    assert done.Status == 0
-    assert [str(ds.SOPInstanceUID) for ds in found] == [str(instance.SOPInstanceUID)]
+    assert series_instances(tls_server.port, instance) == {str(instance.SOPInstanceUID)}
