@@ -67,7 +67,6 @@ class StatisticsKeeper:
                 return False
         analyze(self.engine)
         self.analyzed_at = count
-        log_event(log, "index.analyzed", instances=count)
         return True
 
     def start(self) -> None:
@@ -79,7 +78,9 @@ class StatisticsKeeper:
         loop = asyncio.get_running_loop()
         while True:
             try:
-                await loop.run_in_executor(self.executor, self.refresh)
+                if await loop.run_in_executor(self.executor, self.refresh):
+                    # Logged here, not in the thread: a stopped keeper says nothing more.
+                    log_event(log, "index.analyzed", instances=self.analyzed_at)
             except Exception:
                 # Statistics only speed queries up: a failure must not stop the server.
                 log.exception("index statistics refresh failed")
