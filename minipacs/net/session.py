@@ -109,11 +109,13 @@ class Session:
         transport = self.writer.transport
         if transport.is_closing():
             return
-        self.bytes_sent += sum(len(buffer) for buffer in buffers)
         if len(buffers) <= 4:
             # One write of a small joined message beats writelines' per-buffer overhead.
-            transport.write(b"".join(buffers))
+            data = b"".join(buffers)
+            self.bytes_sent += len(data)
+            transport.write(data)
         else:
+            self.bytes_sent += sum(map(len, buffers))
             transport.writelines(buffers)
 
     async def send(self, context_id: int, command: Command, dataset: bytes | None = None) -> None:

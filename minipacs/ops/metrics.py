@@ -101,6 +101,7 @@ class Metrics(Observer):
             buckets=_BUCKETS,
             registry=r,
         )
+        self._children: dict[tuple[str, int], tuple[Counter, Histogram]] = {}
         if engine is not None and store_dir is not None:
             r.register(_ArchiveCollector(engine, store_dir))
 
@@ -121,9 +122,19 @@ class Metrics(Observer):
 
     def operation(self, name: str, status: int, seconds: float) -> None:
         """Count a finished DIMSE operation and its duration."""
-        service = name.removesuffix("-RQ")
-        self.operations.labels(service, f"0x{status:04X}").inc()
-        self.latency.labels(service).observe(seconds)
+        children = self._children.get((name, status))
+        if children is None:
+            # labels() formats and looks up its label values each time (~2 us a call, on
+            # the path of every C-ECHO): the children are kept per (operation, status).
+            service = name.removesuffix("-RQ")
+            children = (
+                self.operations.labels(service, f"0x{status:04X}"),
+                self.latency.labels(service),
+            )
+            self._children[(name, status)] = children
+        counter, histogram = children
+        counter.inc()
+        histogram.observe(seconds)
 
     def exposition(self) -> bytes:
         """The Prometheus text exposition of every metric (blocking: reads the index)."""
