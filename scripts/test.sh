@@ -23,6 +23,8 @@ apt_install() {
 
 need=()
 command -v echoscu >/dev/null || need+=(dcmtk)
+# The TLS tests make their certificates with the openssl command line tool.
+command -v openssl >/dev/null || need+=(openssl)
 # The tests run their own PostgreSQL from its binaries (initdb, pg_ctl), not the service.
 compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null || need+=(postgresql)
 # tests/test_deploy.py validates docker-compose.yml; Debian's docker-compose needs no engine.
