@@ -373,7 +373,9 @@ class FindQuery:
         )
         if self._wants_sop_classes:
             selected.append(Study.id.label("study"))
-        if plan.needs_header:
+        # Computed once: page() asks for every row.
+        self._needs_header = plan.needs_header
+        if self._needs_header:
             selected.append(_representative(plan.level).label("representative"))
         statement = joined(plan.level, selected, _top_level(plan))
         self._statement = statement.where(*conditions).order_by(self._id)
@@ -384,14 +386,14 @@ class FindQuery:
             rows, following = keyset_page(
                 connection, self._statement, self._id, after, self.page_size
             )
-            headers = self._headers(connection, rows) if self.plan.needs_header else {}
+            headers = self._headers(connection, rows) if self._needs_header else {}
             sop_classes = self._sop_classes(connection, rows) if self._wants_sop_classes else {}
         matches = []
         for row in rows:
             mapping = row._mapping
             values = {tag: mapping[f"c{tag}"] for tag in self._columns}
             folded = {tag: mapping[f"f{tag}"] for tag in self._folded}
-            header = headers.get(row.representative) if self.plan.needs_header else None
+            header = headers.get(row.representative) if self._needs_header else None
             classes = sop_classes.get(row.study, []) if self._wants_sop_classes else []
             match = Match(row[0], values, header, classes)
             if all(self._passes(term, match, folded) for term in self._python_terms):
