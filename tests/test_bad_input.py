@@ -217,3 +217,14 @@ def test_bad_input_is_logged(strict_server: MinipacsProcess, tmp_path: Path) -> 
         _read_pdu(sock)
     time.sleep(0.2)
     assert "unrecognised PDU type 0xff" in strict_server.log_text()
+
+
+def test_junk_right_behind_an_associate_request(strict_server: MinipacsProcess) -> None:
+    # Found by tests/test_fuzz.py: a PDU of unknown type in the same read as the RQ aborts
+    # the association before the acceptor answers it; answering then raised in the session.
+    with _connect(strict_server.port) as sock:
+        sock.sendall(_associate_rq(ECHO) + bytes(6))
+        reply = _read_pdu(sock)
+        assert reply == b"" or reply[0] == 0x07  # closed, or A-ABORT
+    _served_after(strict_server)
+    assert "Traceback" not in strict_server.log_text()

@@ -74,7 +74,8 @@ def _drive_acceptor(chunks: list[bytes]) -> None:
         if association.finished:
             return
         for event in association.receive_data(chunk):
-            if isinstance(event, AssociateRequested):
+            # As the server (Session._handle): answered only while still awaited.
+            if isinstance(event, AssociateRequested) and association.awaiting_response:
                 association.reject(*neg.REJECT_NO_REASON)
             assert not isinstance(event, Aborted) or event.detail is not None
         association.data_to_send()

@@ -148,6 +148,11 @@ class Association:
         return self.machine.state
 
     @property
+    def awaiting_response(self) -> bool:
+        """True in Sta3: an A-ASSOCIATE-RQ waits for accept() or reject()."""
+        return self.machine.state == State.STA3
+
+    @property
     def established(self) -> bool:
         """True in Sta6, when DIMSE messages may flow both ways."""
         return self.machine.state == State.STA6

@@ -282,7 +282,10 @@ class Session:
             elif isinstance(event, AssociateRequested):
                 self.calling_ae = event.request.calling_ae_title.strip()
                 self.called_ae = event.request.called_ae_title.strip()
-                if self.on_associate is not None:
+                # Bytes after the RQ in the same read may already have aborted it (a
+                # PDU in Sta3 is Evt-A-ABORT territory, PS3.8 Table 9-10): then there
+                # is nothing left to answer. Found by tests/test_fuzz.py.
+                if self.on_associate is not None and self.association.awaiting_response:
                     await self.on_associate(self, event)
             elif isinstance(event, AssociateAccepted | AssociateRejected):
                 if isinstance(event, AssociateRejected):
