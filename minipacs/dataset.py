@@ -264,11 +264,11 @@ def read_part10(path: Path, tags: Container[int]) -> tuple[Dataset, Inspected]:
     return meta, inspect(path, str(meta.TransferSyntaxUID), tags, start)
 
 
-def part10_body(path: Path) -> tuple[str, bytes]:
-    """A Part 10 file's transfer syntax and its data set bytes, as stored."""
+def part10_body(path: Path) -> bytes:
+    """A Part 10 file's data set bytes, as stored (after its File Meta Information)."""
     with open(path, "rb") as handle:
-        meta, _start = read_file_meta(handle)
-        return str(meta.TransferSyntaxUID), handle.read()
+        read_file_meta(handle)
+        return handle.read()
 
 
 def read_header(source: bytes | Path, transfer_syntax: str) -> Dataset:

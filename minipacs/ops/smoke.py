@@ -90,7 +90,7 @@ async def store(peer: Peer, paths: Iterable[Path]) -> AsyncIterator[StoreResult]
                 except LookupError:
                     yield StoreResult(path, None, "the peer accepted no context for it")
                     continue
-                _syntax, raw = await asyncio.to_thread(dicom.part10_body, path)
+                raw = await asyncio.to_thread(dicom.part10_body, path)
                 response = await association.store(
                     context_id, str(ds.SOPClassUID), str(ds.SOPInstanceUID), raw
                 )
