@@ -148,6 +148,7 @@ def open_archive(settings: Settings) -> Archive:
             indexed=len(report.indexed),
             removed=len(report.removed),
             failed=len(report.failed),
+            withdrawn=len(report.withdrawn),
         )
     removed = store.cleanup_temp()
     if removed:

@@ -59,6 +59,7 @@ __all__ = [
     "instance_path_of",
     "normalise_name",
     "record_from_dataset",
+    "withdraw",
 ]
 
 DUPLICATE_POLICIES: Final = ("keep-first", "replace", "reject")
@@ -528,6 +529,30 @@ def apply_records(
 def apply_record(session: Session, record: InstanceRecord, duplicate_policy: str) -> IngestOutcome:
     """Add one record to the index in the session's transaction."""
     return apply_records(session, [record], duplicate_policy)[0]
+
+
+def withdraw(session: Session, sop_uid: str, rel_path: str) -> bool:
+    """Remove an instance row (counts kept, emptied levels pruned) if it still names rel_path.
+
+    For a row whose file never became durable: nobody was told it was stored. A row that
+    names another path is a later store's, and stays.
+    """
+    _lock_instances(session, [sop_uid])
+    row = session.execute(
+        select(Instance.id, Instance.series_fk).where(
+            Instance.sop_uid == sop_uid, Instance.rel_path == rel_path
+        )
+    ).first()
+    if row is None:
+        return False
+    chain = _chain_where(session, Series.id == row.series_fk)
+    assert chain is not None  # the foreign key guarantees it
+    session.execute(delete(Instance).where(Instance.id == row.id))
+    pending = _Pending()
+    pending.instance(chain, -1)
+    pending.flush(session)
+    _prune(session, chain)
+    return True
 
 
 def instance_path_of(session: Session, sop_uid: str) -> str | None:

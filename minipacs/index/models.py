@@ -147,3 +147,22 @@ class Instance(Base):
     charset: Mapped[str] = mapped_column(String(128), default="")
     # None when the header was too long to copy (records.HEADER_MAX): the file has it.
     header: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)
+
+
+class UnsyncedFile(Base):
+    """An instance row committed while its file was still being made durable.
+
+    The store writes the file, renames it into place, then flushes it to disk while the
+    index commits (one disk flush on the critical path instead of three). Until its flush
+    is confirmed the row is listed here, in the same transaction as the instance row; a
+    writer that died with rows listed leaves them to recovery (minipacs.index.recover),
+    which keeps each instance whose file is whole and withdraws the others.
+    """
+
+    __tablename__ = "unsynced_files"
+
+    token: Mapped[str] = mapped_column(String(32), primary_key=True)
+    rel_path: Mapped[str] = mapped_column(String(400))
+    sop_uid: Mapped[str] = mapped_column(UID)
+    # The storing process, as <host>~<pid>~<run> (storage.filestore.WRITER_ID).
+    writer: Mapped[str] = mapped_column(String(300), index=True)

@@ -1,6 +1,14 @@
-"""Crash recovery: files renamed into the store by a writer that died before its index commit.
+"""Crash recovery of what dead writers left half done, run at start on each node.
 
-Such a file is complete and durable (it was fsynced before the rename) but no C-STORE was
+Unsynced rows (models.UnsyncedFile) come first: an instance row committed while its file
+was still being flushed. No success was sent for it unless the flush finished, so a row
+whose file is whole stays and one whose file is missing or short (a power loss before
+the flush) is withdrawn, with its file. Whole means the size the row recorded and a File
+Meta and header that parse: a filesystem that keeps data ordered (ext4, XFS) shows an
+unflushed file shorter, never longer with garbage.
+
+Then journals: files renamed into the store by a writer that died before its index
+commit. Such a file is complete and durable (it was fsynced before the rename) but no C-STORE was
 acknowledged for it. It is indexed under "keep-first" (a retry of the same store by the
 sender then finds it stored); if the index already holds that SOP Instance UID at another
 path (a "replace" that never committed), the file is removed instead. Run at start, before
@@ -11,13 +19,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from sqlalchemy import Engine, select
+from sqlalchemy import Engine, delete, select
+from sqlalchemy.orm import Session
 
 from minipacs.index.db import write_session
-from minipacs.index.ingest import apply_records
-from minipacs.index.models import Instance
+from minipacs.index.ingest import apply_records, withdraw
+from minipacs.index.models import Instance, UnsyncedFile
 from minipacs.index.reindex import read_record
-from minipacs.storage.filestore import FileStore
+from minipacs.storage.filestore import FileStore, writer_is_dead
 from minipacs.storage.layout import sop_uid_of
 
 # A file whose mtime is later than its journal's last entry (plus this margin, seconds) was
@@ -34,6 +43,8 @@ class RecoveryReport:
     removed: list[str] = field(default_factory=list)
     # (relative path, reason) of orphans that could not be read; left on disk.
     failed: list[tuple[str, str]] = field(default_factory=list)
+    # Unsynced rows whose file was not whole: row and file removed.
+    withdrawn: list[str] = field(default_factory=list)
 
 
 def _indexed_paths(engine: Engine, rel_paths: list[str]) -> set[str]:
@@ -43,9 +54,49 @@ def _indexed_paths(engine: Engine, rel_paths: list[str]) -> set[str]:
         return set(connection.scalars(select(Instance.rel_path).where(Instance.sop_uid.in_(uids))))
 
 
+def _is_whole(store: FileStore, rel_path: str, size: int) -> bool:
+    """Whether the file at rel_path has the recorded size and a readable header."""
+    try:
+        stat = store.path(rel_path).stat()
+        if stat.st_size != size:
+            return False
+        read_record(store, rel_path, stat)
+    except Exception:  # missing, short or unreadable: all mean the flush never finished
+        return False
+    return True
+
+
+def _settle_unsynced(session: Session, store: FileStore, row: UnsyncedFile) -> bool:
+    """Keep or withdraw one unsynced row in the session; True if its file must go."""
+    size = session.scalar(
+        select(Instance.size).where(
+            Instance.sop_uid == row.sop_uid, Instance.rel_path == row.rel_path
+        )
+    )
+    session.execute(delete(UnsyncedFile).where(UnsyncedFile.token == row.token))
+    if size is None or _is_whole(store, row.rel_path, size):
+        return False
+    return withdraw(session, row.sop_uid, row.rel_path)
+
+
+def _recover_unsynced(store: FileStore, engine: Engine, report: RecoveryReport) -> None:
+    """Settle the unsynced rows of this host's dead writers (see the module docstring)."""
+    with Session(engine) as session:
+        rows = [r for r in session.scalars(select(UnsyncedFile)) if writer_is_dead(r.writer)]
+        session.expunge_all()
+    for row in rows:
+        report.checked += 1
+        with write_session(engine) as session, session.begin():
+            remove = _settle_unsynced(session, store, row)
+        if remove:
+            store.remove(row.rel_path)
+            report.withdrawn.append(row.rel_path)
+
+
 def recover(store: FileStore, engine: Engine) -> RecoveryReport:
-    """Index or remove the files dead writers left without an index row; drop their journals."""
+    """Settle dead writers' unsynced rows, then index or remove their files without a row."""
     report = RecoveryReport()
+    _recover_unsynced(store, engine, report)
     for journal in store.dead_journals():
         report.checked += len(journal.rel_paths)
         known: set[str] = set()

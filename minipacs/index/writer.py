@@ -6,6 +6,11 @@ commit runs makes the next batch) in one transaction, then resolves each waiting
 so one database fsync acknowledges many stores. A future resolves
 only after the commit that made its record durable. If a batch fails, its records are
 retried one transaction each, so one bad record fails only its own caller.
+
+A record submitted with an unsynced token is listed in unsynced_files in its own
+transaction (its file was still being flushed, see models.UnsyncedFile); settle(token)
+drops the listing once the flush is done. Settling costs no commit of its own: the
+deletes ride on the next batch, or go alone after SETTLE_IDLE seconds without one.
 """
 
 from __future__ import annotations
@@ -15,19 +20,31 @@ import logging
 import queue
 import threading
 import time
+from concurrent.futures import Future
 from dataclasses import dataclass
 
-from sqlalchemy import Engine
+from sqlalchemy import Engine, bindparam, delete, insert
 from sqlalchemy.exc import OperationalError
+from sqlalchemy.orm import Session
 
 from minipacs.index.db import write_session
 from minipacs.index.ingest import DUPLICATE_POLICIES, IngestOutcome, InstanceRecord, apply_records
+from minipacs.index.models import UnsyncedFile
+from minipacs.storage.filestore import WRITER_ID
 
 log = logging.getLogger("minipacs.index")
 
 # A transaction that lost a deadlock, a serialisation conflict or its connection is tried
 # again this many times, after these pauses (seconds), before its callers see an error.
 _RETRY_PAUSES = (0.01, 0.05, 0.2)
+# Core statements on the table: the ORM's bulk paths cost more than the statement itself.
+_UNSYNCED = UnsyncedFile.__table__
+_INSERT_UNSYNCED = insert(_UNSYNCED)
+_DELETE_SETTLED = delete(_UNSYNCED).where(
+    _UNSYNCED.c.token.in_(bindparam("tokens", expanding=True))
+)
+# Seconds settled tokens wait for a batch to ride on before they are committed alone.
+SETTLE_IDLE = 1.0
 
 
 class IndexUnavailable(Exception):
@@ -37,8 +54,8 @@ class IndexUnavailable(Exception):
 @dataclass
 class _Job:
     record: InstanceRecord
-    future: asyncio.Future[IngestOutcome]
-    loop: asyncio.AbstractEventLoop
+    future: Future[IngestOutcome]
+    unsynced: str | None
 
 
 class IndexWriter:
@@ -61,6 +78,8 @@ class IndexWriter:
         # Transactions committed; with concurrent submits far fewer than records.
         self.commits = 0
         self._queue: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
+        self._settled: list[str] = []
+        self._settled_lock = threading.Lock()
         self._closed = False
         self._thread = threading.Thread(target=self._run, name="index-writer", daemon=True)
 
@@ -70,12 +89,23 @@ class IndexWriter:
 
     async def submit(self, record: InstanceRecord) -> IngestOutcome:
         """Queue a record; return its outcome once its transaction has committed."""
+        return await asyncio.wrap_future(self.enqueue(record))
+
+    def enqueue(self, record: InstanceRecord, unsynced: str | None = None) -> Future[IngestOutcome]:
+        """Queue a record from any thread; the future resolves once it has committed.
+
+        With an unsynced token, a stored record is listed as unsynced until settle(token).
+        """
         if self._closed:
             raise IndexUnavailable("index writer is closed")
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[IngestOutcome] = loop.create_future()
-        self._queue.put(_Job(record, future, loop))
-        return await future
+        future: Future[IngestOutcome] = Future()
+        self._queue.put(_Job(record, future, unsynced))
+        return future
+
+    def settle(self, token: str) -> None:
+        """Drop an unsynced listing: its file is durable now (committed later, in passing)."""
+        with self._settled_lock:
+            self._settled.append(token)
 
     async def close(self) -> None:
         """Commit what is queued, then stop the thread."""
@@ -96,7 +126,10 @@ class IndexWriter:
 
     def _next_batch(self) -> tuple[list[_Job], bool]:
         """Block for a first job, then gather more for up to batch_wait; (batch, stop)."""
-        first = self._queue.get()
+        try:
+            first = self._queue.get(timeout=SETTLE_IDLE if self._settled else None)
+        except queue.Empty:
+            return [], False
         if first is None:
             return [], True
         batch = [first]
@@ -119,6 +152,7 @@ class IndexWriter:
         while not stopping:
             batch, stopping = self._next_batch()
             if not batch:
+                self._commit_settled()
                 continue
             try:
                 self._commit(batch)
@@ -126,15 +160,44 @@ class IndexWriter:
                 log.exception("index writer failed on a batch")
                 for job in batch:
                     _settle(job, IndexUnavailable(f"index writer failed: {exc}"))
+        self._commit_settled()
+
+    def _take_settled(self) -> list[str]:
+        with self._settled_lock:
+            taken, self._settled = self._settled, []
+        return taken
+
+    def _give_back_settled(self, tokens: list[str]) -> None:
+        """A transaction carrying settled tokens rolled back: they go with a later one."""
+        with self._settled_lock:
+            self._settled.extend(tokens)
+
+    def _commit_settled(self) -> None:
+        """Commit the settled tokens alone (no batch came along to carry them)."""
+        tokens = self._take_settled()
+        if not tokens:
+            return
+        try:
+            with write_session(self.engine) as session, session.begin():
+                _delete_settled(session, tokens)
+        except Exception as exc:
+            # The listings stay; recovery finds their files whole and drops them.
+            log.warning("settling %d unsynced listings failed: %s", len(tokens), exc)
+            if not self._closed:
+                self._give_back_settled(tokens)
 
     def _transaction(self, jobs: list[_Job]) -> list[IngestOutcome]:
         records = [job.record for job in jobs]
         attempt = 0
         while True:
+            settled = self._take_settled()
             try:
                 with write_session(self.engine) as session, session.begin():
                     outcomes = apply_records(session, records, self.duplicate_policy)
+                    _list_unsynced(session, jobs, outcomes)
+                    _delete_settled(session, settled)
             except OperationalError as exc:
+                self._give_back_settled(settled)
                 # Transient (deadlock victim, lock timeout, lost connection): the whole
                 # transaction rolled back, so running it again is safe.
                 if attempt == len(_RETRY_PAUSES):
@@ -143,6 +206,9 @@ class IndexWriter:
                 time.sleep(_RETRY_PAUSES[attempt])
                 attempt += 1
                 continue
+            except BaseException:
+                self._give_back_settled(settled)
+                raise
             self.commits += 1
             return outcomes
 
@@ -162,6 +228,27 @@ class IndexWriter:
             _settle(job, outcome)
 
 
+def _list_unsynced(session: Session, jobs: list[_Job], outcomes: list[IngestOutcome]) -> None:
+    """List the stored records of jobs that came with an unsynced token."""
+    rows = [
+        {
+            "token": job.unsynced,
+            "rel_path": job.record.rel_path,
+            "sop_uid": job.record.sop_uid,
+            "writer": WRITER_ID,
+        }
+        for job, outcome in zip(jobs, outcomes, strict=True)
+        if job.unsynced is not None and outcome.stored
+    ]
+    if rows:
+        session.connection().execute(_INSERT_UNSYNCED, rows)
+
+
+def _delete_settled(session: Session, tokens: list[str]) -> None:
+    if tokens:
+        session.connection().execute(_DELETE_SETTLED, {"tokens": tokens})
+
+
 def _unavailable(cause: Exception) -> IndexUnavailable:
     error = IndexUnavailable(f"index commit failed: {cause}")
     error.__cause__ = cause
@@ -169,19 +256,10 @@ def _unavailable(cause: Exception) -> IndexUnavailable:
 
 
 def _settle(job: _Job, result: IngestOutcome | Exception) -> None:
-    """Resolve a caller's future from the writer thread, on the caller's loop."""
-
-    def settle() -> None:
-        """Runs on the caller's loop: futures are not thread-safe."""
-        if job.future.done():  # the caller was cancelled
-            return
-        if isinstance(result, Exception):
-            job.future.set_exception(result)
-        else:
-            job.future.set_result(result)
-
-    try:
-        job.loop.call_soon_threadsafe(settle)
-    except RuntimeError:
-        # The caller's loop is closed: nobody is waiting any more.
-        log.debug("outcome for %s dropped: event loop closed", job.record.sop_uid)
+    """Resolve a caller's future (thread-safe; a cancelled caller is no longer waiting)."""
+    if not job.future.set_running_or_notify_cancel():
+        return
+    if isinstance(result, Exception):
+        job.future.set_exception(result)
+    else:
+        job.future.set_result(result)

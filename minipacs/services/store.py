@@ -3,6 +3,13 @@
 A success status goes back only after the file is durable (temp file, fsync, rename,
 directory fsync) and its index row is committed. Everything blocking runs in the
 storage executor; the index commit is a group commit shared by concurrent stores.
+
+A new file (the usual case) is renamed into place first and flushed while the index
+commits: the row is committed listed as unsynced (models.UnsyncedFile), the success goes
+back once both are done, and the listing is dropped after. One disk flush is then on
+the critical path instead of three (file, folder, index); a power loss in between
+leaves a listed row that recovery checks against its file. Over an existing file
+("replace") the file is flushed before the rename and before the commit, as it was.
 """
 
 from __future__ import annotations
@@ -10,29 +17,33 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-from concurrent.futures import Executor
+import secrets
+from concurrent.futures import Executor, Future
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Final
 
-from sqlalchemy import Engine
+from sqlalchemy import Engine, delete
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from minipacs import dataset as dicom
+from minipacs.index.db import write_session
 from minipacs.index.ingest import (
     IngestError,
     IngestOutcome,
     InstanceRecord,
     instance_path_of,
     record_from_dataset,
+    withdraw,
 )
+from minipacs.index.models import UnsyncedFile
 from minipacs.index.records import INDEXED_TAGS
-from minipacs.index.writer import IndexWriter
+from minipacs.index.writer import IndexUnavailable, IndexWriter
 from minipacs.net.dimse import DataSet
 from minipacs.net.operations import OUT_OF_RESOURCES, SUCCESS, Operation
-from minipacs.storage.filestore import FileStore, OutOfSpace
+from minipacs.storage.filestore import FileStore, OutOfSpace, StagedFile
 from minipacs.storage.layout import instance_path
 from minipacs.storage.meta import encode_file_meta
 from minipacs.storage.uids import InvalidUID, validate_uid
@@ -62,6 +73,8 @@ class Written:
     rel_path: str
     # False when the write replaced a file already at rel_path (duplicate policy "replace").
     fresh: bool
+    # Set when the file is in place but still to be flushed (FileStore.sync_staged).
+    staged: StagedFile | None = None
 
 
 class StoreService:
@@ -82,59 +95,91 @@ class StoreService:
         self.duplicate_policy = duplicate_policy
 
     async def handle(self, operation: Operation) -> None:
-        """Serve one C-STORE-RQ."""
+        """Serve one C-STORE-RQ: one executor trip stores it, then the response goes back."""
         loop = asyncio.get_running_loop()
+        status, comment = await loop.run_in_executor(self.executor, self._store, operation)
+        await operation.respond(status, error_comment=comment)
+
+    def _store(self, operation: Operation) -> tuple[int, str | None]:
+        """Write, flush and index one instance (blocking); return (status, Error Comment)."""
         try:
-            written = await loop.run_in_executor(self.executor, self._write, operation)
+            written = self._write(operation)
         except StoreRefused as refused:
-            await operation.respond(refused.status, error_comment=str(refused))
-            return
+            return refused.status, str(refused)
         except OutOfSpace as exc:
-            await operation.respond(OUT_OF_RESOURCES, error_comment=str(exc))
-            return
+            return OUT_OF_RESOURCES, str(exc)
         except OSError as exc:
             log.exception("store write failed")
-            await operation.respond(OUT_OF_RESOURCES, error_comment=f"cannot write: {exc}")
-            return
+            return OUT_OF_RESOURCES, f"cannot write: {exc}"
         except SQLAlchemyError as exc:
             # The duplicate check could not ask the index: nothing was written.
             log.warning("index unavailable before writing: %s", type(exc).__name__)
-            await operation.respond(OUT_OF_RESOURCES, error_comment="index unavailable")
-            return
+            return OUT_OF_RESOURCES, "index unavailable"
         if written is None:
-            await self._refuse_duplicate(operation)
-            return
+            return self._duplicate()
+        token = secrets.token_hex(16) if written.staged is not None else None
+        committing: Future[IngestOutcome] | IndexUnavailable
         try:
-            outcome = await self.index.submit(written.record)
+            committing = self.index.enqueue(written.record, unsynced=token)
+        except IndexUnavailable as exc:
+            committing = exc
+        flush_error = None
+        if written.staged is not None:
+            # The file flushes while the writer thread commits its row.
+            try:
+                self.store.sync_staged(written.staged)
+            except OSError as exc:
+                flush_error = exc
+        try:
+            if isinstance(committing, IndexUnavailable):
+                raise committing
+            outcome = committing.result()
         except Exception as exc:
             if written.fresh:
-                await loop.run_in_executor(self.executor, self.store.remove, written.rel_path)
-            await operation.respond(OUT_OF_RESOURCES, error_comment=f"index unavailable: {exc}")
-            return
-        await self._settle(operation, written, outcome)
-
-    async def _refuse_duplicate(self, operation: Operation) -> None:
-        if self.duplicate_policy == "reject":
-            await operation.respond(
-                DUPLICATE_SOP_INSTANCE,
-                error_comment="SOP Instance UID already stored (duplicate policy: reject)",
-            )
-        else:
-            # keep-first: the archive already holds this instance; the sender is done.
-            await operation.respond(SUCCESS)
-
-    async def _settle(self, operation: Operation, written: Written, outcome: IngestOutcome) -> None:
-        loop = asyncio.get_running_loop()
+                self.store.remove(written.rel_path)
+            return OUT_OF_RESOURCES, f"index unavailable: {exc}"
+        if flush_error is not None:
+            log.error("store flush failed for %s: %s", written.record.sop_uid, flush_error)
+            if outcome.stored and token is not None:
+                self._withdraw(written, token)
+            else:
+                self.store.remove(written.rel_path)
+            return OUT_OF_RESOURCES, f"cannot write: {flush_error}"
         if outcome.stale_path:
-            await loop.run_in_executor(self.executor, self.store.remove, outcome.stale_path)
+            self.store.remove(outcome.stale_path)
         if not outcome.stored:
             # The index already held the instance: it was indexed under another path (see
             # _already_stored), or a concurrent store of it won the race for the row.
             if written.fresh and written.rel_path != outcome.existing_path:
-                await loop.run_in_executor(self.executor, self.store.remove, written.rel_path)
-            await self._refuse_duplicate(operation)
+                self.store.remove(written.rel_path)
+            return self._duplicate()
+        if token is not None:
+            self.index.settle(token)
+        return SUCCESS, None
+
+    def _withdraw(self, written: Written, token: str) -> None:
+        """Undo a committed row whose file could not be flushed, then remove the file.
+
+        If the index cannot be reached either, the row stays listed as unsynced and the
+        file stays: recovery at the next start settles it one way or the other.
+        """
+        try:
+            with write_session(self.engine) as session, session.begin():
+                withdraw(session, written.record.sop_uid, written.rel_path)
+                session.execute(delete(UnsyncedFile).where(UnsyncedFile.token == token))
+        except SQLAlchemyError as exc:
+            log.error("cannot withdraw %s: %s", written.record.sop_uid, exc)
             return
-        await operation.respond(SUCCESS)
+        self.store.remove(written.rel_path)
+
+    def _duplicate(self) -> tuple[int, str | None]:
+        if self.duplicate_policy == "reject":
+            return (
+                DUPLICATE_SOP_INSTANCE,
+                "SOP Instance UID already stored (duplicate policy: reject)",
+            )
+        # keep-first: the archive already holds this instance; the sender is done.
+        return SUCCESS, None
 
     def _already_stored(self, rel_path: str, sop_uid: str) -> bool:
         """Whether the index holds an instance; asks it only when a file is at rel_path.
@@ -200,9 +245,18 @@ class StoreService:
         fresh = self.duplicate_policy != "replace" or not self.store.exists(rel_path)
         self.store.ensure_free_space()
         meta = encode_file_meta(sop_class, sop_instance, context.transfer_syntax, calling_ae)
-        stored = self.store.write_instance(rel_path, meta, source)
-        record = dataclasses.replace(record, rel_path=stored.rel_path, size=stored.size)
-        return Written(record, stored.rel_path, fresh)
+        if self.duplicate_policy == "replace":
+            # The row committed for this store may replace an acknowledged one: it must
+            # not name a file a power loss could still take away.
+            stored = self.store.write_instance(rel_path, meta, source)
+            record = dataclasses.replace(record, rel_path=stored.rel_path, size=stored.size)
+            return Written(record, stored.rel_path, fresh)
+        placed = self.store.stage_instance(rel_path, meta, source)
+        record = dataclasses.replace(record, rel_path=placed.rel_path, size=placed.size)
+        if isinstance(placed, StagedFile):
+            return Written(record, placed.rel_path, fresh, placed)
+        # A file had turned up at the path: it was replaced flushed first, as "replace" does.
+        return Written(record, placed.rel_path, fresh=False)
 
 
 def _source(dataset: DataSet) -> bytes | Path:

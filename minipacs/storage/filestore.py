@@ -1,9 +1,13 @@
 """Atomic, durable instance files: write to a temp file, fsync, rename, fsync the directories.
 
-A crash at any point leaves the old file, the new file, or an orphan temp file under
-``<root>/.tmp/``; never a partial file at an instance's path. Several nodes may share one
-store (on a network filesystem), so temp files are named after the host, process and
-process run that own them, and ``cleanup_temp`` only removes ones no live writer owns.
+write_instance flushes before the rename: a crash at any point leaves the old file, the
+new file, or an orphan temp file under ``<root>/.tmp/``; never a partial file at an
+instance's path. stage_instance + sync_staged rename first and flush after, for a path
+no file is at yet: the flush then carries data and entry at once and can overlap the
+index commit; only a power loss before the flush can leave such a file short, and the
+index lists it as unsynced until the flush is done (models.UnsyncedFile). Several nodes
+may share one store (on a network filesystem), so temp files are named after the host,
+process and process run that own them, and ``cleanup_temp`` only removes ones no live writer owns.
 
 A file renamed into place whose index row was never committed (the process died in
 between) would be an orphan. So every writer notes the paths it is about to rename into
@@ -42,6 +46,10 @@ STALE_SECONDS = 3600.0
 # A process's own run: a restarted container reuses its PID (often 1) but not this.
 _RUN_TOKEN = secrets.token_hex(4)
 _HOST = re.sub(r"[^A-Za-z0-9.-]", "_", socket.gethostname()) or "host"
+# This process as a writer of the store and the index: <host>~<pid>~<run>.
+WRITER_ID = f"{_HOST}~{os.getpid()}~{_RUN_TOKEN}"
+# link(2) errors of filesystems without hard links (some network and FUSE filesystems).
+_LINK_UNSUPPORTED = frozenset({errno.EPERM, errno.EOPNOTSUPP, errno.ENOSYS, errno.EXDEV})
 _SENDFILE_FALLBACK = frozenset({errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.EXDEV})
 # Directories whose own entry is known durable; bounded so it cannot grow with the archive.
 _DURABLE_DIRS_MAX = 100_000
@@ -75,6 +83,15 @@ class StoredFile:
     size: int
 
 
+@dataclass(frozen=True)
+class StagedFile:
+    """An instance file complete at its path, not yet flushed to disk (see sync_staged)."""
+
+    rel_path: str
+    size: int
+    fd: int
+
+
 def _fsync_dir(path: Path) -> None:
     """Flush a directory so the entries created or renamed in it survive a power loss."""
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
@@ -93,6 +110,20 @@ def _check_rel(rel_path: str) -> str:
     return rel_path
 
 
+def writer_is_dead(writer: str) -> bool:
+    """Whether a writer id (<host>~<pid>~<run>) names a process of this host that is gone.
+
+    Another host's writers are never dead to us: each node recovers its own.
+    """
+    fields = writer.split("~")
+    if len(fields) != 3 or not fields[1].isdigit():
+        return False
+    host, pid, run = fields
+    if host != _HOST or run == _RUN_TOKEN:
+        return False
+    return int(pid) == os.getpid() or not _pid_alive(int(pid))
+
+
 def _pid_alive(pid: int) -> bool:
     """Whether a process with this PID exists on this host."""
     try:
@@ -102,6 +133,14 @@ def _pid_alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def _move(tmp: Path, dest: Path, link: bool) -> None:
+    """Put tmp at dest: link(2) fails if something is there, rename(2) replaces it."""
+    if link:
+        os.link(tmp, dest)
+    else:
+        os.replace(tmp, dest)
 
 
 def _write_all(fd: int, buffers: list[bytes | memoryview]) -> int:
@@ -238,13 +277,13 @@ class FileStore:
     def _orphan_temp(self, entry: Path, cutoff: float) -> bool:
         """Whether a temp folder entry belongs to no writer that is still running."""
         fields = entry.name.removesuffix(_PART).split("~")
-        if len(fields) == 4 and fields[0] == _HOST and fields[1].isdigit():
-            _, pid, run, _ = fields
-            if run == _RUN_TOKEN:
+        if len(fields) == 4:
+            writer = "~".join(fields[:3])
+            if writer == WRITER_ID:
                 return False
             # Same host: a dead PID is a crash leftover, and so is our own PID from an
             # earlier run (containers restart with the same PID).
-            if int(pid) == os.getpid() or not _pid_alive(int(pid)):
+            if writer_is_dead(writer):
                 return True
         return _mtime(entry) < cutoff
 
@@ -265,19 +304,9 @@ class FileStore:
     ) -> StoredFile:
         """Write preamble/meta + data set to rel_path atomically; durable on return."""
         dest = self.path(rel_path)
-        tmp = self._tmp / f"{_HOST}~{os.getpid()}~{_RUN_TOKEN}~{secrets.token_hex(8)}{_PART}"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
+        tmp, fd, size = self._write_temp(preamble_and_meta, dataset_source)
         try:
             try:
-                if isinstance(dataset_source, Path):
-                    _write_all(fd, [preamble_and_meta])
-                    _copy_file(dataset_source, fd)
-                    size = os.fstat(fd).st_size
-                else:
-                    chunks = (
-                        dataset_source if isinstance(dataset_source, list) else [dataset_source]
-                    )
-                    size = _write_all(fd, [preamble_and_meta, *chunks])
                 if self.fsync:
                     os.fsync(fd)
             finally:
@@ -292,15 +321,96 @@ class FileStore:
             self._sync_entries(dest.parent)
         return StoredFile(rel_path=rel_path, size=size)
 
-    def _rename_into_place(self, tmp: Path, dest: Path) -> None:
-        """rename(2) tmp to dest, creating dest's folder unless it is known to exist."""
+    def stage_instance(
+        self, rel_path: str, preamble_and_meta: bytes, dataset_source: DatasetSource
+    ) -> StagedFile | StoredFile:
+        """Write an instance to a path nothing is at yet, complete but not yet flushed.
+
+        Putting it in place before the flush lets one flush carry the data and the new
+        entry, and sync_staged can run while the index commits. Readers see the whole file
+        (the link is atomic); only a power loss before sync_staged returns can leave it
+        short, which is why its index row is listed as unsynced until then. A file found
+        at the path (perhaps acknowledged, and it must survive a power loss) is replaced
+        only the write_instance way, flushed first: that returns a StoredFile.
+        """
+        dest = self.path(rel_path)
+        tmp, fd, size = self._write_temp(preamble_and_meta, dataset_source)
+        try:
+            self._note_pending(rel_path)
+            # link(2) refuses to replace what is there, unlike rename(2).
+            self._rename_into_place(tmp, dest, link=True)
+            os.unlink(tmp)
+        except OSError as exc:
+            return self._replace_staged(tmp, fd, dest, rel_path, size, exc)
+        except BaseException:
+            os.close(fd)
+            with suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise
+        return StagedFile(rel_path=rel_path, size=size, fd=fd)
+
+    def _replace_staged(
+        self, tmp: Path, fd: int, dest: Path, rel_path: str, size: int, cause: OSError
+    ) -> StoredFile:
+        """stage_instance found a file at the path, or no hard links: flush, then rename."""
+        try:
+            if not isinstance(cause, FileExistsError) and cause.errno not in _LINK_UNSUPPORTED:
+                raise cause
+            try:
+                if self.fsync:
+                    os.fsync(fd)
+            finally:
+                os.close(fd)
+            self._rename_into_place(tmp, dest)
+        except BaseException:
+            with suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise
+        if self.fsync:
+            self._sync_entries(dest.parent)
+        return StoredFile(rel_path=rel_path, size=size)
+
+    def sync_staged(self, staged: StagedFile) -> StoredFile:
+        """Flush a staged file and its folders to disk; the file is durable on return."""
+        try:
+            if self.fsync:
+                os.fsync(staged.fd)
+        finally:
+            os.close(staged.fd)
+        if self.fsync:
+            self._sync_entries(self.path(staged.rel_path).parent)
+        return StoredFile(rel_path=staged.rel_path, size=staged.size)
+
+    def _write_temp(
+        self, preamble_and_meta: bytes, dataset_source: DatasetSource
+    ) -> tuple[Path, int, int]:
+        """Write a new temp file; return its path, its open descriptor and its size."""
+        tmp = self._tmp / f"{WRITER_ID}~{secrets.token_hex(8)}{_PART}"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
+        try:
+            if isinstance(dataset_source, Path):
+                _write_all(fd, [preamble_and_meta])
+                _copy_file(dataset_source, fd)
+                size = os.fstat(fd).st_size
+            else:
+                chunks = dataset_source if isinstance(dataset_source, list) else [dataset_source]
+                size = _write_all(fd, [preamble_and_meta, *chunks])
+        except BaseException:
+            os.close(fd)
+            with suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise
+        return tmp, fd, size
+
+    def _rename_into_place(self, tmp: Path, dest: Path, link: bool = False) -> None:
+        """rename(2) (or link(2)) tmp to dest, creating dest's folder unless known to exist."""
         # Every syscall lets the GIL go, and under load getting it back costs more than the
         # call: a folder already made durable is not created (mkdir + stat) again.
         if dest.parent not in self._durable_dirs:
             dest.parent.mkdir(parents=True, exist_ok=True)
         try:
             # rename(2) is atomic: readers see the old file or the complete new one.
-            os.replace(tmp, dest)
+            _move(tmp, dest, link)
         except FileNotFoundError:
             if not tmp.exists():
                 raise
@@ -310,7 +420,7 @@ class FileStore:
                 self._durable_dirs.discard(folder)
                 folder = folder.parent
             dest.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(tmp, dest)
+            _move(tmp, dest, link)
 
     def _note_pending(self, rel_path: str) -> None:
         """Journal a path about to be renamed into place (see the module docstring)."""
@@ -323,7 +433,7 @@ class FileStore:
             os.write(self._journal_fd, line)
 
     def _journal_path(self, seq: int) -> Path:
-        name = f"{_HOST}~{os.getpid()}~{_RUN_TOKEN}~{self._journal_id}-{seq}{_JOURNAL}"
+        name = f"{WRITER_ID}~{self._journal_id}-{seq}{_JOURNAL}"
         return self._journals / name
 
     def _rotate_journal(self, now: float) -> None:
@@ -352,13 +462,8 @@ class FileStore:
         found = []
         for entry in self._journals.glob(f"*{_JOURNAL}"):
             fields = entry.name.removesuffix(_JOURNAL).split("~")
-            if len(fields) != 4 or not fields[1].isdigit():
-                continue
-            host, pid, run, _ = fields
-            if host != _HOST or run == _RUN_TOKEN:
-                continue  # another node's (it recovers its own) or ours
-            if int(pid) != os.getpid() and _pid_alive(int(pid)):
-                continue
+            if len(fields) != 4 or not writer_is_dead("~".join(fields[:3])):
+                continue  # not a journal, another node's (it recovers its own), or alive
             try:
                 text = entry.read_text("ascii", errors="replace")
                 mtime = entry.stat().st_mtime

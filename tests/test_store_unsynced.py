@@ -1,0 +1,205 @@
+"""Rows committed while their file was still flushing (models.UnsyncedFile).
+
+A new instance file is put in place, then flushed while its index row commits listed as
+unsynced. These tests play the power loss that this leaves open (the listed row durable,
+its file short or gone), a flush that fails, and the settling of listings after success.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pydicom
+import pytest
+from pydicom.data import get_testdata_file
+from pynetdicom import AE
+from sqlalchemy import Engine, delete, func, insert, select
+from sqlalchemy.orm import Session
+
+from minipacs.app import build_server, open_archive
+from minipacs.config import Settings, load_settings
+from minipacs.index.db import make_engine
+from minipacs.index.models import Instance, Series, Study, UnsyncedFile
+from minipacs.index.recover import recover
+from minipacs.storage.filestore import WRITER_ID, FileStore
+from tests.servers import free_port
+
+CT = get_testdata_file("CT_small.dcm")
+MR = get_testdata_file("MR_small.dcm")
+RT = get_testdata_file("rtdose.dcm")
+
+# Stores files the way the C-STORE service does (staged, committed listed as unsynced,
+# flushed), prints their paths, then dies before settling any listing.
+WRITER = """
+import asyncio, os, sys, secrets
+from datetime import UTC, datetime
+from pathlib import Path
+from minipacs.dataset import read_part10
+from minipacs.index.db import make_engine
+from minipacs.index.records import INDEXED_TAGS, record_from_dataset
+from minipacs.index.writer import IndexWriter
+from minipacs.storage.filestore import FileStore
+from minipacs.storage.layout import instance_path
+from minipacs.storage.meta import encode_file_meta
+
+store = FileStore(Path(sys.argv[1]), Path(sys.argv[2]), 0, fsync=False)
+writer = IndexWriter(make_engine(sys.argv[3]), "keep-first")
+writer.start()
+for source in sys.argv[4:]:
+    meta, inspected = read_part10(Path(source), INDEXED_TAGS)
+    ds = inspected.dataset
+    raw = Path(source).read_bytes()
+    body = raw[132 + 12 + int.from_bytes(raw[140:144], "little"):]
+    rel = instance_path(ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID)
+    file_meta = encode_file_meta(
+        ds.SOPClassUID, ds.SOPInstanceUID, str(meta.TransferSyntaxUID), "FLUSHING"
+    )
+    staged = store.stage_instance(rel, file_meta, body)
+    record = record_from_dataset(
+        ds, header=inspected.header, transfer_syntax_uid=str(meta.TransferSyntaxUID),
+        rel_path=rel, size=staged.size, calling_ae="FLUSHING", received_at=datetime.now(UTC),
+    )
+    writer.enqueue(record, unsynced=secrets.token_hex(16)).result(30)
+    store.sync_staged(staged)
+    print(rel, flush=True)
+os._exit(0)
+"""
+
+
+@pytest.fixture
+def engine(db_url: str) -> Engine:
+    """An engine on the test's fresh database."""
+    engine = make_engine(db_url)
+    yield engine
+    engine.dispose()
+
+
+def _store_and_die(tmp_path: Path, db_url: str, *sources: str) -> list[str]:
+    result = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(WRITER), str(tmp_path / "store"),
+         str(tmp_path / "spool"), db_url, *sources],
+        capture_output=True, text=True, timeout=120, check=True,
+    )  # fmt: skip
+    return result.stdout.split()
+
+
+def _counts(engine: Engine) -> tuple[int, int, int]:
+    with Session(engine) as session:
+        return (
+            session.scalar(select(func.count()).select_from(Instance)) or 0,
+            session.scalar(select(func.coalesce(func.sum(Study.num_instances), 0))) or 0,
+            session.scalar(select(func.count()).select_from(UnsyncedFile)) or 0,
+        )
+
+
+def test_power_loss_before_the_flush_withdraws_rows_whose_file_is_short_or_gone(
+    tmp_path: Path, db_url: str, engine: Engine
+) -> None:
+    store = FileStore(tmp_path / "store", tmp_path / "spool", 0, fsync=False)
+    whole, short, gone = _store_and_die(tmp_path, db_url, CT, MR, RT)
+    assert _counts(engine) == (3, 3, 3)
+    # What a power loss before the flush can leave: data cut short, or no entry at all.
+    path = store.path(short)
+    path.write_bytes(path.read_bytes()[:-1000])
+    store.path(gone).unlink()
+
+    report = recover(store, engine)
+
+    assert report.checked >= 3
+    assert sorted(report.withdrawn) == sorted([short, gone])
+    assert _counts(engine) == (1, 1, 0)
+    with Session(engine) as session:
+        assert list(session.scalars(select(Instance.rel_path))) == [whole]
+        # The emptied series and studies went with their only instance.
+        assert session.scalar(select(func.count()).select_from(Series)) == 1
+    assert list(store.iter_files()) == [whole]
+    assert recover(store, engine).withdrawn == []
+
+
+def test_listings_of_live_writers_and_other_hosts_are_left_alone(
+    tmp_path: Path, db_url: str, engine: Engine
+) -> None:
+    store = FileStore(tmp_path / "store", tmp_path / "spool", 0, fsync=False)
+    (rel,) = _store_and_die(tmp_path, db_url, CT)
+    store.path(rel).unlink()  # were these listings dead writers', this row would go
+    with Session(engine) as session, session.begin():
+        session.execute(delete(UnsyncedFile))
+        session.execute(
+            insert(UnsyncedFile),
+            [
+                {"token": "a" * 32, "rel_path": rel, "sop_uid": "1.2", "writer": WRITER_ID},
+                {"token": "b" * 32, "rel_path": rel, "sop_uid": "1.2", "writer": "elsewhere~1~x"},
+            ],
+        )
+    report = recover(store, engine)
+    assert report.withdrawn == []
+    assert _counts(engine) == (1, 1, 2)
+
+
+def _settings(tmp_path: Path, db_url: str) -> Settings:
+    return load_settings(
+        None,
+        {
+            "MINIPACS_SERVER_HOST": "127.0.0.1",
+            "MINIPACS_SERVER_PORT": str(free_port()),
+            "MINIPACS_STORAGE_PATH": str(tmp_path / "store"),
+            "MINIPACS_STORAGE_MIN_FREE_BYTES": "0",
+            "MINIPACS_DATABASE_URL": db_url,
+        },
+    )
+
+
+def _c_store(port: int, path: str) -> int:
+    """One C-STORE with pynetdicom; its status."""
+    ds = pydicom.dcmread(path)
+    ae = AE(ae_title="FLUSHTEST")
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 20
+    ae.add_requested_context(ds.SOPClassUID, ds.file_meta.TransferSyntaxUID)
+    assoc = ae.associate("127.0.0.1", port, ae_title="MINIPACS")
+    assert assoc.is_established
+    try:
+        return int(assoc.send_c_store(ds).Status)
+    finally:
+        assoc.release()
+
+
+def _serve_one_store(tmp_path: Path, db_url: str, path: str) -> int:
+    async def scenario() -> int:
+        settings = _settings(tmp_path, db_url)
+        archive = await asyncio.to_thread(open_archive, settings)
+        server = build_server(settings, archive)
+        await server.start()
+        try:
+            return await asyncio.wait_for(asyncio.to_thread(_c_store, server.port, path), 60)
+        finally:
+            await server.shutdown(1.0)
+            await archive.close()
+
+    return asyncio.run(scenario())
+
+
+def test_a_stored_instance_leaves_no_listing(tmp_path: Path, db_url: str, engine: Engine) -> None:
+    assert _serve_one_store(tmp_path, db_url, CT) == 0x0000
+    # Settling rides on later commits, or on the writer's close at the latest.
+    assert _counts(engine) == (1, 1, 0)
+
+
+def test_a_failed_flush_answers_out_of_resources_and_keeps_nothing(
+    tmp_path: Path, db_url: str, engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def failing_flush(self: FileStore, staged: object) -> None:
+        import os
+
+        os.close(staged.fd)  # type: ignore[attr-defined]
+        raise OSError(errno.EIO, "simulated I/O error")
+
+    monkeypatch.setattr(FileStore, "sync_staged", failing_flush)
+    assert _serve_one_store(tmp_path, db_url, CT) == 0xA700
+    assert _counts(engine) == (0, 0, 0)
+    store = FileStore(tmp_path / "store", tmp_path / "spool", 0, fsync=False)
+    assert list(store.iter_files()) == []
