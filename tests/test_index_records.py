@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import sys
 from dataclasses import replace
 from datetime import UTC, datetime
+from pathlib import Path
 
 import pydicom
 import pytest
 from pydicom import Dataset
 from pydicom.data import get_charset_files, get_testdata_file
+from pydicom.datadict import keyword_for_tag
+from pydicom.tag import Tag
 
 from minipacs.dataset import encode, inspect, read_header
+from minipacs.index import records
 from minipacs.index.ingest import IngestError, InstanceRecord, normalise_name, record_from_dataset
 from minipacs.index.records import HEADER_MAX, INDEXED_KEYWORDS, INDEXED_TAGS
 
@@ -25,6 +30,19 @@ def _record(ds: Dataset) -> InstanceRecord:
         rel_path="aa/bb/x.dcm",
         size=10,
         calling_ae=" MODALITY ",
+        received_at=NOW,
+    )
+
+
+def _bare_record(ds: Dataset) -> InstanceRecord:
+    """_record without the header (which not every test file can be encoded into)."""
+    return record_from_dataset(
+        ds,
+        header=b"",
+        transfer_syntax_uid="1.2.840.10008.1.2.1",
+        rel_path="aa/bb/x.dcm",
+        size=10,
+        calling_ae="MODALITY",
         received_at=NOW,
     )
 
@@ -153,12 +171,19 @@ class _Recording(Dataset):
             self.read.add(key)
         return super().get(key, default)
 
+    def get_item(self, key: object, *, keep_deferred: bool = False) -> object:
+        """Note the keyword of a raw read by the record code (pydicom's own are not), then read."""
+        if sys._getframe(1).f_globals["__name__"] == records.__name__:
+            self.read.add(keyword_for_tag(Tag(key)))  # type: ignore[arg-type]
+        return super().get_item(key, keep_deferred=keep_deferred)  # type: ignore[arg-type]
+
 
 def test_a_record_reads_only_the_indexed_attributes() -> None:
     # inspect() decodes INDEXED_TAGS only: an attribute read beyond them would be empty.
-    ds = _Recording(_charset_file("chrH31.dcm"))
-    _record(ds)
-    assert ds.read == set(INDEXED_KEYWORDS)
+    for name in ("chrH31.dcm", "chrRuss.dcm"):  # pydicom's path, the raw bytes' path
+        ds = _Recording(_charset_file(name))
+        _record(ds)
+        assert ds.read == set(INDEXED_KEYWORDS)
 
 
 @pytest.mark.parametrize(
@@ -180,3 +205,35 @@ def test_inspect_yields_the_record_a_full_read_does(name: str, syntax: str) -> N
     assert set(inspected.dataset.keys()) == INDEXED_TAGS & set(ds.keys())
     # The header field is _record's own encoding of what it is given: compare the rest.
     assert replace(_record(inspected.dataset), header=None) == replace(_record(ds), header=None)
+
+
+def _every_test_file() -> list[Path]:
+    """pydicom's bundled test files (character set files too) holding the identifying UIDs."""
+    found = []
+    for path in sorted((Path(pydicom.data.__file__).parent / "test_files").rglob("*.dcm")):
+        try:
+            ds = pydicom.dcmread(path, stop_before_pixels=True)
+        except Exception:
+            continue
+        if all(k in ds for k in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID")):
+            found.append(path)
+    return found
+
+
+def test_raw_values_give_the_record_pydicom_conversion_gives() -> None:
+    # The fast path reads raw ASCII bytes; converting every element first forces pydicom's.
+    compared = 0
+    for path in _every_test_file():
+        raw = pydicom.dcmread(path, stop_before_pixels=True)
+        converted = pydicom.dcmread(path, stop_before_pixels=True)
+        for _ in converted:  # iterating converts each raw element
+            pass
+        try:
+            expected = _bare_record(converted)
+        except IngestError:
+            with pytest.raises(IngestError):
+                _bare_record(raw)
+            continue
+        assert _bare_record(raw) == expected, path.name
+        compared += 1
+    assert compared > 50

@@ -11,6 +11,8 @@ from sqlalchemy.orm import Session
 
 # Execution option that makes a SQLite transaction take the write lock when it begins.
 _IMMEDIATE = "minipacs_immediate"
+# Where write_engine keeps an engine's write engine.
+_WRITE_ENGINE = "_minipacs_write_engine"
 
 
 def normalise_url(url: str) -> str:
@@ -71,9 +73,19 @@ def make_engine(url: str, pool_size: int = 5) -> Engine:
     )
 
 
+def write_engine(engine: Engine) -> Engine:
+    """The engine for index writes (on SQLite its transactions take the write lock first)."""
+    # Made once per engine: building an option engine copies its event dispatch, which
+    # cost more than a small transaction's statements.
+    cached: Engine | None = engine.__dict__.get(_WRITE_ENGINE)
+    if cached is None:
+        cached = engine.__dict__[_WRITE_ENGINE] = engine.execution_options(**{_IMMEDIATE: True})
+    return cached
+
+
 def write_session(engine: Engine) -> Session:
     """A session for index writes (on SQLite its transactions take the write lock first)."""
-    return Session(engine.execution_options(**{_IMMEDIATE: True}))
+    return Session(write_engine(engine))
 
 
 def read_engine(engine: Engine) -> Engine:

@@ -10,24 +10,27 @@ retried one transaction each, so one bad record fails only its own caller.
 A record submitted with an unsynced token is listed in unsynced_files in its own
 transaction (its file was still being flushed, see models.UnsyncedFile); settle(token)
 drops the listing once the flush is done. Settling costs no commit of its own: the
-deletes ride on the next batch, or go alone after SETTLE_IDLE seconds without one.
+deletes ride on a batch at most every SETTLE_EVERY seconds (one statement for many),
+or go alone after SETTLE_IDLE seconds without a batch.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import queue
 import threading
 import time
+from collections.abc import Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass
 
-from sqlalchemy import Engine, bindparam, delete, insert
+from sqlalchemy import Connection, Engine, bindparam, delete, insert
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
-from minipacs.index.db import write_session
+from minipacs.index.db import write_engine
 from minipacs.index.ingest import DUPLICATE_POLICIES, IngestOutcome, InstanceRecord, apply_records
 from minipacs.index.models import UnsyncedFile
 from minipacs.storage.filestore import WRITER_ID
@@ -45,6 +48,9 @@ _DELETE_SETTLED = delete(_UNSYNCED).where(
 )
 # Seconds settled tokens wait for a batch to ride on before they are committed alone.
 SETTLE_IDLE = 1.0
+# Seconds between batches that carry settled tokens, unless this many have gathered.
+SETTLE_EVERY = 0.25
+SETTLE_MAX = 512
 
 
 class IndexUnavailable(Exception):
@@ -79,6 +85,8 @@ class IndexWriter:
         self.commits = 0
         self._queue: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
         self._settled: list[str] = []
+        self._connection: Connection | None = None
+        self._settled_at = 0.0
         self._settled_lock = threading.Lock()
         self._closed = False
         self._thread = threading.Thread(target=self._run, name="index-writer", daemon=True)
@@ -161,10 +169,41 @@ class IndexWriter:
                 for job in batch:
                     _settle(job, IndexUnavailable(f"index writer failed: {exc}"))
         self._commit_settled()
+        self._drop_connection()
 
-    def _take_settled(self) -> list[str]:
+    @contextlib.contextmanager
+    def _writing(self) -> Iterator[Session]:
+        """A transaction on the writer's own connection, kept from one commit to the next.
+
+        Checking a pooled connection out for each commit cost more than a small commit's
+        statements (and a pre-ping round trip on PostgreSQL). A failed transaction drops
+        the connection: the next one connects afresh, as after a database restart.
+        """
+        if self._connection is None:
+            self._connection = write_engine(self.engine).connect()
+        try:
+            with Session(bind=self._connection) as session, session.begin():
+                yield session
+        except BaseException:
+            self._drop_connection()
+            raise
+
+    def _drop_connection(self) -> None:
+        if self._connection is not None:
+            connection, self._connection = self._connection, None
+            try:
+                connection.close()
+            except Exception as exc:  # a broken connection may fail to close; it is gone
+                log.debug("index writer connection closed with %s", type(exc).__name__)
+
+    def _take_settled(self, riding: bool = False) -> list[str]:
+        """The settled tokens to delete now; riding on a batch, only every SETTLE_EVERY."""
+        now = time.monotonic()
         with self._settled_lock:
+            if riding and len(self._settled) < SETTLE_MAX and now - self._settled_at < SETTLE_EVERY:
+                return []
             taken, self._settled = self._settled, []
+        self._settled_at = now
         return taken
 
     def _give_back_settled(self, tokens: list[str]) -> None:
@@ -178,7 +217,7 @@ class IndexWriter:
         if not tokens:
             return
         try:
-            with write_session(self.engine) as session, session.begin():
+            with self._writing() as session:
                 _delete_settled(session, tokens)
         except Exception as exc:
             # The listings stay; recovery finds their files whole and drops them.
@@ -190,9 +229,9 @@ class IndexWriter:
         records = [job.record for job in jobs]
         attempt = 0
         while True:
-            settled = self._take_settled()
+            settled = self._take_settled(riding=True)
             try:
-                with write_session(self.engine) as session, session.begin():
+                with self._writing() as session:
                     outcomes = apply_records(session, records, self.duplicate_policy)
                     _list_unsynced(session, jobs, outcomes)
                     _delete_settled(session, settled)

@@ -218,15 +218,10 @@ class StoreService:
             inspected = dicom.inspect(source, context.transfer_syntax, INDEXED_TAGS)
         except dicom.DataSetError as exc:
             raise StoreRefused(CANNOT_UNDERSTAND, str(exc)) from exc
-        ds = inspected.dataset
-        if str(ds.get("SOPInstanceUID", "")).rstrip("\0 ") != sop_instance:
-            raise StoreRefused(DATASET_DOES_NOT_MATCH, "SOP Instance UID differs from the command")
-        if str(ds.get("SOPClassUID", "")).rstrip("\0 ") != sop_class:
-            raise StoreRefused(DATASET_DOES_NOT_MATCH, "SOP Class UID differs from the command")
         calling_ae = operation.session.calling_ae
         try:
             record = record_from_dataset(
-                ds,
+                inspected.dataset,
                 header=inspected.header,
                 transfer_syntax_uid=context.transfer_syntax,
                 rel_path="",
@@ -234,8 +229,15 @@ class StoreService:
                 calling_ae=calling_ae,
                 received_at=datetime.now(UTC),
             )
+        except IngestError as exc:
+            raise StoreRefused(DATASET_DOES_NOT_MATCH, str(exc)) from exc
+        if record.sop_uid != sop_instance:
+            raise StoreRefused(DATASET_DOES_NOT_MATCH, "SOP Instance UID differs from the command")
+        if record.sop_class_uid != sop_class:
+            raise StoreRefused(DATASET_DOES_NOT_MATCH, "SOP Class UID differs from the command")
+        try:
             rel_path = instance_path(record.study_uid, record.series_uid, sop_instance)
-        except (IngestError, InvalidUID) as exc:
+        except InvalidUID as exc:
             raise StoreRefused(DATASET_DOES_NOT_MATCH, str(exc)) from exc
         if self.duplicate_policy != "replace" and self._already_stored(rel_path, sop_instance):
             return None
