@@ -8,7 +8,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from pynetdicom import AE
 from pynetdicom.pdu_primitives import A_ASSOCIATE
 
 from minipacs.net import negotiation as neg
@@ -133,11 +132,12 @@ def test_no_acceptable_context_is_rejected(strict_server: MinipacsProcess) -> No
         reply = _read_pdu(sock)
         # A-ASSOCIATE-RJ, rejected-permanent, service-user, no reason given.
         assert reply == pdu.encode_reject(1, 1, 1)
-    ae = AE(ae_title="PYNETDICOM")
-    ae.acse_timeout = ae.network_timeout = 10
-    ae.add_requested_context("1.2.840.10008.5.1.4.1.2.3.1")  # retired Patient/Study Only
-    assoc = ae.associate("127.0.0.1", strict_server.port, ae_title="MINIPACS")
-    assert assoc.is_rejected
+    # The retired Patient/Study Only model alone. Read off the wire: pynetdicom reports
+    # about one such RJ in 200 as an abort (a race on its side: the RJ is on the wire).
+    retired = ("1.2.840.10008.5.1.4.1.2.3.1", ("1.2.840.10008.1.2",))
+    with _connect(strict_server.port) as sock:
+        sock.sendall(_associate_rq([retired]))
+        assert _read_pdu(sock) == pdu.encode_reject(1, 1, 1)
     _served_after(strict_server)
 
 
