@@ -136,6 +136,7 @@ def open_archive(settings: Settings) -> Archive:
         settings.spool_dir,
         settings.storage.min_free_bytes,
         settings.storage.fsync,
+        settings.storage.flush,
     )
     # Recovery reads the journals of dead writers, so it runs before cleanup may age them out.
     report = recover(store, engine)

@@ -142,6 +142,7 @@ def _reindex(args: argparse.Namespace) -> int:
         settings.spool_dir,
         settings.storage.min_free_bytes,
         settings.storage.fsync,
+        settings.storage.flush,
     )
     engine = make_engine(settings.database.url)
     try:

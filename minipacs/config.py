@@ -132,6 +132,7 @@ class StorageSettings:
     min_free_bytes: int = _key(1_073_741_824, low=0)
     duplicate_policy: str = _key("keep-first", choices=("keep-first", "replace", "reject"))
     fsync: bool = _key(True)
+    flush: str = _key("filesystem", choices=("filesystem", "file"))
 
 
 @dataclass(frozen=True)

@@ -86,11 +86,14 @@ def _index(url: str) -> dict[str, str]:
         engine.dispose()
 
 
-@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+@pytest.mark.parametrize(
+    ("backend", "flush"),
+    [("sqlite", "filesystem"), ("postgresql", "filesystem"), ("sqlite", "file")],
+)
 def test_kill_during_stores_loses_nothing_acknowledged(
-    backend: str, tmp_path: Path, request: pytest.FixtureRequest
+    backend: str, flush: str, tmp_path: Path, request: pytest.FixtureRequest
 ) -> None:
-    env = {"MINIPACS_STORAGE_MIN_FREE_BYTES": "0"}
+    env = {"MINIPACS_STORAGE_MIN_FREE_BYTES": "0", "MINIPACS_STORAGE_FLUSH": flush}
     if backend == "postgresql":
         url = request.getfixturevalue("postgres").create_database()
         schema.upgrade(url)

@@ -33,6 +33,8 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import BinaryIO
 
+from minipacs.storage import groupflush
+from minipacs.storage.groupflush import GroupFlush
 from minipacs.storage.layout import SUFFIX
 
 _TMP = ".tmp"
@@ -183,9 +185,18 @@ class FileStore:
     """Instance files under one root directory, written atomically and durably."""
 
     def __init__(
-        self, root: Path, spool_dir: Path, min_free_bytes: int, fsync: bool = True
+        self,
+        root: Path,
+        spool_dir: Path,
+        min_free_bytes: int,
+        fsync: bool = True,
+        flush: str = "file",
     ) -> None:
-        """Open the store at root, creating root, its temp folder and the spool if needed."""
+        """Open the store at root, creating root, its temp folder and the spool if needed.
+
+        flush "filesystem" makes staged files durable by group syncfs (storage.groupflush)
+        where the system has it; "file" fsyncs each file and its folders.
+        """
         self.root = Path(root).absolute()
         self.spool_dir = Path(spool_dir).absolute()
         self.min_free_bytes = min_free_bytes
@@ -208,6 +219,11 @@ class FileStore:
         if fsync:
             _fsync_dir(self.root.parent)
             _fsync_dir(self.root)
+        self._group = (
+            GroupFlush(self.root)
+            if fsync and flush == "filesystem" and groupflush.available()
+            else None
+        )
 
     def path(self, rel_path: str) -> Path:
         """Return the absolute path of a stored file."""
@@ -372,6 +388,11 @@ class FileStore:
 
     def sync_staged(self, staged: StagedFile) -> StoredFile:
         """Flush a staged file and its folders to disk; the file is durable on return."""
+        if self._group is not None:
+            os.close(staged.fd)
+            # The data and every entry up to the root are dirty state of this filesystem.
+            self._group.flush()
+            return StoredFile(rel_path=staged.rel_path, size=staged.size)
         try:
             if self.fsync:
                 os.fsync(staged.fd)
@@ -449,6 +470,9 @@ class FileStore:
 
     def close(self) -> None:
         """Release the journal at a clean stop: everything written has been settled."""
+        if self._group is not None:
+            self._group.close()
+            self._group = None
         with self._journal_lock:
             if self._journal_fd is not None:
                 os.close(self._journal_fd)
