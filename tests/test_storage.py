@@ -330,3 +330,36 @@ def test_iter_files_skips_temp_spool_and_foreign_files(tmp_path: Path) -> None:
     (tmp_path / "store" / ".tmp" / "a.dcm").write_bytes(b"x")
     (tmp_path / "store" / "notes.txt").write_bytes(b"x")
     assert list(store.iter_files()) == [rel]
+
+
+@pytest.mark.parametrize("flush", ["file", "filesystem"])
+def test_a_staged_file_is_in_place_before_its_flush_and_durable_after(
+    tmp_path: Path, flush: str
+) -> None:
+    store = FileStore(tmp_path / "store", tmp_path / "spool", 0, flush=flush)
+    rel = instance_path(STUDY, SERIES, SOP)
+    staged = store.stage_instance(rel, b"meta", b"data")
+    assert isinstance(staged, filestore.StagedFile)
+    # Readers see the whole file at once (it was linked in complete).
+    assert store.path(rel).read_bytes() == b"metadata"
+    stored = store.sync_staged(staged)
+    assert (stored.rel_path, stored.size) == (rel, 8)
+    assert list((tmp_path / "store" / ".tmp").iterdir()) == []
+    store.close()
+
+
+def test_staging_onto_an_existing_file_replaces_it_flushed_first(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = _store(tmp_path)
+    rel = instance_path(STUDY, SERIES, SOP)
+    store.write_instance(rel, b"", b"old")
+    flushed: list[int] = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (flushed.append(fd), real_fsync(fd))[1])
+    placed = store.stage_instance(rel, b"", b"new")
+    # Never linked over the old file: flushed, then renamed over it, like write_instance.
+    assert isinstance(placed, filestore.StoredFile)
+    assert flushed
+    assert store.path(rel).read_bytes() == b"new"
+    assert list((tmp_path / "store" / ".tmp").iterdir()) == []

@@ -137,6 +137,13 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def _discard_temp(tmp: Path, fd: int) -> None:
+    """Close and remove a temp file that will not be put in place."""
+    os.close(fd)
+    with suppress(FileNotFoundError):
+        os.unlink(tmp)
+
+
 def _move(tmp: Path, dest: Path, link: bool) -> None:
     """Put tmp at dest: link(2) fails if something is there, rename(2) replaces it."""
     if link:
@@ -319,15 +326,23 @@ class FileStore:
         self, rel_path: str, preamble_and_meta: bytes, dataset_source: DatasetSource
     ) -> StoredFile:
         """Write preamble/meta + data set to rel_path atomically; durable on return."""
-        dest = self.path(rel_path)
         tmp, fd, size = self._write_temp(preamble_and_meta, dataset_source)
+        try:
+            self._note_pending(rel_path)
+        except BaseException:
+            _discard_temp(tmp, fd)
+            raise
+        return self._commit_temp(tmp, fd, rel_path, size)
+
+    def _commit_temp(self, tmp: Path, fd: int, rel_path: str, size: int) -> StoredFile:
+        """Flush a temp file, rename it to rel_path, flush its folders: durable on return."""
+        dest = self.path(rel_path)
         try:
             try:
                 if self.fsync:
                     os.fsync(fd)
             finally:
                 os.close(fd)
-            self._note_pending(rel_path)
             self._rename_into_place(tmp, dest)
         except BaseException:
             with suppress(FileNotFoundError):
@@ -357,34 +372,20 @@ class FileStore:
             self._rename_into_place(tmp, dest, link=True)
             os.unlink(tmp)
         except OSError as exc:
-            return self._replace_staged(tmp, fd, dest, rel_path, size, exc)
+            return self._replace_staged(tmp, fd, rel_path, size, exc)
         except BaseException:
-            os.close(fd)
-            with suppress(FileNotFoundError):
-                os.unlink(tmp)
+            _discard_temp(tmp, fd)
             raise
         return StagedFile(rel_path=rel_path, size=size, fd=fd)
 
     def _replace_staged(
-        self, tmp: Path, fd: int, dest: Path, rel_path: str, size: int, cause: OSError
+        self, tmp: Path, fd: int, rel_path: str, size: int, cause: OSError
     ) -> StoredFile:
         """stage_instance found a file at the path, or no hard links: flush, then rename."""
-        try:
-            if not isinstance(cause, FileExistsError) and cause.errno not in _LINK_UNSUPPORTED:
-                raise cause
-            try:
-                if self.fsync:
-                    os.fsync(fd)
-            finally:
-                os.close(fd)
-            self._rename_into_place(tmp, dest)
-        except BaseException:
-            with suppress(FileNotFoundError):
-                os.unlink(tmp)
-            raise
-        if self.fsync:
-            self._sync_entries(dest.parent)
-        return StoredFile(rel_path=rel_path, size=size)
+        if not isinstance(cause, FileExistsError) and cause.errno not in _LINK_UNSUPPORTED:
+            _discard_temp(tmp, fd)
+            raise cause
+        return self._commit_temp(tmp, fd, rel_path, size)
 
     def sync_staged(self, staged: StagedFile) -> StoredFile:
         """Flush a staged file and its folders to disk; the file is durable on return."""
@@ -417,9 +418,7 @@ class FileStore:
                 chunks = dataset_source if isinstance(dataset_source, list) else [dataset_source]
                 size = _write_all(fd, [preamble_and_meta, *chunks])
         except BaseException:
-            os.close(fd)
-            with suppress(FileNotFoundError):
-                os.unlink(tmp)
+            _discard_temp(tmp, fd)
             raise
         return tmp, fd, size
 
