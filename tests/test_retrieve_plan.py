@@ -10,6 +10,7 @@ from minipacs.index.keys import PATIENT_ROOT, STUDY_ROOT
 from minipacs.index.query import QueryError
 from minipacs.index.retrieve import StoredInstance, plan_retrieve
 from minipacs.net.negotiation import AcceptedContext
+from minipacs.services.retrieve import PendingPacer
 from minipacs.services.suboperations import Counts, Target, proposals
 from tests.qr_client import identifier
 
@@ -85,6 +86,19 @@ def test_final_status(results: list[int | None], cancelled: bool, status: int) -
     assert len(counts.failed_uids) == counts.failed
     assert "NumberOfRemainingSuboperations" in counts.fields(final=True, cancelled=True)
     assert "NumberOfRemainingSuboperations" not in counts.fields(final=True)
+
+
+def test_pending_pacer_without_interval_reports_every_sub_operation() -> None:
+    pacer = PendingPacer(0.0)
+    assert [pacer.due(done, 5.0) for done in (1, 1, 2, 3)] == [True, False, True, True]
+
+
+def test_pending_pacer_reports_the_first_then_at_most_once_an_interval() -> None:
+    pacer = PendingPacer(0.1)
+    # (sub-operations done, loop time): the first is due at once, then 0.1 s must pass.
+    steps = [(1, 10.0), (2, 10.05), (3, 10.1), (3, 10.3), (4, 10.3), (5, 10.35)]
+    assert [pacer.due(done, now) for done, now in steps] == [True, False, True, False, True, False]
+    assert pacer.reported == 4
 
 
 def test_proposals_offer_the_stored_syntax_then_uncompressed() -> None:
