@@ -134,7 +134,10 @@ class Session:
                 await self.writer.drain()
 
     async def request_streamed(
-        self, context_id: int, command: Command, pieces: AsyncIterator[tuple[bytes, bool]]
+        self,
+        context_id: int,
+        command: Command,
+        pieces: AsyncIterator[tuple[bytes | memoryview, bool]],
     ) -> asyncio.Queue[DimseMessage | None]:
         """Send a request whose data set arrives in (bytes, is_last) pieces; see `request`."""
         queue: asyncio.Queue[DimseMessage | None] = asyncio.Queue()

@@ -47,7 +47,7 @@ READ_AHEAD: Final = 32
 FIRST_BATCH: Final = 4
 READ_AHEAD_BYTES: Final = 4 * 1024 * 1024
 
-Pieces = AsyncGenerator[tuple[bytes, bool]]
+Pieces = AsyncGenerator[tuple[bytes | memoryview, bool]]
 
 
 @dataclass
@@ -233,9 +233,9 @@ class Sender:
 
     def _load(
         self, work: list[tuple[StoredInstance, tuple[int, str] | None]]
-    ) -> list[tuple[DatasetReader, tuple[bytes, bool]] | None]:
+    ) -> list[tuple[DatasetReader, tuple[bytes | memoryview, bool]] | None]:
         """Open each file sent as stored and read its first chunk (blocking)."""
-        loaded: list[tuple[DatasetReader, tuple[bytes, bool]] | None] = []
+        loaded: list[tuple[DatasetReader, tuple[bytes | memoryview, bool]] | None] = []
         for instance, chosen in work:
             if chosen is None or chosen[1] != instance.transfer_syntax:
                 loaded.append(None)
@@ -362,7 +362,7 @@ async def _chunks(
     loop: asyncio.AbstractEventLoop,
     executor: Executor,
     reader: DatasetReader,
-    first: tuple[bytes, bool],
+    first: tuple[bytes | memoryview, bool],
 ) -> Pieces:
     piece = first
     yield piece
