@@ -118,7 +118,9 @@ class Session:
             self.bytes_sent += sum(map(len, buffers))
             transport.writelines(buffers)
 
-    async def send(self, context_id: int, command: Command, dataset: bytes | None = None) -> None:
+    async def send(
+        self, context_id: int, command: Command, dataset: bytes | memoryview | None = None
+    ) -> None:
         """Send one DIMSE message and wait until the transport can take more."""
         if self._streaming.locked():
             async with self._streaming:
@@ -155,7 +157,7 @@ class Session:
         return self._next_message_id
 
     async def request(
-        self, context_id: int, command: Command, dataset: bytes | None = None
+        self, context_id: int, command: Command, dataset: bytes | memoryview | None = None
     ) -> asyncio.Queue[DimseMessage | None]:
         """Send a request; return the queue its responses arrive on (None: association gone)."""
         queue: asyncio.Queue[DimseMessage | None] = asyncio.Queue()

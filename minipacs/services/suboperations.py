@@ -126,6 +126,8 @@ class Prepared:
     """An instance ready to go: its context, and its data set read ahead or to re-encode."""
 
     context_id: int
+    # The whole data set when its first read took it all (most instances), else pieces.
+    whole: bytes | memoryview | None = None
     pieces: Pieces | None = None
     reader: DatasetReader | None = None
     # Re-encoded only when its turn comes, one at a time: decompressed, an instance can be
@@ -226,9 +228,12 @@ class Sender:
             elif loaded_one is None:
                 prepared.append((instance, None))
             else:
-                reader, first = loaded_one
-                pieces = _chunks(loop, self.executor, reader, first)
-                prepared.append((instance, Prepared(chosen[0], pieces, reader)))
+                reader, (data, last) = loaded_one
+                if last:
+                    prepared.append((instance, Prepared(chosen[0], whole=data)))
+                else:
+                    pieces = _chunks(loop, self.executor, reader, (data, last))
+                    prepared.append((instance, Prepared(chosen[0], pieces=pieces, reader=reader)))
         return prepared
 
     def _load(
@@ -256,7 +261,7 @@ class Sender:
             # Read ahead before the peer went: it cannot be sent now.
             await prepared.close()
             return None
-        pieces = prepared.pieces
+        data = prepared.whole
         if prepared.transcode_to is not None:
             loop = asyncio.get_running_loop()
             try:
@@ -264,8 +269,6 @@ class Sender:
             except TranscodeError as exc:
                 _unreadable(instance, exc)
                 return None
-            pieces = _single(data)
-        assert pieces is not None
         message_id = session.next_message_id()
         command: Command = {
             "CommandField": C_STORE_RQ,
@@ -282,8 +285,16 @@ class Sender:
             command["MoveOriginatorMessageID"] = move_id
         try:
             async with asyncio.timeout(target.timeout) as bound:
-                progressing = _progressing(pieces, bound, target.timeout)
-                queue = await session.request_streamed(prepared.context_id, command, progressing)
+                if data is not None:
+                    # In one piece: one write, none of the streaming's per-piece machinery
+                    # on the path between a C-STORE-RSP and the next C-STORE-RQ.
+                    queue = await session.request(prepared.context_id, command, data)
+                else:
+                    assert prepared.pieces is not None
+                    progressing = _progressing(prepared.pieces, bound, target.timeout)
+                    queue = await session.request_streamed(
+                        prepared.context_id, command, progressing
+                    )
         except (TimeoutError, OSError, AssociationError) as exc:
             # OSError: a file that cannot be read after its first piece cuts the message
             # short, so the association cannot carry another one.
@@ -291,7 +302,6 @@ class Sender:
             self._lose(target, f"cannot send {instance.sop_uid}: {exc or 'timed out'}")
             return None
         finally:
-            await pieces.aclose()
             await prepared.close()
         return InFlight(message_id, queue, asyncio.get_running_loop().time() + target.timeout)
 
@@ -352,10 +362,6 @@ async def _progressing(pieces: Pieces, bound: asyncio.Timeout, timeout: float) -
     async for piece in pieces:
         bound.reschedule(loop.time() + timeout)
         yield piece
-
-
-async def _single(data: bytes) -> Pieces:
-    yield data, True
 
 
 async def _chunks(
