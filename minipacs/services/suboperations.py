@@ -46,6 +46,10 @@ MAX_CONTEXTS: Final = 128  # PS3.8 9.3.2.2: odd context IDs 1-255
 READ_AHEAD: Final = 32
 FIRST_BATCH: Final = 4
 READ_AHEAD_BYTES: Final = 4 * 1024 * 1024
+# The Failed SOP Instance UID List (0008,0058) holds the first failed UIDs that fit in one
+# UI value of Explicit VR (16-bit length, PS3.5 7.1.2): a huge failed retrieve would else
+# answer with a giant element, or one Explicit VR cannot encode. The count has them all.
+FAILED_UIDS_MAX_BYTES: Final = 0xFFFE
 
 Pieces = AsyncGenerator[tuple[bytes | memoryview, bool]]
 
@@ -59,6 +63,7 @@ class Counts:
     failed: int = 0
     warning: int = 0
     failed_uids: list[str] = field(default_factory=list)
+    _failed_uid_bytes: int = 0
 
     def record(self, status: int | None, sop_uid: str) -> None:
         """Count one sub-operation by its C-STORE status (None: it could not be sent)."""
@@ -70,7 +75,11 @@ class Counts:
             self.warning += 1
         else:
             self.failed += 1
-            self.failed_uids.append(sop_uid)
+            # Each value takes its separator (or, the last one, its even padding) with it.
+            size = len(sop_uid) + 1
+            if self._failed_uid_bytes + size <= FAILED_UIDS_MAX_BYTES:
+                self.failed_uids.append(sop_uid)
+                self._failed_uid_bytes += size
 
     def fields(self, final: bool, cancelled: bool = False) -> dict[str, int]:
         """Command fields; Remaining only in Pending and Cancel responses (PS3.7 C.4.2.1.4)."""
