@@ -11,7 +11,10 @@ client's exit code and its final status (C-MOVE: Success; C-GET: every sub-opera
 completed); before the timed runs one untimed C-MOVE per server with movescu --debug checks
 the Completed count of the final response (movescu -v prints no counts, and Pending
 responses are optional, PS3.4 C.4.2.1, so their number proves nothing). The table shows
-medians and the ratio minipacs / Orthanc (higher is better).
+medians and the ratio minipacs / Orthanc (higher is better), and what bounds each case:
+the median CPU time of the server, the storescp destination (C-MOVE) and the client
+(movescu or getscu), each as a share of the run's wall time (100% = one core busy the
+whole run; the clock ticks at 10 ms, so short runs are coarse).
 """
 
 from __future__ import annotations
@@ -19,6 +22,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import re
+import resource
+import statistics
 import subprocess
 import tempfile
 import time
@@ -107,16 +112,27 @@ def servers(destination: Peer, config: Path) -> Iterator[dict[str, Peer]]:
         yield {"minipacs": ours, "orthanc": theirs}
 
 
+def _children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+Results = dict[tuple[str, str], tuple[float, tuple[float, float, float]]]
+
+
 def measure(
     root: Path, destination: Peer, rounds: int, count: int, size: int
-) -> tuple[dict[tuple[str, str], float], int]:
-    """One study of `count` size x size images: median seconds by (operation, server)."""
+) -> tuple[Results, int]:
+    """One study of `count` size x size images: median seconds and CPU shares by (op, server)."""
     files = datasets.generate(
         root, count, size, parts=1, per_series=100, series_per_study=max(1, -(-count // 100))
     )
     first = next(files.parts[0].iterdir())
     study_uid = str(pydicom.dcmread(first, stop_before_pixels=True).StudyInstanceUID)
-    results = {}
+    results: Results = {}
+    shares: dict[tuple[str, str], list[tuple[float, float, float]]] = {
+        (how, name): [] for how in ("C-MOVE", "C-GET") for name in SERVERS
+    }
     with servers(destination, root / "minipacs.toml") as peers:
         for peer in peers.values():
             load(peer, files)
@@ -124,10 +140,19 @@ def measure(
         for how in ("C-MOVE", "C-GET"):
 
             def run(name: str, how: str = how) -> float:
-                return retrieve(peers[name], how, study_uid, count, destination.ae_title)
+                # The client is a reaped child: its CPU is the children's usage it adds.
+                before = (peers[name].cpu_seconds(), destination.cpu_seconds(), _children_cpu())
+                seconds = retrieve(peers[name], how, study_uid, count, destination.ae_title)
+                after = (peers[name].cpu_seconds(), destination.cpu_seconds(), _children_cpu())
+                used = [(b - a) / seconds for a, b in zip(before, after, strict=True)]
+                shares[how, name].append((used[0], used[1], used[2]))
+                return seconds
 
             medians = alternate(rounds, SERVERS, f"{size}px {how}", count, run)
-            results.update({(how, name): seconds for name, seconds in medians.items()})
+            for name, seconds in medians.items():
+                runs = shares[how, name]
+                server, to, client = (statistics.median(s) for s in zip(*runs, strict=True))
+                results[how, name] = (seconds, (server, to, client))
     return results, files.total_bytes
 
 
@@ -147,18 +172,22 @@ def main() -> None:
         for size in chosen:
             measured[size] = measure(Path(tmp) / size, to, args.rounds, args.count, sizes[size])
     print()
-    print(f"{'study':22s} {'op':7s} {'server':9s} {'inst/s':>8s} {'MB/s':>8s} {'vs Orthanc':>10s}")
+    print(
+        f"{'study':22s} {'op':7s} {'server':9s} {'inst/s':>8s} {'MB/s':>8s} {'vs Orthanc':>10s}"
+        f" {'CPU: server':>11s} {'storescp':>8s} {'client':>6s}"
+    )
     for size in chosen:
         results, total_bytes = measured[size]
         label = f"{args.count} x {sizes[size]}x{sizes[size]}"
         for how in ("C-MOVE", "C-GET"):
-            rate = {n: args.count / results[how, n] for n in SERVERS}
+            rate = {n: args.count / results[how, n][0] for n in SERVERS}
             for name in SERVERS:
-                megabytes = total_bytes / 1e6 / results[how, name]
+                seconds, (server, to, client) = results[how, name]
+                megabytes = total_bytes / 1e6 / seconds
                 ratio = f"{rate[name] / rate['orthanc']:5.2f}x" if name == "minipacs" else ""
                 print(
                     f"{label:22s} {how:7s} {name:9s} {rate[name]:8.1f} {megabytes:8.2f}"
-                    f" {ratio:>10s}"
+                    f" {ratio:>10s} {server:11.0%} {to:8.0%} {client:6.0%}"
                 )
 
 
