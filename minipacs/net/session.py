@@ -28,7 +28,7 @@ from minipacs.net.association import (
     ReleaseRequested,
 )
 from minipacs.net.commands import C_CANCEL_RQ, Command, command_name
-from minipacs.net.dimse import DimseMessage
+from minipacs.net.dimse import DimseMessage, FramedDataset
 from minipacs.net.observer import Observer
 from minipacs.net.operations import (
     PROCESSING_FAILURE,
@@ -119,7 +119,10 @@ class Session:
             transport.writelines(buffers)
 
     async def send(
-        self, context_id: int, command: Command, dataset: bytes | memoryview | None = None
+        self,
+        context_id: int,
+        command: Command,
+        dataset: bytes | memoryview | FramedDataset | None = None,
     ) -> None:
         """Send one DIMSE message and wait until the transport can take more."""
         if self._streaming.locked():
@@ -157,7 +160,10 @@ class Session:
         return self._next_message_id
 
     async def request(
-        self, context_id: int, command: Command, dataset: bytes | memoryview | None = None
+        self,
+        context_id: int,
+        command: Command,
+        dataset: bytes | memoryview | FramedDataset | None = None,
     ) -> asyncio.Queue[DimseMessage | None]:
         """Send a request; return the queue its responses arrive on (None: association gone)."""
         queue: asyncio.Queue[DimseMessage | None] = asyncio.Queue()

@@ -25,7 +25,7 @@ from minipacs.index.retrieve import StoredInstance
 from minipacs.logs import log_event
 from minipacs.net.association import AssociationError
 from minipacs.net.commands import C_STORE_RQ, DATASET_PRESENT, PRIORITY_MEDIUM, Command
-from minipacs.net.dimse import DimseMessage
+from minipacs.net.dimse import DimseMessage, FramedDataset, frame_dataset
 from minipacs.net.negotiation import AcceptedContext
 from minipacs.net.operations import CANCEL, SUCCESS
 from minipacs.net.session import Session
@@ -52,6 +52,8 @@ READ_AHEAD_BYTES: Final = 4 * 1024 * 1024
 FAILED_UIDS_MAX_BYTES: Final = 0xFFFE
 
 Pieces = AsyncGenerator[tuple[bytes | memoryview, bool]]
+# What reading one file gave: its data set framed whole, or a reader and its first chunk.
+Loaded = FramedDataset | tuple[DatasetReader, tuple[bytes | memoryview, bool]]
 
 
 @dataclass
@@ -136,7 +138,7 @@ class Prepared:
 
     context_id: int
     # The whole data set when its first read took it all (most instances), else pieces.
-    whole: bytes | memoryview | None = None
+    whole: FramedDataset | None = None
     pieces: Pieces | None = None
     reader: DatasetReader | None = None
     # Re-encoded only when its turn comes, one at a time: decompressed, an instance can be
@@ -226,7 +228,9 @@ class Sender:
                 )
             work.append((instance, chosen))
         loop = asyncio.get_running_loop()
-        loaded = await loop.run_in_executor(self.executor, self._load, work)
+        assert target.session is not None  # a target without a session is lost
+        max_fragment = target.session.association.max_fragment
+        loaded = await loop.run_in_executor(self.executor, self._load, work, max_fragment)
         prepared: list[tuple[StoredInstance, Prepared | None]] = []
         for (instance, chosen), loaded_one in zip(work, loaded, strict=True):
             if chosen is None:
@@ -236,29 +240,37 @@ class Sender:
                 prepared.append((instance, Prepared(chosen[0], transcode_to=(path, chosen[1]))))
             elif loaded_one is None:
                 prepared.append((instance, None))
+            elif isinstance(loaded_one, FramedDataset):
+                prepared.append((instance, Prepared(chosen[0], whole=loaded_one)))
             else:
-                reader, (data, last) = loaded_one
-                if last:
-                    prepared.append((instance, Prepared(chosen[0], whole=data)))
-                else:
-                    pieces = _chunks(loop, self.executor, reader, (data, last))
-                    prepared.append((instance, Prepared(chosen[0], pieces=pieces, reader=reader)))
+                reader, first = loaded_one
+                pieces = _chunks(loop, self.executor, reader, first)
+                prepared.append((instance, Prepared(chosen[0], pieces=pieces, reader=reader)))
         return prepared
 
     def _load(
-        self, work: list[tuple[StoredInstance, tuple[int, str] | None]]
-    ) -> list[tuple[DatasetReader, tuple[bytes | memoryview, bool]] | None]:
-        """Open each file sent as stored and read its first chunk (blocking)."""
-        loaded: list[tuple[DatasetReader, tuple[bytes | memoryview, bool]] | None] = []
+        self, work: list[tuple[StoredInstance, tuple[int, str] | None]], max_fragment: int
+    ) -> list[Loaded | None]:
+        """Open each file sent as stored and read its first chunk (blocking).
+
+        A data set read whole is framed here too: off the loop, where cutting a CT-size
+        one into 16 KiB PDUs would delay the next C-STORE-RQ after each C-STORE-RSP.
+        """
+        loaded: list[Loaded | None] = []
         for instance, chosen in work:
             if chosen is None or chosen[1] != instance.transfer_syntax:
                 loaded.append(None)
                 continue
             try:
-                loaded.append(DatasetReader.open(self.store.path(instance.rel_path)))
+                reader, (data, last) = DatasetReader.open(self.store.path(instance.rel_path))
             except (OSError, dicom.DataSetError) as exc:
                 _unreadable(instance, exc)
                 loaded.append(None)
+                continue
+            if last:
+                loaded.append(frame_dataset(chosen[0], data, max_fragment))
+            else:
+                loaded.append((reader, (data, last)))
         return loaded
 
     async def start(
@@ -270,7 +282,7 @@ class Sender:
             # Read ahead before the peer went: it cannot be sent now.
             await prepared.close()
             return None
-        data = prepared.whole
+        data: FramedDataset | bytes | None = prepared.whole
         if prepared.transcode_to is not None:
             loop = asyncio.get_running_loop()
             try:
