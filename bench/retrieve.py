@@ -10,7 +10,7 @@ times and alternating servers, DCMTK movescu moves the study to a DCMTK storescp
 client's exit code and its final status (C-MOVE: Success; C-GET: every sub-operation
 completed); before the timed runs one untimed C-MOVE per server with movescu --debug checks
 the Completed count of the final response (movescu -v prints no counts, and Pending
-responses are optional, PS3.4 C.4.2.1, so their number proves nothing). The table shows
+responses are optional, PS3.4 C.4.2.3.1, so their number proves nothing). The table shows
 medians and the ratio minipacs / Orthanc (higher is better), and what bounds each case:
 the median CPU time of the server, the storescp destination (C-MOVE) and the client
 (movescu or getscu), each as a share of the run's wall time (100% = one core busy the

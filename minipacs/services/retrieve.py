@@ -6,7 +6,7 @@ destination; C-GET: the requestor's own association), then sends each instance w
 C-STORE sub-operation (services/suboperations.py), in instance order, page by page, the
 next page read while the current one is sent. Pending responses report
 Remaining/Completed/Failed/Warning after the first sub-operation, then at most every
-`pending_interval` seconds (PS3.4 C.4.2.1 and C.4.3.1 make them optional: one per
+`pending_interval` seconds (PS3.4 C.4.2.3.1 and C.4.3.3.1 make them optional: one per
 sub-operation costs the requestor and us a message each, which on small instances is
 most of the work); the final status is Success, Warning 0xB000
 or Failure 0xA702 (all failed) with the Failed SOP Instance UID List (0008,0058), or
