@@ -330,6 +330,15 @@ class Association:
         dataset: bytes | memoryview | FramedDataset | None = None,
     ) -> None:
         """Queue a DIMSE message as P-DATA-TF PDUs (Evt9)."""
+        self.send_framed(self.frame_message(context_id, command, dataset))
+
+    def frame_message(
+        self,
+        context_id: int,
+        command: Command,
+        dataset: bytes | memoryview | FramedDataset | None = None,
+    ) -> tuple[bytes | memoryview, ...]:
+        """The P-DATA-TF PDUs of a DIMSE message, to send later with `send_framed`."""
         fragments = self._fragments(context_id, encode_command(command), True)
         if isinstance(dataset, FramedDataset):
             if (dataset.context_id, dataset.max_fragment) != (context_id, self.max_fragment):
@@ -337,7 +346,11 @@ class Association:
             fragments.extend(dataset.pdus)
         elif dataset is not None:
             fragments.extend(self._fragments(context_id, dataset, False))
-        self._local(Event.EVT9, tuple(fragments))
+        return tuple(fragments)
+
+    def send_framed(self, pdus: tuple[bytes | memoryview, ...]) -> None:
+        """Queue the PDUs of one DIMSE message made by `frame_message` (Evt9)."""
+        self._local(Event.EVT9, pdus)
 
     def send_dataset_fragments(self, context_id: int, data: bytes | memoryview, last: bool) -> None:
         """Queue one piece of a data set streamed from disk (command already sent)."""

@@ -88,6 +88,8 @@ class Session:
         self._operations: dict[int, Operation] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._waiters: dict[int, asyncio.Queue[DimseMessage | None]] = {}
+        # Run as a response is routed, before its waiter wakes (see `when_answered`).
+        self._on_answer: dict[int, Callable[[], None]] = {}
         # Held while a data set is streamed in pieces: no other message may slip between
         # its fragments (PS3.8 9.3.5.1: the PDVs of one message are sent in order, alone).
         self._streaming = asyncio.Lock()
@@ -174,6 +176,41 @@ class Session:
     def forget_request(self, message_id: int) -> None:
         """Stop routing responses of a request to its queue."""
         self._waiters.pop(message_id, None)
+
+    def expect_response(self, message_id: int) -> asyncio.Queue[DimseMessage | None]:
+        """The queue the responses to a request not sent yet will arrive on."""
+        queue: asyncio.Queue[DimseMessage | None] = asyncio.Queue()
+        self._waiters[message_id] = queue
+        return queue
+
+    def send_framed_now(self, pdus: tuple[bytes | memoryview, ...]) -> bool:
+        """Write one framed message now; False (nothing sent) while another is streamed."""
+        if self._streaming.locked():
+            return False
+        self.association.send_framed(pdus)
+        self.flush()
+        return True
+
+    @property
+    def write_backlog(self) -> int:
+        """Bytes written but not yet taken by the kernel: await `drain` when not 0."""
+        return self.writer.transport.get_write_buffer_size()
+
+    async def drain(self) -> None:
+        """Wait until the transport can take more."""
+        await self._drain()
+
+    def when_answered(self, message_id: int, callback: Callable[[], None]) -> None:
+        """Call `callback` as soon as the response to `message_id` arrives, in the reader.
+
+        A sub-operation's next C-STORE-RQ goes out from here: the reader would else wake
+        the retrieve task first, which costs a loop turn between the RSP and the next RQ.
+        """
+        self._on_answer[message_id] = callback
+
+    def forget_answer(self, message_id: int) -> None:
+        """Drop what `when_answered` registered for a message, if it has not run."""
+        self._on_answer.pop(message_id, None)
 
     async def release(self, timeout: float) -> None:
         """Ask the peer to release the association and wait for its confirmation."""
@@ -274,6 +311,7 @@ class Session:
         for task in list(self._tasks):
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
+        self._on_answer.clear()
         for queue in self._waiters.values():
             queue.put_nowait(None)
         if not self.established.done():
@@ -340,6 +378,9 @@ class Session:
                 )
                 return
             queue.put_nowait(message)
+            callback = self._on_answer.pop(responded_to, None)
+            if callback is not None:
+                callback()
             return
         if field == C_CANCEL_RQ:
             # PS3.7 9.3.2.3: C-CANCEL names the operation by Message ID Being Responded To.

@@ -34,7 +34,7 @@ from minipacs.index.query import QueryError
 from minipacs.index.retrieve import RetrieveQuery, StoredInstance, plan_retrieve
 from minipacs.net.operations import PENDING, SUCCESS, Operation
 from minipacs.services.qr import model_of, refuse_identifier
-from minipacs.services.suboperations import Counts, Sender, Target
+from minipacs.services.suboperations import Counts, InFlight, Sender, Target
 from minipacs.storage.filestore import FileStore
 
 log = logging.getLogger("minipacs.retrieve")
@@ -181,26 +181,41 @@ class RetrieveService:
     ) -> bool:
         """Send every instance; return True when C-CANCEL stopped the retrieve."""
         pacer = PendingPacer(self.options.pending_interval)
+        items = self.sender.prefetched(target, instances)
         try:
-            async for instance, prepared in self.sender.prefetched(target, instances):
-                if operation.cancelled.is_set():
+            current = await anext(items, None)
+            # The current instance's C-STORE-RQ when the reader already sent it (chained).
+            sent: InFlight | None = None
+            while current is not None:
+                instance, prepared = current
+                if sent is None and operation.cancelled.is_set():
                     if prepared is not None:
                         await prepared.close()
                     return True
-                flight = None
-                if prepared is not None:
+                flight = sent
+                if flight is None and prepared is not None:
                     flight = await self.sender.start(target, instance, prepared)
-                # The Pending response of the sub-operation before goes out while the peer
-                # handles this one: off the path the sub-operations wait on.
+                # While the peer handles this one: the Pending response of the one before,
+                # and the next instance framed to leave as soon as this one is answered.
                 await self._report(operation, target, counts, pacer)
+                following = await anext(items, None)
+                chained = None
+                if flight is not None and following is not None and following[1] is not None:
+                    chained = self.sender.chain(
+                        target, following[0], following[1], flight, operation.cancelled
+                    )
                 status = await self.sender.finish(target, flight) if flight else None
+                sent = await self.sender.chained_flight(target, chained) if chained else None
                 counts.record(status, instance.sop_uid)
+                current = following
             await self._report(operation, target, counts, pacer)
         except SQLAlchemyError:
             # The index went away mid-retrieve: what was not sent counts as failed.
             log.exception("%s page query failed", self.name)
             counts.failed += counts.remaining
             counts.remaining = 0
+        finally:
+            await items.aclose()
         return False
 
     async def _report(

@@ -3,8 +3,11 @@
 Each instance goes on a context the peer accepted for its SOP class: in its stored
 transfer syntax when accepted (the file's bytes as they are), else in an uncompressed one
 (decompressed and re-encoded in an executor), else it fails. Instances are read
-ahead in batches while the peer answers, so the disk and the network overlap; every wait
-on the peer is time-bound, and a peer that goes away (`Target.lost`) fails what is left.
+ahead (and framed) in batches while the peer answers, so the disk and the network
+overlap, and the next C-STORE-RQ leaves from the session's reader the moment the current
+one's C-STORE-RSP arrives (`Sender.chain`): the peer waits for no Python in between.
+Every wait on the peer is time-bound, and a peer that goes away (`Target.lost`) fails
+what is left.
 """
 
 from __future__ import annotations
@@ -162,6 +165,18 @@ class InFlight:
     deadline: float
 
 
+@dataclass
+class Chained:
+    """A C-STORE-RQ framed to go when the one before is answered (`Sender.chain`)."""
+
+    message_id: int
+    queue: asyncio.Queue[DimseMessage | None]
+    # The request whose response sends it.
+    after_id: int
+    # Set once the reader sent it.
+    flight: InFlight | None = None
+
+
 def proposals(summary: Mapping[tuple[str, str], int]) -> list[tuple[str, list[str]]]:
     """Contexts to propose for the instances of a summary: stored syntax, then uncompressed."""
     contexts: list[tuple[str, list[str]]] = []
@@ -291,19 +306,7 @@ class Sender:
                 _unreadable(instance, exc)
                 return None
         message_id = session.next_message_id()
-        command: Command = {
-            "CommandField": C_STORE_RQ,
-            "MessageID": message_id,
-            "AffectedSOPClassUID": instance.sop_class_uid,
-            "AffectedSOPInstanceUID": instance.sop_uid,
-            "Priority": PRIORITY_MEDIUM,
-            "CommandDataSetType": DATASET_PRESENT,
-        }
-        if target.move_originator is not None:
-            # PS3.7 9.1.1.1: a C-MOVE sub-operation names the AE and message it serves.
-            ae_title, move_id = target.move_originator
-            command["MoveOriginatorApplicationEntityTitle"] = ae_title
-            command["MoveOriginatorMessageID"] = move_id
+        command = _store_command(target, instance, message_id)
         try:
             async with asyncio.timeout(target.timeout) as bound:
                 if data is not None:
@@ -325,6 +328,66 @@ class Sender:
         finally:
             await prepared.close()
         return InFlight(message_id, queue, asyncio.get_running_loop().time() + target.timeout)
+
+    def chain(
+        self,
+        target: Target,
+        instance: StoredInstance,
+        prepared: Prepared,
+        after: InFlight,
+        cancelled: asyncio.Event,
+    ) -> Chained | None:
+        """Have an instance read whole sent the moment `after` is answered, not later.
+
+        Only one C-STORE-RQ is outstanding at a time (no Asynchronous Operations Window
+        is negotiated, PS3.7 D.3.3.3): the next one is framed while the peer handles the
+        current one and leaves from the reader as its C-STORE-RSP arrives, unless the
+        retrieve was cancelled or the target lost by then. None: send it with `start`.
+        """
+        session = target.session
+        if session is None or target.lost is not None or prepared.whole is None:
+            return None
+        message_id = session.next_message_id()
+        command = _store_command(target, instance, message_id)
+        try:
+            pdus = session.association.frame_message(prepared.context_id, command, prepared.whole)
+        except AssociationError:
+            return None
+        chained = Chained(message_id, session.expect_response(message_id), after.message_id)
+        loop = asyncio.get_running_loop()
+
+        def send() -> None:
+            if cancelled.is_set() or target.lost is not None:
+                return
+            try:
+                sent = session.send_framed_now(pdus)
+            except AssociationError:
+                return
+            if sent:
+                chained.flight = InFlight(message_id, chained.queue, loop.time() + target.timeout)
+
+        session.when_answered(after.message_id, send)
+        return chained
+
+    async def chained_flight(self, target: Target, chained: Chained) -> InFlight | None:
+        """The chained request once it is written, or None if it was not sent (see `chain`)."""
+        assert target.session is not None
+        session = target.session
+        # Still there when the response before never came.
+        session.forget_answer(chained.after_id)
+        flight = chained.flight
+        if flight is None:
+            session.forget_request(chained.message_id)
+            return None
+        if session.write_backlog:
+            try:
+                async with asyncio.timeout(target.timeout):
+                    await session.drain()
+            except TimeoutError:
+                session.forget_request(chained.message_id)
+                self._lose(target, f"cannot send a C-STORE-RQ within {target.timeout:g} s")
+                return None
+        return flight
 
     async def finish(self, target: Target, flight: InFlight) -> int | None:
         """Wait for a C-STORE-RSP: its status; None (and `target.lost`) if none came."""
@@ -365,6 +428,23 @@ async def _batches(instances: AsyncIterator[StoredInstance]) -> AsyncIterator[li
             batch, size, limit = [], 0, READ_AHEAD
     if batch:
         yield batch
+
+
+def _store_command(target: Target, instance: StoredInstance, message_id: int) -> Command:
+    command: Command = {
+        "CommandField": C_STORE_RQ,
+        "MessageID": message_id,
+        "AffectedSOPClassUID": instance.sop_class_uid,
+        "AffectedSOPInstanceUID": instance.sop_uid,
+        "Priority": PRIORITY_MEDIUM,
+        "CommandDataSetType": DATASET_PRESENT,
+    }
+    if target.move_originator is not None:
+        # PS3.7 9.1.1.1: a C-MOVE sub-operation names the AE and message it serves.
+        ae_title, move_id = target.move_originator
+        command["MoveOriginatorApplicationEntityTitle"] = ae_title
+        command["MoveOriginatorMessageID"] = move_id
+    return command
 
 
 def _unreadable(instance: StoredInstance, exc: Exception) -> None:
