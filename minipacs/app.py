@@ -213,6 +213,7 @@ def build_server(settings: Settings, archive: Archive, observer: Observer | None
         destinations=settings.destinations,
         connect_timeout=settings.retrieve.connect_timeout,
         response_timeout=settings.retrieve.response_timeout,
+        pending_interval=settings.retrieve.pending_interval,
         tls_context=(
             tls_client_context(settings)
             if any(destination.tls for destination in settings.destinations.values())

@@ -169,6 +169,7 @@ class RetrieveSettings:
 
     connect_timeout: float = _key(10.0, low=0.1, high=3600)
     response_timeout: float = _key(60.0, low=0.1, high=3600)
+    pending_interval: float = _key(0.1, low=0, high=3600)
 
 
 @dataclass(frozen=True)

@@ -234,19 +234,25 @@ def _inspect_data(
     return Inspected(Dataset(elements), bytes(data[:end]), header_syntax(transfer_syntax))
 
 
-def read_file_meta(handle: BinaryIO) -> tuple[Dataset, int]:
-    """A Part 10 file's File Meta Information and where its data set starts (PS3.10 7.1).
-
-    `handle` is left at the data set.
-    """
-    lead = handle.read(_META_START + 12)
+def data_set_offset(lead: bytes) -> int:
+    """Where a Part 10 file's data set starts, from its first 144 bytes (PS3.10 7.1)."""
     # The group length (0002,0000) is Type 1 (PS3.10 Table 7.1-1): it tells where the
     # data set starts without decoding the meta elements one by one.
     if len(lead) < _META_START + 12 or lead[128:132] != b"DICM":
         raise DataSetError("not a DICOM Part 10 file (no DICM prefix)")
     if lead[_META_START : _META_START + 6] != b"\x02\x00\x00\x00UL":
         raise DataSetError("File Meta Information does not start with its group length")
-    length = struct.unpack_from("<L", lead, _META_START + 8)[0]
+    length: int = struct.unpack_from("<L", lead, _META_START + 8)[0]
+    return _META_START + 12 + length
+
+
+def read_file_meta(handle: BinaryIO) -> tuple[Dataset, int]:
+    """A Part 10 file's File Meta Information and where its data set starts (PS3.10 7.1).
+
+    `handle` is left at the data set.
+    """
+    lead = handle.read(_META_START + 12)
+    length = data_set_offset(lead) - _META_START - 12
     rest = handle.read(length)
     if len(rest) != length:
         raise DataSetError("File Meta Information truncated")

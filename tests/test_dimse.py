@@ -8,7 +8,7 @@ import pytest
 
 from minipacs.net import pdu
 from minipacs.net.commands import encode_command
-from minipacs.net.dimse import MessageAssembler, encode_fragments, fragment_size
+from minipacs.net.dimse import MessageAssembler, encode_fragments, fragment_size, frame_dataset
 
 STORE = encode_command(
     {
@@ -90,3 +90,13 @@ def test_fragments_are_even_and_within_peer_limit() -> None:
     lengths = [len(p) for p in parts[1::2]]
     assert lengths == [4, 2]
     assert bytes(parts[-1]) == b"x\0"
+
+
+@pytest.mark.parametrize("size", [0, 10, 16378, 16379 * 3 + 1])
+def test_framed_dataset_is_what_send_message_would_send(size: int) -> None:
+    data = bytes(range(256)) * (size // 256) + bytes(size % 256)
+    framed = frame_dataset(3, data, 16378)
+    assert (framed.context_id, framed.max_fragment) == (3, 16378)
+    assert [bytes(pdu) for pdu in framed.pdus] == [
+        bytes(pdu) for pdu in encode_fragments(3, data, False, 16378)
+    ]

@@ -6,11 +6,13 @@ import pytest
 from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, JPEG2000Lossless
 
+from minipacs import dataset as dicom
 from minipacs.index.keys import PATIENT_ROOT, STUDY_ROOT
 from minipacs.index.query import QueryError
 from minipacs.index.retrieve import StoredInstance, plan_retrieve
 from minipacs.net.negotiation import AcceptedContext
-from minipacs.services.suboperations import Counts, Target, proposals
+from minipacs.services.retrieve import PendingPacer
+from minipacs.services.suboperations import FAILED_UIDS_MAX_BYTES, Counts, Target, proposals
 from tests.qr_client import identifier
 
 CT = "1.2.840.10008.5.1.4.1.1.2"
@@ -85,6 +87,34 @@ def test_final_status(results: list[int | None], cancelled: bool, status: int) -
     assert len(counts.failed_uids) == counts.failed
     assert "NumberOfRemainingSuboperations" in counts.fields(final=True, cancelled=True)
     assert "NumberOfRemainingSuboperations" not in counts.fields(final=True)
+
+
+def test_failed_uid_list_is_capped_to_what_explicit_vr_encodes() -> None:
+    counts = Counts(3000)
+    uids = [f"1.2.826.0.1.3680043.10.4321.9{index:035d}" for index in range(3000)]
+    for uid in uids:
+        counts.record(None, uid)
+    assert counts.failed == 3000
+    assert counts.failed_uids == uids[: len(counts.failed_uids)]
+    ds = Dataset()
+    ds.FailedSOPInstanceUIDList = counts.failed_uids
+    encoded = dicom.encode(ds, ExplicitVRLittleEndian)
+    # Tag (4) + VR (2) + 16-bit length (2) + value: the value fits the 16-bit length.
+    assert len(encoded) - 8 <= FAILED_UIDS_MAX_BYTES
+    assert len(encoded) - 8 > FAILED_UIDS_MAX_BYTES - 2 * len(uids[0])
+
+
+def test_pending_pacer_without_interval_reports_every_sub_operation() -> None:
+    pacer = PendingPacer(0.0)
+    assert [pacer.due(done, 5.0) for done in (1, 1, 2, 3)] == [True, False, True, True]
+
+
+def test_pending_pacer_reports_the_first_then_at_most_once_an_interval() -> None:
+    pacer = PendingPacer(0.1)
+    # (sub-operations done, loop time): the first is due at once, then 0.1 s must pass.
+    steps = [(1, 10.0), (2, 10.05), (3, 10.1), (3, 10.3), (4, 10.3), (5, 10.35)]
+    assert [pacer.due(done, now) for done, now in steps] == [True, False, True, False, True, False]
+    assert pacer.reported == 4
 
 
 def test_proposals_offer_the_stored_syntax_then_uncompressed() -> None:

@@ -16,7 +16,13 @@ from pynetdicom.pdu_primitives import A_ASSOCIATE
 
 from minipacs.net import pdu
 from minipacs.net.commands import Command, encode_command
-from minipacs.net.dimse import DimseMessage, MessageAssembler, encode_fragments, fragment_size
+from minipacs.net.dimse import (
+    DimseMessage,
+    FramedDataset,
+    MessageAssembler,
+    encode_fragments,
+    fragment_size,
+)
 from minipacs.net.negotiation import AcceptedContext
 from minipacs.net.statemachine import ACTIONS, Action, Event, State, StateMachine
 
@@ -312,14 +318,39 @@ class Association:
 
     # Either side.
 
+    @property
+    def max_fragment(self) -> int:
+        """The largest PDV payload we send: the peer's maximum PDU length allows it."""
+        return fragment_size(self.peer_max_pdu, MAX_SEND_PDU)
+
     def send_message(
-        self, context_id: int, command: Command, dataset: bytes | memoryview | None = None
+        self,
+        context_id: int,
+        command: Command,
+        dataset: bytes | memoryview | FramedDataset | None = None,
     ) -> None:
         """Queue a DIMSE message as P-DATA-TF PDUs (Evt9)."""
+        self.send_framed(self.frame_message(context_id, command, dataset))
+
+    def frame_message(
+        self,
+        context_id: int,
+        command: Command,
+        dataset: bytes | memoryview | FramedDataset | None = None,
+    ) -> tuple[bytes | memoryview, ...]:
+        """The P-DATA-TF PDUs of a DIMSE message, to send later with `send_framed`."""
         fragments = self._fragments(context_id, encode_command(command), True)
-        if dataset is not None:
+        if isinstance(dataset, FramedDataset):
+            if (dataset.context_id, dataset.max_fragment) != (context_id, self.max_fragment):
+                raise AssociationError("data set framed for another context or PDU size")
+            fragments.extend(dataset.pdus)
+        elif dataset is not None:
             fragments.extend(self._fragments(context_id, dataset, False))
-        self._local(Event.EVT9, tuple(fragments))
+        return tuple(fragments)
+
+    def send_framed(self, pdus: tuple[bytes | memoryview, ...]) -> None:
+        """Queue the PDUs of one DIMSE message made by `frame_message` (Evt9)."""
+        self._local(Event.EVT9, pdus)
 
     def send_dataset_fragments(self, context_id: int, data: bytes | memoryview, last: bool) -> None:
         """Queue one piece of a data set streamed from disk (command already sent)."""

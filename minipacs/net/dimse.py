@@ -195,6 +195,25 @@ def fragment_size(peer_max_pdu: int, own_cap: int) -> int:
     return max(2, (limit - 6) & ~1)
 
 
+@dataclass(frozen=True, slots=True)
+class FramedDataset:
+    """A data set already cut into P-DATA-TF PDUs for one context and fragment size.
+
+    Framing is pure, so a data set can be framed off the event loop (in the executor
+    that read it) and sent later as it is.
+    """
+
+    context_id: int
+    max_fragment: int
+    pdus: tuple[bytes | memoryview, ...]
+
+
+def frame_dataset(context_id: int, data: bytes | memoryview, max_fragment: int) -> FramedDataset:
+    """Cut a data set into the PDUs `Association.send_message` would send for it."""
+    pdus = tuple(encode_fragments(context_id, data, False, max_fragment))
+    return FramedDataset(context_id, max_fragment, pdus)
+
+
 def encode_fragments(
     context_id: int, data: bytes | memoryview, is_command: bool, max_fragment: int
 ) -> Iterator[bytes | memoryview]:

@@ -28,7 +28,7 @@ from minipacs.net.association import (
     ReleaseRequested,
 )
 from minipacs.net.commands import C_CANCEL_RQ, Command, command_name
-from minipacs.net.dimse import DimseMessage
+from minipacs.net.dimse import DimseMessage, FramedDataset
 from minipacs.net.observer import Observer
 from minipacs.net.operations import (
     PROCESSING_FAILURE,
@@ -88,6 +88,8 @@ class Session:
         self._operations: dict[int, Operation] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._waiters: dict[int, asyncio.Queue[DimseMessage | None]] = {}
+        # Run as a response is routed, before its waiter wakes (see `when_answered`).
+        self._on_answer: dict[int, Callable[[], None]] = {}
         # Held while a data set is streamed in pieces: no other message may slip between
         # its fragments (PS3.8 9.3.5.1: the PDVs of one message are sent in order, alone).
         self._streaming = asyncio.Lock()
@@ -118,7 +120,12 @@ class Session:
             self.bytes_sent += sum(map(len, buffers))
             transport.writelines(buffers)
 
-    async def send(self, context_id: int, command: Command, dataset: bytes | None = None) -> None:
+    async def send(
+        self,
+        context_id: int,
+        command: Command,
+        dataset: bytes | memoryview | FramedDataset | None = None,
+    ) -> None:
         """Send one DIMSE message and wait until the transport can take more."""
         if self._streaming.locked():
             async with self._streaming:
@@ -134,7 +141,10 @@ class Session:
                 await self.writer.drain()
 
     async def request_streamed(
-        self, context_id: int, command: Command, pieces: AsyncIterator[tuple[bytes, bool]]
+        self,
+        context_id: int,
+        command: Command,
+        pieces: AsyncIterator[tuple[bytes | memoryview, bool]],
     ) -> asyncio.Queue[DimseMessage | None]:
         """Send a request whose data set arrives in (bytes, is_last) pieces; see `request`."""
         queue: asyncio.Queue[DimseMessage | None] = asyncio.Queue()
@@ -152,7 +162,10 @@ class Session:
         return self._next_message_id
 
     async def request(
-        self, context_id: int, command: Command, dataset: bytes | None = None
+        self,
+        context_id: int,
+        command: Command,
+        dataset: bytes | memoryview | FramedDataset | None = None,
     ) -> asyncio.Queue[DimseMessage | None]:
         """Send a request; return the queue its responses arrive on (None: association gone)."""
         queue: asyncio.Queue[DimseMessage | None] = asyncio.Queue()
@@ -163,6 +176,41 @@ class Session:
     def forget_request(self, message_id: int) -> None:
         """Stop routing responses of a request to its queue."""
         self._waiters.pop(message_id, None)
+
+    def expect_response(self, message_id: int) -> asyncio.Queue[DimseMessage | None]:
+        """The queue the responses to a request not sent yet will arrive on."""
+        queue: asyncio.Queue[DimseMessage | None] = asyncio.Queue()
+        self._waiters[message_id] = queue
+        return queue
+
+    def send_framed_now(self, pdus: tuple[bytes | memoryview, ...]) -> bool:
+        """Write one framed message now; False (nothing sent) while another is streamed."""
+        if self._streaming.locked():
+            return False
+        self.association.send_framed(pdus)
+        self.flush()
+        return True
+
+    @property
+    def write_backlog(self) -> int:
+        """Bytes written but not yet taken by the kernel: await `drain` when not 0."""
+        return self.writer.transport.get_write_buffer_size()
+
+    async def drain(self) -> None:
+        """Wait until the transport can take more."""
+        await self._drain()
+
+    def when_answered(self, message_id: int, callback: Callable[[], None]) -> None:
+        """Call `callback` as soon as the response to `message_id` arrives, in the reader.
+
+        A sub-operation's next C-STORE-RQ goes out from here: the reader would else wake
+        the retrieve task first, which costs a loop turn between the RSP and the next RQ.
+        """
+        self._on_answer[message_id] = callback
+
+    def forget_answer(self, message_id: int) -> None:
+        """Drop what `when_answered` registered for a message, if it has not run."""
+        self._on_answer.pop(message_id, None)
 
     async def release(self, timeout: float) -> None:
         """Ask the peer to release the association and wait for its confirmation."""
@@ -263,6 +311,7 @@ class Session:
         for task in list(self._tasks):
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
+        self._on_answer.clear()
         for queue in self._waiters.values():
             queue.put_nowait(None)
         if not self.established.done():
@@ -329,6 +378,9 @@ class Session:
                 )
                 return
             queue.put_nowait(message)
+            callback = self._on_answer.pop(responded_to, None)
+            if callback is not None:
+                callback()
             return
         if field == C_CANCEL_RQ:
             # PS3.7 9.3.2.3: C-CANCEL names the operation by Message ID Being Responded To.

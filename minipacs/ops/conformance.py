@@ -173,7 +173,7 @@ def _statuses() -> list[str]:
         ("C-FIND", f"0x{qr.IDENTIFIER_DOES_NOT_MATCH:04X}", "identifier does not match"),
         ("C-FIND", f"0x{qr.UNABLE_TO_PROCESS:04X}", "identifier cannot be decoded"),
         ("C-FIND", f"0x{find.INDEX_UNAVAILABLE:04X}", "index unavailable"),
-        ("C-MOVE/C-GET", "0xFF00", "pending, with sub-operation counts"),
+        ("C-MOVE/C-GET", "0xFF00", "pending, with counts; paced by retrieve.pending_interval"),
         ("C-MOVE/C-GET", "0x0000 / 0xFE00", "all sub-operations completed / cancelled"),
         ("C-MOVE/C-GET", "0xB000", "some sub-operations failed (Failed SOP Instance UID List)"),
         ("C-MOVE/C-GET", "0xA702", "every sub-operation failed"),
@@ -216,7 +216,7 @@ def _query_keys() -> list[str]:
 def _settings_table(settings: Settings) -> list[str]:
     lines = ["## 6 Configuration (defaults)", ""]
     rows = []
-    for section in ("server", "storage", "database", "query", "tls", "access"):
+    for section in ("server", "storage", "database", "query", "retrieve", "tls", "access"):
         values = getattr(settings, section)
         for item in dataclasses.fields(values):
             if item.repr:

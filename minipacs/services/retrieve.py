@@ -4,8 +4,11 @@ A retrieve (PS3.4 C.4.2.3, C.4.3.3) checks its identifier and counts the matchin
 instances (one executor trip), opens a `Target` (C-MOVE: a new association to the move
 destination; C-GET: the requestor's own association), then sends each instance with a
 C-STORE sub-operation (services/suboperations.py), in instance order, page by page, the
-next page read while the current one is sent. After each sub-operation a Pending response
-reports Remaining/Completed/Failed/Warning; the final status is Success, Warning 0xB000
+next page read while the current one is sent. Pending responses report
+Remaining/Completed/Failed/Warning after the first sub-operation, then at most every
+`pending_interval` seconds (PS3.4 C.4.2.3.1 and C.4.3.3.1 make them optional: one per
+sub-operation costs the requestor and us a message each, which on small instances is
+most of the work); the final status is Success, Warning 0xB000
 or Failure 0xA702 (all failed) with the Failed SOP Instance UID List (0008,0058), or
 Cancel 0xFE00 when the requestor sent C-CANCEL.
 """
@@ -31,7 +34,7 @@ from minipacs.index.query import QueryError
 from minipacs.index.retrieve import RetrieveQuery, StoredInstance, plan_retrieve
 from minipacs.net.operations import PENDING, SUCCESS, Operation
 from minipacs.services.qr import model_of, refuse_identifier
-from minipacs.services.suboperations import Counts, Sender, Target
+from minipacs.services.suboperations import Counts, InFlight, Sender, Target
 from minipacs.storage.filestore import FileStore
 
 log = logging.getLogger("minipacs.retrieve")
@@ -56,6 +59,25 @@ class RetrieveOptions:
     # Longest wait for one C-STORE-RSP; past it the peer counts as gone.
     response_timeout: float = 60.0
     page_size: int = 100
+    # Least seconds between two Pending responses; 0: one after every sub-operation.
+    pending_interval: float = 0.1
+
+
+@dataclass
+class PendingPacer:
+    """When the next Pending response is due: sub-operations ended and the interval passed."""
+
+    interval: float
+    reported: int = 0
+    next_at: float = float("-inf")
+
+    def due(self, done: int, now: float) -> bool:
+        """True (and the report recorded) when a Pending response should go out now."""
+        if done <= self.reported or now < self.next_at:
+            return False
+        self.reported = done
+        self.next_at = now + self.interval
+        return True
 
 
 class RetrieveService:
@@ -158,37 +180,53 @@ class RetrieveService:
         counts: Counts,
     ) -> bool:
         """Send every instance; return True when C-CANCEL stopped the retrieve."""
-        reported = 0
+        pacer = PendingPacer(self.options.pending_interval)
+        items = self.sender.prefetched(target, instances)
         try:
-            async for instance, prepared in self.sender.prefetched(target, instances):
-                if operation.cancelled.is_set():
+            current = await anext(items, None)
+            # The current instance's C-STORE-RQ when the reader already sent it (chained).
+            sent: InFlight | None = None
+            while current is not None:
+                instance, prepared = current
+                if sent is None and operation.cancelled.is_set():
                     if prepared is not None:
                         await prepared.close()
                     return True
-                flight = None
-                if prepared is not None:
+                flight = sent
+                if flight is None and prepared is not None:
                     flight = await self.sender.start(target, instance, prepared)
-                # The Pending response of the sub-operation before goes out while the peer
-                # handles this one: off the path the sub-operations wait on.
-                reported = await self._report(operation, target, counts, reported)
+                # While the peer handles this one: the Pending response of the one before,
+                # and the next instance framed to leave as soon as this one is answered.
+                await self._report(operation, target, counts, pacer)
+                following = await anext(items, None)
+                chained = None
+                if flight is not None and following is not None and following[1] is not None:
+                    chained = self.sender.chain(
+                        target, following[0], following[1], flight, operation.cancelled
+                    )
                 status = await self.sender.finish(target, flight) if flight else None
+                sent = await self.sender.chained_flight(target, chained) if chained else None
                 counts.record(status, instance.sop_uid)
-            await self._report(operation, target, counts, reported)
+                current = following
+            await self._report(operation, target, counts, pacer)
         except SQLAlchemyError:
             # The index went away mid-retrieve: what was not sent counts as failed.
             log.exception("%s page query failed", self.name)
             counts.failed += counts.remaining
             counts.remaining = 0
+        finally:
+            await items.aclose()
         return False
 
     async def _report(
-        self, operation: Operation, target: Target, counts: Counts, reported: int
-    ) -> int:
-        """Send a Pending response if sub-operations ended since the last (PS3.4 C.4.2.3.1)."""
+        self, operation: Operation, target: Target, counts: Counts, pacer: PendingPacer
+    ) -> None:
+        """Send a Pending response when the pacer says one is due (PS3.4 C.4.2.3.1)."""
+        if target.lost is not None:
+            return
         done = counts.completed + counts.failed + counts.warning
-        if done > reported and target.lost is None:
+        if pacer.due(done, asyncio.get_running_loop().time()):
             await operation.respond(PENDING, **counts.fields(final=False))
-        return done
 
     async def _finish(
         self, operation: Operation, counts: Counts, cancelled: bool, target: Target | None

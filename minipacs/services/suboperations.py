@@ -3,8 +3,11 @@
 Each instance goes on a context the peer accepted for its SOP class: in its stored
 transfer syntax when accepted (the file's bytes as they are), else in an uncompressed one
 (decompressed and re-encoded in an executor), else it fails. Instances are read
-ahead in batches while the peer answers, so the disk and the network overlap; every wait
-on the peer is time-bound, and a peer that goes away (`Target.lost`) fails what is left.
+ahead (and framed) in batches while the peer answers, so the disk and the network
+overlap, and the next C-STORE-RQ leaves from the session's reader the moment the current
+one's C-STORE-RSP arrives (`Sender.chain`): the peer waits for no Python in between.
+Every wait on the peer is time-bound, and a peer that goes away (`Target.lost`) fails
+what is left.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from minipacs.index.retrieve import StoredInstance
 from minipacs.logs import log_event
 from minipacs.net.association import AssociationError
 from minipacs.net.commands import C_STORE_RQ, DATASET_PRESENT, PRIORITY_MEDIUM, Command
-from minipacs.net.dimse import DimseMessage
+from minipacs.net.dimse import DimseMessage, FramedDataset, frame_dataset
 from minipacs.net.negotiation import AcceptedContext
 from minipacs.net.operations import CANCEL, SUCCESS
 from minipacs.net.session import Session
@@ -46,8 +49,14 @@ MAX_CONTEXTS: Final = 128  # PS3.8 9.3.2.2: odd context IDs 1-255
 READ_AHEAD: Final = 32
 FIRST_BATCH: Final = 4
 READ_AHEAD_BYTES: Final = 4 * 1024 * 1024
+# The Failed SOP Instance UID List (0008,0058) holds the first failed UIDs that fit in one
+# UI value of Explicit VR (16-bit length, PS3.5 7.1.2): a huge failed retrieve would else
+# answer with a giant element, or one Explicit VR cannot encode. The count has them all.
+FAILED_UIDS_MAX_BYTES: Final = 0xFFFE
 
-Pieces = AsyncGenerator[tuple[bytes, bool]]
+Pieces = AsyncGenerator[tuple[bytes | memoryview, bool]]
+# What reading one file gave: its data set framed whole, or a reader and its first chunk.
+Loaded = FramedDataset | tuple[DatasetReader, tuple[bytes | memoryview, bool]]
 
 
 @dataclass
@@ -59,6 +68,7 @@ class Counts:
     failed: int = 0
     warning: int = 0
     failed_uids: list[str] = field(default_factory=list)
+    _failed_uid_bytes: int = 0
 
     def record(self, status: int | None, sop_uid: str) -> None:
         """Count one sub-operation by its C-STORE status (None: it could not be sent)."""
@@ -70,7 +80,11 @@ class Counts:
             self.warning += 1
         else:
             self.failed += 1
-            self.failed_uids.append(sop_uid)
+            # Each value takes its separator (or, the last one, its even padding) with it.
+            size = len(sop_uid) + 1
+            if self._failed_uid_bytes + size <= FAILED_UIDS_MAX_BYTES:
+                self.failed_uids.append(sop_uid)
+                self._failed_uid_bytes += size
 
     def fields(self, final: bool, cancelled: bool = False) -> dict[str, int]:
         """Command fields; Remaining only in Pending and Cancel responses (PS3.7 C.4.2.1.4)."""
@@ -126,6 +140,8 @@ class Prepared:
     """An instance ready to go: its context, and its data set read ahead or to re-encode."""
 
     context_id: int
+    # The whole data set when its first read took it all (most instances), else pieces.
+    whole: FramedDataset | None = None
     pieces: Pieces | None = None
     reader: DatasetReader | None = None
     # Re-encoded only when its turn comes, one at a time: decompressed, an instance can be
@@ -147,6 +163,18 @@ class InFlight:
     message_id: int
     queue: asyncio.Queue[DimseMessage | None]
     deadline: float
+
+
+@dataclass
+class Chained:
+    """A C-STORE-RQ framed to go when the one before is answered (`Sender.chain`)."""
+
+    message_id: int
+    queue: asyncio.Queue[DimseMessage | None]
+    # The request whose response sends it.
+    after_id: int
+    # Set once the reader sent it.
+    flight: InFlight | None = None
 
 
 def proposals(summary: Mapping[tuple[str, str], int]) -> list[tuple[str, list[str]]]:
@@ -215,7 +243,9 @@ class Sender:
                 )
             work.append((instance, chosen))
         loop = asyncio.get_running_loop()
-        loaded = await loop.run_in_executor(self.executor, self._load, work)
+        assert target.session is not None  # a target without a session is lost
+        max_fragment = target.session.association.max_fragment
+        loaded = await loop.run_in_executor(self.executor, self._load, work, max_fragment)
         prepared: list[tuple[StoredInstance, Prepared | None]] = []
         for (instance, chosen), loaded_one in zip(work, loaded, strict=True):
             if chosen is None:
@@ -225,26 +255,37 @@ class Sender:
                 prepared.append((instance, Prepared(chosen[0], transcode_to=(path, chosen[1]))))
             elif loaded_one is None:
                 prepared.append((instance, None))
+            elif isinstance(loaded_one, FramedDataset):
+                prepared.append((instance, Prepared(chosen[0], whole=loaded_one)))
             else:
                 reader, first = loaded_one
                 pieces = _chunks(loop, self.executor, reader, first)
-                prepared.append((instance, Prepared(chosen[0], pieces, reader)))
+                prepared.append((instance, Prepared(chosen[0], pieces=pieces, reader=reader)))
         return prepared
 
     def _load(
-        self, work: list[tuple[StoredInstance, tuple[int, str] | None]]
-    ) -> list[tuple[DatasetReader, tuple[bytes, bool]] | None]:
-        """Open each file sent as stored and read its first chunk (blocking)."""
-        loaded: list[tuple[DatasetReader, tuple[bytes, bool]] | None] = []
+        self, work: list[tuple[StoredInstance, tuple[int, str] | None]], max_fragment: int
+    ) -> list[Loaded | None]:
+        """Open each file sent as stored and read its first chunk (blocking).
+
+        A data set read whole is framed here too: off the loop, where cutting a CT-size
+        one into 16 KiB PDUs would delay the next C-STORE-RQ after each C-STORE-RSP.
+        """
+        loaded: list[Loaded | None] = []
         for instance, chosen in work:
             if chosen is None or chosen[1] != instance.transfer_syntax:
                 loaded.append(None)
                 continue
             try:
-                loaded.append(DatasetReader.open(self.store.path(instance.rel_path)))
+                reader, (data, last) = DatasetReader.open(self.store.path(instance.rel_path))
             except (OSError, dicom.DataSetError) as exc:
                 _unreadable(instance, exc)
                 loaded.append(None)
+                continue
+            if last:
+                loaded.append(frame_dataset(chosen[0], data, max_fragment))
+            else:
+                loaded.append((reader, (data, last)))
         return loaded
 
     async def start(
@@ -256,7 +297,7 @@ class Sender:
             # Read ahead before the peer went: it cannot be sent now.
             await prepared.close()
             return None
-        pieces = prepared.pieces
+        data: FramedDataset | bytes | None = prepared.whole
         if prepared.transcode_to is not None:
             loop = asyncio.get_running_loop()
             try:
@@ -264,26 +305,20 @@ class Sender:
             except TranscodeError as exc:
                 _unreadable(instance, exc)
                 return None
-            pieces = _single(data)
-        assert pieces is not None
         message_id = session.next_message_id()
-        command: Command = {
-            "CommandField": C_STORE_RQ,
-            "MessageID": message_id,
-            "AffectedSOPClassUID": instance.sop_class_uid,
-            "AffectedSOPInstanceUID": instance.sop_uid,
-            "Priority": PRIORITY_MEDIUM,
-            "CommandDataSetType": DATASET_PRESENT,
-        }
-        if target.move_originator is not None:
-            # PS3.7 9.1.1.1: a C-MOVE sub-operation names the AE and message it serves.
-            ae_title, move_id = target.move_originator
-            command["MoveOriginatorApplicationEntityTitle"] = ae_title
-            command["MoveOriginatorMessageID"] = move_id
+        command = _store_command(target, instance, message_id)
         try:
             async with asyncio.timeout(target.timeout) as bound:
-                progressing = _progressing(pieces, bound, target.timeout)
-                queue = await session.request_streamed(prepared.context_id, command, progressing)
+                if data is not None:
+                    # In one piece: one write, none of the streaming's per-piece machinery
+                    # on the path between a C-STORE-RSP and the next C-STORE-RQ.
+                    queue = await session.request(prepared.context_id, command, data)
+                else:
+                    assert prepared.pieces is not None
+                    progressing = _progressing(prepared.pieces, bound, target.timeout)
+                    queue = await session.request_streamed(
+                        prepared.context_id, command, progressing
+                    )
         except (TimeoutError, OSError, AssociationError) as exc:
             # OSError: a file that cannot be read after its first piece cuts the message
             # short, so the association cannot carry another one.
@@ -291,9 +326,68 @@ class Sender:
             self._lose(target, f"cannot send {instance.sop_uid}: {exc or 'timed out'}")
             return None
         finally:
-            await pieces.aclose()
             await prepared.close()
         return InFlight(message_id, queue, asyncio.get_running_loop().time() + target.timeout)
+
+    def chain(
+        self,
+        target: Target,
+        instance: StoredInstance,
+        prepared: Prepared,
+        after: InFlight,
+        cancelled: asyncio.Event,
+    ) -> Chained | None:
+        """Have an instance read whole sent the moment `after` is answered, not later.
+
+        Only one C-STORE-RQ is outstanding at a time (no Asynchronous Operations Window
+        is negotiated, PS3.7 D.3.3.3): the next one is framed while the peer handles the
+        current one and leaves from the reader as its C-STORE-RSP arrives, unless the
+        retrieve was cancelled or the target lost by then. None: send it with `start`.
+        """
+        session = target.session
+        if session is None or target.lost is not None or prepared.whole is None:
+            return None
+        message_id = session.next_message_id()
+        command = _store_command(target, instance, message_id)
+        try:
+            pdus = session.association.frame_message(prepared.context_id, command, prepared.whole)
+        except AssociationError:
+            return None
+        chained = Chained(message_id, session.expect_response(message_id), after.message_id)
+        loop = asyncio.get_running_loop()
+
+        def send() -> None:
+            if cancelled.is_set() or target.lost is not None:
+                return
+            try:
+                sent = session.send_framed_now(pdus)
+            except AssociationError:
+                return
+            if sent:
+                chained.flight = InFlight(message_id, chained.queue, loop.time() + target.timeout)
+
+        session.when_answered(after.message_id, send)
+        return chained
+
+    async def chained_flight(self, target: Target, chained: Chained) -> InFlight | None:
+        """The chained request once it is written, or None if it was not sent (see `chain`)."""
+        assert target.session is not None
+        session = target.session
+        # Still there when the response before never came.
+        session.forget_answer(chained.after_id)
+        flight = chained.flight
+        if flight is None:
+            session.forget_request(chained.message_id)
+            return None
+        if session.write_backlog:
+            try:
+                async with asyncio.timeout(target.timeout):
+                    await session.drain()
+            except TimeoutError:
+                session.forget_request(chained.message_id)
+                self._lose(target, f"cannot send a C-STORE-RQ within {target.timeout:g} s")
+                return None
+        return flight
 
     async def finish(self, target: Target, flight: InFlight) -> int | None:
         """Wait for a C-STORE-RSP: its status; None (and `target.lost`) if none came."""
@@ -336,6 +430,23 @@ async def _batches(instances: AsyncIterator[StoredInstance]) -> AsyncIterator[li
         yield batch
 
 
+def _store_command(target: Target, instance: StoredInstance, message_id: int) -> Command:
+    command: Command = {
+        "CommandField": C_STORE_RQ,
+        "MessageID": message_id,
+        "AffectedSOPClassUID": instance.sop_class_uid,
+        "AffectedSOPInstanceUID": instance.sop_uid,
+        "Priority": PRIORITY_MEDIUM,
+        "CommandDataSetType": DATASET_PRESENT,
+    }
+    if target.move_originator is not None:
+        # PS3.7 9.1.1.1: a C-MOVE sub-operation names the AE and message it serves.
+        ae_title, move_id = target.move_originator
+        command["MoveOriginatorApplicationEntityTitle"] = ae_title
+        command["MoveOriginatorMessageID"] = move_id
+    return command
+
+
 def _unreadable(instance: StoredInstance, exc: Exception) -> None:
     log_event(
         log,
@@ -354,15 +465,11 @@ async def _progressing(pieces: Pieces, bound: asyncio.Timeout, timeout: float) -
         yield piece
 
 
-async def _single(data: bytes) -> Pieces:
-    yield data, True
-
-
 async def _chunks(
     loop: asyncio.AbstractEventLoop,
     executor: Executor,
     reader: DatasetReader,
-    first: tuple[bytes, bool],
+    first: tuple[bytes | memoryview, bool],
 ) -> Pieces:
     piece = first
     yield piece
