@@ -52,6 +52,9 @@ class Service:
     handle: Callable[[Operation], Awaitable[None]]
     # C-FIND/MOVE/GET must see C-CANCEL and sub-operation responses while they run.
     concurrent: bool = False
+    # The same answer given without awaiting (Operation.answer), for requests without a
+    # data set: the session then serves them inside the connection's callback (C-ECHO).
+    answer: Callable[[Operation], None] | None = None
 
 
 @dataclass(slots=True)
@@ -93,6 +96,34 @@ class Operation:
         **fields: object,
     ) -> None:
         """Send a response to this request; a non-Pending status ends the operation."""
+        response = self._response(status, dataset, error_comment, fields)
+        await self.session.send(self.message.context_id, response, dataset)
+        if not is_pending(status):
+            self.finished = True
+            self._log(status, error_comment)
+
+    def answer(
+        self,
+        status: int,
+        dataset: bytes | None = None,
+        *,
+        error_comment: str | None = None,
+        **fields: object,
+    ) -> None:
+        """Send a response without waiting for the transport (see Session.send_now)."""
+        response = self._response(status, dataset, error_comment, fields)
+        self.session.send_now(self.message.context_id, response, dataset)
+        if not is_pending(status):
+            self.finished = True
+            self._log(status, error_comment)
+
+    def _response(
+        self,
+        status: int,
+        dataset: bytes | None,
+        error_comment: str | None,
+        fields: dict[str, object],
+    ) -> Command:
         message = self.message
         request = message.command
         field_value = int(request["CommandField"]) | 0x8000  # type: ignore[call-overload]
@@ -110,11 +141,9 @@ class Operation:
         if error_comment:
             # PS3.7 C.4: Error Comment is LO, at most 64 characters.
             response["ErrorComment"] = error_comment[:64]
-        response.update(fields)
-        await self.session.send(message.context_id, response, dataset)
-        if not is_pending(status):
-            self.finished = True
-            self._log(status, error_comment)
+        if fields:
+            response.update(fields)
+        return response
 
     def _log(self, status: int, error_comment: str | None) -> None:
         seconds = time.perf_counter() - self.started
