@@ -11,7 +11,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final
 
 from minipacs.logs import log_event
@@ -57,18 +57,35 @@ class Service:
     answer: Callable[[Operation], None] | None = None
 
 
-@dataclass(slots=True)
 class Operation:
     """One DIMSE request being served, with the means to answer it."""
 
-    session: Session
-    message: DimseMessage
-    context: AcceptedContext
-    started: float = field(default_factory=time.perf_counter)
-    finished: bool = False
-    # Service-specific fields of the operation's log event (e.g. a query's match count).
-    log_fields: dict[str, object] = field(default_factory=dict)
-    _cancelled: asyncio.Event | None = None
+    __slots__ = (
+        "_cancelled",
+        "_log_fields",
+        "context",
+        "finished",
+        "message",
+        "session",
+        "started",
+    )
+
+    def __init__(self, session: Session, message: DimseMessage, context: AcceptedContext) -> None:
+        self.session = session
+        self.message = message
+        self.context = context
+        self.started = time.perf_counter()
+        self.finished = False
+        # Made when first asked for: most operations (every C-ECHO) add no field.
+        self._log_fields: dict[str, object] | None = None
+        self._cancelled: asyncio.Event | None = None
+
+    @property
+    def log_fields(self) -> dict[str, object]:
+        """Service-specific fields of the operation's log event (e.g. a query's match count)."""
+        if self._log_fields is None:
+            self._log_fields = {}
+        return self._log_fields
 
     @property
     def cancelled(self) -> asyncio.Event:
@@ -148,7 +165,8 @@ class Operation:
     def _log(self, status: int, error_comment: str | None) -> None:
         seconds = time.perf_counter() - self.started
         session = self.session
-        session.observer.operation(command_name(self.command), status, seconds)
+        name = command_name(self.command)
+        session.observer.operation(name, status, seconds)
         level = logging.INFO if status in (SUCCESS, CANCEL) else logging.WARNING
         if not log.isEnabledFor(level):
             return
@@ -156,7 +174,7 @@ class Operation:
             log,
             "dimse.operation",
             level=level,
-            operation=command_name(self.command),
+            operation=name,
             message_id=self.message_id,
             calling_ae=session.calling_ae,
             peer=session.peer,
@@ -165,5 +183,5 @@ class Operation:
             status=f"0x{status:04X}",
             error=error_comment,
             duration_ms=round(seconds * 1000, 3),
-            **self.log_fields,
+            **(self._log_fields or {}),
         )
