@@ -11,6 +11,7 @@ so an event that Table 9-10 does not allow in the current state cannot happen si
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Final
 
 from pynetdicom.pdu_primitives import A_ASSOCIATE
 
@@ -18,7 +19,7 @@ from minipacs.net import pdu
 from minipacs.net.commands import Command, encode_command
 from minipacs.net.dimse import DimseMessage, MessageAssembler, encode_fragments, fragment_size
 from minipacs.net.negotiation import AcceptedContext
-from minipacs.net.statemachine import ACTIONS, Action, Event, State, StateMachine
+from minipacs.net.statemachine import ACTIONS, Action, ActionSpec, Event, State, StateMachine
 
 # Largest P-DATA-TF we send even to a peer that accepts any size (its Max Length 0).
 MAX_SEND_PDU = 4 * 1024 * 1024
@@ -103,6 +104,17 @@ _PDU_EVENTS = {
 }
 
 
+def _effects(spec: ActionSpec) -> tuple[int | None, bool, bool | None, bool]:
+    """(A-ABORT source or None, sends its payload, ARTIM on/off/unchanged, closes)."""
+    abort_source = (spec.abort_source or 0) if spec.sends == "A-ABORT" else None
+    artim = {"start": True, "restart": True, "stop": False}.get(spec.artim or "")
+    return abort_source, spec.sends is not None, artim, spec.close_transport
+
+
+# ACTIONS as plain tuples: _fire runs twice per DIMSE message.
+_EFFECTS: Final = {action: _effects(spec) for action, spec in ACTIONS.items()}
+
+
 @dataclass
 class Limits:
     """Per-association limits, from configuration."""
@@ -171,16 +183,14 @@ class Association:
         self, event: Event, payload: tuple[bytes | memoryview, ...] = (), reason: int = 0
     ) -> Action:
         action = self.machine.fire(event)
-        spec = ACTIONS[action]
-        if spec.sends == "A-ABORT":
-            self._out.append(pdu.encode_abort(spec.abort_source or 0, reason))
-        elif spec.sends is not None:
+        abort_source, sends, artim, close = _EFFECTS[action]
+        if abort_source is not None:
+            self._out.append(pdu.encode_abort(abort_source, reason))
+        elif sends:
             self._out.extend(payload)
-        if spec.artim in ("start", "restart"):
-            self.artim_running = True
-        elif spec.artim == "stop":
-            self.artim_running = False
-        if spec.close_transport:
+        if artim is not None:
+            self.artim_running = artim
+        if close:
             self.should_close = True
         if self.machine.state == State.STA1:
             self.artim_running = False
