@@ -326,7 +326,13 @@ class Association:
         self, context_id: int, command: Command, dataset: bytes | memoryview | None = None
     ) -> None:
         """Queue a DIMSE message as P-DATA-TF PDUs (Evt9)."""
-        fragments = self._fragments(context_id, encode_command(command), True)
+        encoded = encode_command(command)
+        if dataset is None and len(encoded) <= fragment_size(self.peer_max_pdu, MAX_SEND_PDU):
+            # A command alone in one PDV, the usual response (command sets are even).
+            header = pdu.pdata_header(context_id, True, True, len(encoded))
+            self._local(Event.EVT9, (header, encoded))
+            return
+        fragments = self._fragments(context_id, encoded, True)
         if dataset is not None:
             fragments.extend(self._fragments(context_id, dataset, False))
         self._local(Event.EVT9, tuple(fragments))
