@@ -229,11 +229,14 @@ class Association:
         """Consume bytes from the transport; return what they meant."""
         if self._discard_input or self.finished:
             return []
-        self.reader.feed(data)
+        reader = self.reader
+        reader.feed(data)
+        machine = self.machine
         events: list[AssociationEvent] = []
-        while not self._discard_input and not self.finished:
+        # `finished` spelled out: this loop runs twice per message.
+        while not self._discard_input and machine.state != State.STA1:
             try:
-                item = self.reader.next_pdu()
+                item = reader.next_pdu()
                 if item is None:
                     break
                 events.extend(self._on_pdu(*item))
@@ -258,6 +261,9 @@ class Association:
         if event is Event.EVT10 and (state == State.STA6 or state == State.STA7):
             messages = self.assembler.feed(pdu.parse_pdata(raw))
             self._fire(event)
+            if len(messages) == 1:
+                # The usual P-DATA-TF: one whole message (a comprehension is a call).
+                return [MessageReceived(messages[0])]
             return [MessageReceived(m) for m in messages]
         if event is Event.EVT6 and state == State.STA2:
             request = pdu.decode_associate_rq(raw)
