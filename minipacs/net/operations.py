@@ -146,7 +146,7 @@ class Operation:
         field_value = int(request["CommandField"]) | 0x8000  # type: ignore[call-overload]
         response: Command = {
             "CommandField": field_value,
-            "MessageIDBeingRespondedTo": self.message_id,
+            "MessageIDBeingRespondedTo": int(request.get("MessageID", 0)),  # type: ignore[call-overload]
             "AffectedSOPClassUID": request.get("AffectedSOPClassUID")
             or request.get("RequestedSOPClassUID")
             or self.context.abstract_syntax,
@@ -165,7 +165,7 @@ class Operation:
     def _log(self, status: int, error_comment: str | None) -> None:
         seconds = time.perf_counter() - self.started
         session = self.session
-        name = command_name(self.command)
+        name = command_name(self.message.command)
         session.observer.operation(name, status, seconds)
         level = logging.INFO if status in (SUCCESS, CANCEL) else logging.WARNING
         if not log.isEnabledFor(level):
