@@ -28,6 +28,7 @@ import asyncio
 import os
 import statistics
 import subprocess
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -38,6 +39,7 @@ from minipacs.net.negotiation import UNCOMPRESSED_TRANSFER_SYNTAXES, VERIFICATIO
 
 CONTEXTS = [(VERIFICATION, UNCOMPRESSED_TRANSFER_SYNTAXES)]
 IDLE_ASSOCIATIONS = 200
+CLIENT_TIMEOUT = 600.0
 
 
 @dataclass(frozen=True)
@@ -67,12 +69,20 @@ def _timed(peer: Peer, count: int, work: Callable[[], object]) -> Run:
 
 
 def _echoscu(peer: Peer, repeat: int) -> None:
-    subprocess.run(
-        ["echoscu", "--repeat", str(repeat), "-aec", peer.ae_title, "127.0.0.1", str(peer.port)],
-        env=dcmtk_env(),
-        check=True,
-        timeout=600,
-    )
+    args = ["echoscu", "--repeat", str(repeat), "-aec", peer.ae_title, "127.0.0.1", str(peer.port)]
+    process = subprocess.Popen(args, env=dcmtk_env())
+    # Not subprocess.run(timeout=...): Popen.wait(timeout) polls with sleeps of 1, 2, 4, 8,
+    # 16 ms..., so a ~15 ms echoscu run was timed as 15 or 31 ms depending on which side of
+    # a poll it ended, halving the set-up rate of whichever server was a hair slower. A
+    # blocking wait returns when the child exits; the timer only guards against a hang.
+    guard = threading.Timer(CLIENT_TIMEOUT, process.kill)
+    guard.start()
+    try:
+        returncode = process.wait()
+    finally:
+        guard.cancel()
+    if returncode != 0:
+        raise subprocess.CalledProcessError(returncode, args)
 
 
 def echoscu_rtt(peer: Peer, count: int) -> Run:

@@ -12,6 +12,7 @@ import uvloop
 
 from minipacs.net import pdu
 from minipacs.net.client import AssociationRefused, ClientAssociation
+from minipacs.net.connection import Connection
 from minipacs.net.negotiation import (
     REJECT_LOCAL_LIMIT,
     UNCOMPRESSED_TRANSFER_SYNTAXES,
@@ -44,8 +45,8 @@ async def _connect(server: Server, calling: str = "TESTSCU") -> ClientAssociatio
     )
 
 
-def _nodelay(writer: asyncio.StreamWriter) -> int:
-    sock = writer.get_extra_info("socket")
+def _nodelay(connection: Connection) -> int:
+    sock = connection.get_extra_info("socket")
     return int(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
 
 
@@ -56,8 +57,8 @@ def test_sockets_have_nodelay(loop: str, tmp_path: Path) -> None:
         server = await _server(tmp_path)
         association = await _connect(server)
         (session,) = server.sessions
-        assert _nodelay(session.writer) == 1
-        assert _nodelay(association.session.writer) == 1
+        assert _nodelay(session.connection) == 1
+        assert _nodelay(association.session.connection) == 1
         assert await association.echo() == 0
         await association.release()
         await server.shutdown(1)

@@ -84,7 +84,7 @@ async def _echo(port: int, context: ssl.SSLContext) -> tuple[int, str]:
             connect_timeout=TIMEOUT,
         )
         async with assoc:
-            version = assoc.session.writer.get_extra_info("ssl_object").version()
+            version = assoc.session.connection.get_extra_info("ssl_object").version()
             return await assoc.echo(), version
 
 

@@ -11,6 +11,7 @@ so an event that Table 9-10 does not allow in the current state cannot happen si
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Final
 
 from pynetdicom.pdu_primitives import A_ASSOCIATE
 
@@ -24,7 +25,7 @@ from minipacs.net.dimse import (
     fragment_size,
 )
 from minipacs.net.negotiation import AcceptedContext
-from minipacs.net.statemachine import ACTIONS, Action, Event, State, StateMachine
+from minipacs.net.statemachine import ACTIONS, Action, ActionSpec, Event, State, StateMachine
 
 # Largest P-DATA-TF we send even to a peer that accepts any size (its Max Length 0).
 MAX_SEND_PDU = 4 * 1024 * 1024
@@ -98,6 +99,15 @@ AssociationEvent = (
     | Closed
 )
 
+# Enum members looked up on the class cost ~70 ns each (through the metaclass), a module
+# global ~5 ns: the per-message paths use these.
+_STA1: Final = State.STA1
+_STA6: Final = State.STA6
+# States in which P-DATA-TF PDUs are received (Sta7: after our A-RELEASE-RQ, PS3.8 7.2.2).
+_DATA_TRANSFER: Final = (State.STA6, State.STA7)
+_EVT9: Final = Event.EVT9
+_EVT10: Final = Event.EVT10
+
 _PDU_EVENTS = {
     pdu.ASSOCIATE_RQ: Event.EVT6,
     pdu.ASSOCIATE_AC: Event.EVT3,
@@ -107,6 +117,17 @@ _PDU_EVENTS = {
     pdu.RELEASE_RP: Event.EVT13,
     pdu.ABORT: Event.EVT16,
 }
+
+
+def _effects(spec: ActionSpec) -> tuple[int | None, bool, bool | None, bool]:
+    """(A-ABORT source or None, sends its payload, ARTIM on/off/unchanged, closes)."""
+    abort_source = (spec.abort_source or 0) if spec.sends == "A-ABORT" else None
+    artim = {"start": True, "restart": True, "stop": False}.get(spec.artim or "")
+    return abort_source, spec.sends is not None, artim, spec.close_transport
+
+
+# ACTIONS as plain tuples: _fire runs twice per DIMSE message.
+_EFFECTS: Final = {action: _effects(spec) for action, spec in ACTIONS.items()}
 
 
 @dataclass
@@ -161,12 +182,12 @@ class Association:
     @property
     def established(self) -> bool:
         """True in Sta6, when DIMSE messages may flow both ways."""
-        return self.machine.state == State.STA6
+        return self.machine.state == _STA6
 
     @property
     def finished(self) -> bool:
         """True once back in Sta1: nothing more will happen on this association."""
-        return self.machine.state == State.STA1
+        return self.machine.state == _STA1
 
     def data_to_send(self) -> list[bytes | memoryview]:
         """Take the buffers to write to the transport, in order."""
@@ -177,18 +198,16 @@ class Association:
         self, event: Event, payload: tuple[bytes | memoryview, ...] = (), reason: int = 0
     ) -> Action:
         action = self.machine.fire(event)
-        spec = ACTIONS[action]
-        if spec.sends == "A-ABORT":
-            self._out.append(pdu.encode_abort(spec.abort_source or 0, reason))
-        elif spec.sends is not None:
+        abort_source, sends, artim, close = _EFFECTS[action]
+        if abort_source is not None:
+            self._out.append(pdu.encode_abort(abort_source, reason))
+        elif sends:
             self._out.extend(payload)
-        if spec.artim in ("start", "restart"):
-            self.artim_running = True
-        elif spec.artim == "stop":
-            self.artim_running = False
-        if spec.close_transport:
+        if artim is not None:
+            self.artim_running = artim
+        if close:
             self.should_close = True
-        if self.machine.state == State.STA1:
+        if self.machine.state == _STA1:
             self.artim_running = False
             self.should_close = True
         return action
@@ -223,13 +242,16 @@ class Association:
 
     def receive_data(self, data: bytes) -> list[AssociationEvent]:
         """Consume bytes from the transport; return what they meant."""
-        if self._discard_input or self.finished:
+        machine = self.machine
+        if self._discard_input or machine.state == _STA1:
             return []
-        self.reader.feed(data)
+        reader = self.reader
+        reader.feed(data)
         events: list[AssociationEvent] = []
-        while not self._discard_input and not self.finished:
+        # `finished` spelled out: this loop runs twice per message.
+        while not self._discard_input and machine.state != _STA1:
             try:
-                item = self.reader.next_pdu()
+                item = reader.next_pdu()
                 if item is None:
                     break
                 events.extend(self._on_pdu(*item))
@@ -251,9 +273,12 @@ class Association:
         event = _PDU_EVENTS[pdu_type]
         state = self.machine.state
         # P-DATA-TF first: it is all but a handful of the PDUs of an association.
-        if event is Event.EVT10 and (state == State.STA6 or state == State.STA7):
+        if event is _EVT10 and state in _DATA_TRANSFER:
             messages = self.assembler.feed(pdu.parse_pdata(raw))
             self._fire(event)
+            if len(messages) == 1:
+                # The usual P-DATA-TF: one whole message (a comprehension is a call).
+                return [MessageReceived(messages[0])]
             return [MessageReceived(m) for m in messages]
         if event is Event.EVT6 and state == State.STA2:
             request = pdu.decode_associate_rq(raw)
@@ -330,6 +355,13 @@ class Association:
         dataset: bytes | memoryview | FramedDataset | None = None,
     ) -> None:
         """Queue a DIMSE message as P-DATA-TF PDUs (Evt9)."""
+        if dataset is None:
+            encoded = encode_command(command)
+            if len(encoded) <= fragment_size(self.peer_max_pdu, MAX_SEND_PDU):
+                # A command alone in one PDV, the usual response (command sets are even).
+                header = pdu.pdata_header(context_id, True, True, len(encoded))
+                self._local(_EVT9, (header, encoded))
+                return
         self.send_framed(self.frame_message(context_id, command, dataset))
 
     def frame_message(
@@ -350,7 +382,7 @@ class Association:
 
     def send_framed(self, pdus: tuple[bytes | memoryview, ...]) -> None:
         """Queue the PDUs of one DIMSE message made by `frame_message` (Evt9)."""
-        self._local(Event.EVT9, pdus)
+        self._local(_EVT9, pdus)
 
     def send_dataset_fragments(self, context_id: int, data: bytes | memoryview, last: bool) -> None:
         """Queue one piece of a data set streamed from disk (command already sent)."""

@@ -27,6 +27,7 @@ from minipacs.net.commands import (
     PRIORITY_MEDIUM,
     Command,
 )
+from minipacs.net.connection import open_connection
 from minipacs.net.dimse import DimseMessage
 from minipacs.net.operations import Service, is_pending
 from minipacs.net.session import Session, Timeouts
@@ -89,21 +90,18 @@ class ClientAssociation:
         association.request(request)
         try:
             async with asyncio.timeout(connect_timeout):
-                reader, writer = await asyncio.open_connection(
-                    host, port, limit=2 * 1024 * 1024, ssl=ssl_context
-                )
+                connection = await open_connection(host, port, ssl=ssl_context)
         except (OSError, TimeoutError) as exc:  # ssl.SSLError is an OSError
             raise AssociationRefused(f"cannot connect to {host}:{port}: {exc}") from exc
         # asyncio and uvloop set TCP_NODELAY on TCP transports themselves (tests/test_server.py).
-        sock = writer.get_extra_info("socket")
+        sock = connection.get_extra_info("socket")
         if sock is not None:
             # Room for a whole CT-size instance in the kernel: one write per C-STORE instead
             # of a drain cycle per socket-buffer fill (+10-20% C-MOVE throughput at 512x512).
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER)
         session = Session(
             association,
-            reader,
-            writer,
+            connection,
             services=services or {},
             timeouts=timeouts,
             spool_dir=spool_dir or Path("."),

@@ -106,20 +106,53 @@ def _decode_tags(raw: bytes) -> list[int]:
     ]
 
 
+# A command's keywords, as its dict holds them -> (keyword, element, VR) in tag order. A
+# code path builds its commands with the same keys every time, so there are few of them.
+_PLANS: dict[tuple[str, ...], tuple[tuple[str, int, str], ...]] = {}
+# (element, UID) -> the whole element, for the SOP Class UIDs that every response repeats.
+_CLASS_ELEMENTS: dict[tuple[int, str], bytes] = {}
+_CLASS_KEYWORDS: Final = {"AffectedSOPClassUID", "RequestedSOPClassUID"}
+_CACHE_SIZE: Final = 1024
+
+
+def _plan(keys: tuple[str, ...]) -> tuple[tuple[str, int, str], ...]:
+    plan = tuple((k, *_BY_KEYWORD[k]) for k in sorted(keys, key=_ORDER.__getitem__))
+    if len(_PLANS) >= _CACHE_SIZE:
+        _PLANS.clear()
+    _PLANS[keys] = plan
+    return plan
+
+
+def _class_element(element: int, uid: str) -> bytes:
+    key = (element, uid)
+    encoded = _CLASS_ELEMENTS.get(key)
+    if encoded is None:
+        raw = _encode_value("UI", uid)
+        encoded = _ELEMENT_HEADER.pack(0x0000, element, len(raw)) + raw
+        # Peers choose these UIDs: the cache is bounded, not a memory a peer can fill.
+        if len(_CLASS_ELEMENTS) >= _CACHE_SIZE:
+            _CLASS_ELEMENTS.clear()
+        _CLASS_ELEMENTS[key] = encoded
+    return encoded
+
+
 def encode_command(command: Command) -> bytes:
     """Encode a command set (keyword -> value), with its group length, in element order."""
+    keys = tuple(command)
+    plan = _PLANS.get(keys) or _plan(keys)
     parts: list[bytes] = []
-    for keyword in sorted(command, key=_ORDER.__getitem__):
+    for keyword, element, vr in plan:
         value = command[keyword]
         if value is None:
             continue
-        element, vr = _BY_KEYWORD[keyword]
         if vr == "US":
             parts.append(_US_ELEMENT.pack(0x0000, element, 2, value))  # type: ignore[arg-type]
-            continue
-        raw = _encode_value(vr, value)
-        parts.append(_ELEMENT_HEADER.pack(0x0000, element, len(raw)))
-        parts.append(raw)
+        elif keyword in _CLASS_KEYWORDS:
+            parts.append(_class_element(element, str(value)))
+        else:
+            raw = _encode_value(vr, value)
+            parts.append(_ELEMENT_HEADER.pack(0x0000, element, len(raw)))
+            parts.append(raw)
     body = b"".join(parts)
     return _GROUP_LENGTH.pack(0x0000, 0x0000, 4, len(body)) + body
 

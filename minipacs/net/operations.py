@@ -11,7 +11,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final
 
 from minipacs.logs import log_event
@@ -52,20 +52,40 @@ class Service:
     handle: Callable[[Operation], Awaitable[None]]
     # C-FIND/MOVE/GET must see C-CANCEL and sub-operation responses while they run.
     concurrent: bool = False
+    # The same answer given without awaiting (Operation.answer), for requests without a
+    # data set: the session then serves them inside the connection's callback (C-ECHO).
+    answer: Callable[[Operation], None] | None = None
 
 
-@dataclass(slots=True)
 class Operation:
     """One DIMSE request being served, with the means to answer it."""
 
-    session: Session
-    message: DimseMessage
-    context: AcceptedContext
-    started: float = field(default_factory=time.perf_counter)
-    finished: bool = False
-    # Service-specific fields of the operation's log event (e.g. a query's match count).
-    log_fields: dict[str, object] = field(default_factory=dict)
-    _cancelled: asyncio.Event | None = None
+    __slots__ = (
+        "_cancelled",
+        "_log_fields",
+        "context",
+        "finished",
+        "message",
+        "session",
+        "started",
+    )
+
+    def __init__(self, session: Session, message: DimseMessage, context: AcceptedContext) -> None:
+        self.session = session
+        self.message = message
+        self.context = context
+        self.started = time.perf_counter()
+        self.finished = False
+        # Made when first asked for: most operations (every C-ECHO) add no field.
+        self._log_fields: dict[str, object] | None = None
+        self._cancelled: asyncio.Event | None = None
+
+    @property
+    def log_fields(self) -> dict[str, object]:
+        """Service-specific fields of the operation's log event (e.g. a query's match count)."""
+        if self._log_fields is None:
+            self._log_fields = {}
+        return self._log_fields
 
     @property
     def cancelled(self) -> asyncio.Event:
@@ -93,12 +113,40 @@ class Operation:
         **fields: object,
     ) -> None:
         """Send a response to this request; a non-Pending status ends the operation."""
+        response = self._response(status, dataset, error_comment, fields)
+        await self.session.send(self.message.context_id, response, dataset)
+        if not is_pending(status):
+            self.finished = True
+            self._log(status, error_comment)
+
+    def answer(
+        self,
+        status: int,
+        dataset: bytes | None = None,
+        *,
+        error_comment: str | None = None,
+        **fields: object,
+    ) -> None:
+        """Send a response without waiting for the transport (see Session.send_now)."""
+        response = self._response(status, dataset, error_comment, fields)
+        self.session.send_now(self.message.context_id, response, dataset)
+        if not is_pending(status):
+            self.finished = True
+            self._log(status, error_comment)
+
+    def _response(
+        self,
+        status: int,
+        dataset: bytes | None,
+        error_comment: str | None,
+        fields: dict[str, object],
+    ) -> Command:
         message = self.message
         request = message.command
         field_value = int(request["CommandField"]) | 0x8000  # type: ignore[call-overload]
         response: Command = {
             "CommandField": field_value,
-            "MessageIDBeingRespondedTo": self.message_id,
+            "MessageIDBeingRespondedTo": int(request.get("MessageID", 0)),  # type: ignore[call-overload]
             "AffectedSOPClassUID": request.get("AffectedSOPClassUID")
             or request.get("RequestedSOPClassUID")
             or self.context.abstract_syntax,
@@ -110,16 +158,15 @@ class Operation:
         if error_comment:
             # PS3.7 C.4: Error Comment is LO, at most 64 characters.
             response["ErrorComment"] = error_comment[:64]
-        response.update(fields)
-        await self.session.send(message.context_id, response, dataset)
-        if not is_pending(status):
-            self.finished = True
-            self._log(status, error_comment)
+        if fields:
+            response.update(fields)
+        return response
 
     def _log(self, status: int, error_comment: str | None) -> None:
         seconds = time.perf_counter() - self.started
         session = self.session
-        session.observer.operation(command_name(self.command), status, seconds)
+        name = command_name(self.message.command)
+        session.observer.operation(name, status, seconds)
         level = logging.INFO if status in (SUCCESS, CANCEL) else logging.WARNING
         if not log.isEnabledFor(level):
             return
@@ -127,7 +174,7 @@ class Operation:
             log,
             "dimse.operation",
             level=level,
-            operation=command_name(self.command),
+            operation=name,
             message_id=self.message_id,
             calling_ae=session.calling_ae,
             peer=session.peer,
@@ -136,5 +183,5 @@ class Operation:
             status=f"0x{status:04X}",
             error=error_comment,
             duration_ms=round(seconds * 1000, 3),
-            **self.log_fields,
+            **(self._log_fields or {}),
         )

@@ -37,6 +37,7 @@ PDU_NAMES: Final = {
 
 _HEADER = struct.Struct(">BxL")
 _PDV_HEADER = struct.Struct(">LBB")
+_PDATA_HEADER = struct.Struct(">BxLLBB")
 _FIXED_LENGTH_PDUS: Final = {ASSOCIATE_RJ, RELEASE_RQ, RELEASE_RP, ABORT}
 
 # A-ABORT sources and reasons, PS3.8 9.3.8 Table 9-26.
@@ -159,7 +160,7 @@ def parse_pdata(pdu: bytes) -> list[Pdv]:
 def pdata_header(context_id: int, is_command: bool, is_last: bool, length: int) -> bytes:
     """Return the 12 header bytes of a P-DATA-TF PDU holding one PDV of `length` bytes."""
     control = (0x01 if is_command else 0x00) | (0x02 if is_last else 0x00)
-    return struct.pack(">BxLLBB", P_DATA_TF, length + 6, length + 2, context_id, control)
+    return _PDATA_HEADER.pack(P_DATA_TF, length + 6, length + 2, context_id, control)
 
 
 def encode_reject(result: int, source: int, reason: int) -> bytes:

@@ -25,6 +25,7 @@ from minipacs.net.access import (
     peer_identity,
 )
 from minipacs.net.association import AssociateRequested, Association, Limits
+from minipacs.net.connection import Connection
 from minipacs.net.guard import guard_services, log_refusal
 from minipacs.net.observer import Observer
 from minipacs.net.operations import Service
@@ -107,13 +108,12 @@ class Server:
     async def start(self) -> None:
         """Bind and start accepting, on the TLS port too when configured."""
         config = self.config
-        self._server = await asyncio.start_server(
-            self._on_connection,
+        self._server = await asyncio.get_running_loop().create_server(
+            lambda: Connection(self._on_connection),
             config.host,
             config.port,
             reuse_address=True,
             backlog=1024,
-            limit=2 * 1024 * 1024,
         )
         if config.tls_port and config.ssl_context is not None:
             self._tls = tls.TlsListener(
@@ -123,7 +123,6 @@ class Server:
                 # A handshake is held no longer than ARTIM holds a silent peer (PS3.8 9.1.5).
                 handshake_timeout=config.timeouts.artim,
                 max_handshakes=config.max_pending_connections,
-                limit=2 * 1024 * 1024,
             )
             await self._tls.start(config.host, config.tls_port)
         log_event(
@@ -174,23 +173,20 @@ class Server:
             waiter.cancel()
         return {task for task in tasks if not task.done()}
 
-    async def _on_connection(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
-    ) -> None:
+    async def _on_connection(self, connection: Connection) -> None:
         task = asyncio.current_task()
         if task is not None:
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
         # No setsockopt(TCP_NODELAY) here: asyncio and uvloop both set it on every TCP
         # transport they create (test_server_sockets_have_nodelay checks it).
-        peername = writer.get_extra_info("peername") or ("?", 0)
+        peername = connection.get_extra_info("peername") or ("?", 0)
         peer = f"{peername[0]}:{peername[1]}"
         association = Association(requestor=False, limits=self.config.limits)
         association.connection_made()
         session = Session(
             association,
-            reader,
-            writer,
+            connection,
             services=self.services,
             timeouts=self.config.timeouts,
             spool_dir=self.config.spool_dir,
@@ -244,7 +240,8 @@ class Server:
         """Close a connection that never associated; log and count why."""
         session.outcome = f"closed: {why}"
         self._count_drop(session.peer, why, detail)
-        session.writer.transport.abort()
+        if session.connection.transport is not None:
+            session.connection.transport.abort()
 
     def _count_drop(self, peer: str, why: str, detail: str | None) -> None:
         self._count(why)
@@ -321,7 +318,7 @@ class Server:
             calling_ae=session.calling_ae,
             called_ae=session.called_ae,
             implementation=f"{class_uid} {version}".strip(),
-            tls=session.writer.get_extra_info("ssl_object") is not None,
+            tls=session.connection.get_extra_info("ssl_object") is not None,
             user=identity.primary.decode("utf-8", "replace") if identity is not None else None,
             contexts_proposed=len(request.presentation_context_definition_list),
             contexts_accepted=len(negotiated.accepted),

@@ -4,6 +4,11 @@ All protocol decisions live in the sans-I/O `Association`; a `Session` only read
 socket, feeds it, writes what it returns, and routes complete messages: requests to the
 registered services, responses to whoever awaits them (by Message ID Being Responded
 To), C-CANCEL to the operation it names. One reader task per association, no threads.
+
+Bytes that arrive while the reader task is idle are first handled at once, in the
+connection's callback (`_receive_now`): responses, C-CANCEL and requests whose service
+answers without awaiting (C-ECHO) need no task wake-up. Anything else is handed, in
+order, to the reader task.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from minipacs.net.association import (
     ReleaseRequested,
 )
 from minipacs.net.commands import C_CANCEL_RQ, Command, command_name
+from minipacs.net.connection import Connection
 from minipacs.net.dimse import DimseMessage, FramedDataset
 from minipacs.net.observer import Observer
 from minipacs.net.operations import (
@@ -38,8 +44,6 @@ from minipacs.net.operations import (
 )
 
 log = logging.getLogger("minipacs.net")
-
-READ_SIZE = 256 * 1024
 
 
 @dataclass
@@ -56,8 +60,7 @@ class Session:
     def __init__(
         self,
         association: Association,
-        reader: asyncio.StreamReader,
-        writer: asyncio.StreamWriter,
+        connection: Connection,
         *,
         services: Mapping[int, Service],
         timeouts: Timeouts,
@@ -67,8 +70,7 @@ class Session:
         observer: Observer | None = None,
     ) -> None:
         self.association = association
-        self.reader = reader
-        self.writer = writer
+        self.connection = connection
         self.services = services
         self.timeouts = timeouts
         self.spool_dir = spool_dir
@@ -99,6 +101,8 @@ class Session:
         self._watchdog: asyncio.TimerHandle | None = None
         self._watching_artim = False
         self._timed_out = False
+        self._loop = asyncio.get_running_loop()
+        connection.receive_now = self._receive_now
 
     # Writing.
 
@@ -107,9 +111,8 @@ class Session:
         buffers = self.association.data_to_send()
         if not buffers:
             return
-        # The transport itself, not StreamWriter's one-line wrappers: this runs per message.
-        transport = self.writer.transport
-        if transport.is_closing():
+        transport = self.connection.transport
+        if transport is None or transport.is_closing():
             return
         if len(buffers) <= 4:
             # One write of a small joined message beats writelines' per-buffer overhead.
@@ -132,13 +135,18 @@ class Session:
                 self.association.send_message(context_id, command, dataset)
         else:
             self.association.send_message(context_id, command, dataset)
-        await self._drain()
+        self.flush()
+        if self.connection.write_paused:
+            await self.connection.drain()
+
+    def send_now(self, context_id: int, command: Command, dataset: bytes | None = None) -> None:
+        """Send one DIMSE message without waiting; only where no data set is being streamed."""
+        self.association.send_message(context_id, command, dataset)
+        self.flush()
 
     async def _drain(self) -> None:
         self.flush()
-        if self.writer.transport.get_write_buffer_size() > 0:
-            with contextlib.suppress(ConnectionError):
-                await self.writer.drain()
+        await self.connection.drain()
 
     async def request_streamed(
         self,
@@ -194,7 +202,8 @@ class Session:
     @property
     def write_backlog(self) -> int:
         """Bytes written but not yet taken by the kernel: await `drain` when not 0."""
-        return self.writer.transport.get_write_buffer_size()
+        transport = self.connection.transport
+        return 0 if transport is None else transport.get_write_buffer_size()
 
     async def drain(self) -> None:
         """Wait until the transport can take more."""
@@ -229,33 +238,31 @@ class Session:
             self.outcome = f"aborted: {why}"
         self.association.abort()
         self.flush()
-        self.writer.close()
+        self.connection.close()
 
     # Reading.
 
     async def run(self) -> None:
         """Read and dispatch until the association ends, then clean up."""
         association = self.association
-        loop = asyncio.get_running_loop()
+        loop = self._loop
         self._arm_watchdog()
         try:
             while not association.finished and not association.should_close:
-                try:
-                    data = await self.reader.read(READ_SIZE)
-                except ConnectionError:
-                    data = b""
+                item = await self.connection.next_item()
                 if self._timed_out:
                     await self._on_timeout()
                     break
-                if not data:
+                if isinstance(item, list):
+                    # Parsed by the fast path, left to this task (bytes already counted).
+                    events = item
+                elif not item:
                     await self._handle(association.connection_lost())
                     break
-                if not association.artim_running:
-                    # PS3.8 9.1.5: bytes do not restart ARTIM, or a peer trickling a
-                    # byte a second would never send a whole A-ASSOCIATE-RQ nor time out.
-                    self._last_activity = loop.time()
-                self.bytes_received += len(data)
-                await self._handle(association.receive_data(data))
+                else:
+                    self._note_bytes(item)
+                    events = association.receive_data(item)
+                await self._handle(events)
                 pending = association.assembler.needs_spill
                 if pending is not None:
                     await loop.run_in_executor(None, pending.spill, self.spool_dir)
@@ -268,6 +275,60 @@ class Session:
             if self._watchdog is not None:
                 self._watchdog.cancel()
             await self._finish()
+
+    def _note_bytes(self, data: bytes) -> None:
+        if not self.association.artim_running:
+            # PS3.8 9.1.5: bytes do not restart ARTIM, or a peer trickling a
+            # byte a second would never send a whole A-ASSOCIATE-RQ nor time out.
+            self._last_activity = self._loop.time()
+        self.bytes_received += len(data)
+
+    def _receive_now(self, data: bytes) -> bool:
+        """Handle bytes inside the connection's callback; False: leave them to the task."""
+        association = self.association
+        # Only in data transfer, and never between the fragments of a streamed data set.
+        if not association.established or self._streaming.locked():
+            return False
+        self._note_bytes(data)
+        events = association.receive_data(data)
+        for index, event in enumerate(events):
+            if type(event) is not MessageReceived or not self._dispatch_now(event.message):
+                self.connection.hand_on(events[index:])
+                break
+        else:
+            if association.assembler.needs_spill is not None or association.should_close:
+                # The task spills, or leaves its loop; an empty list just wakes it.
+                self.connection.hand_on([])
+        self.flush()
+        return True
+
+    def _dispatch_now(self, message: DimseMessage) -> bool:
+        """Route or answer a message without awaiting; False when that takes the task."""
+        command = message.command
+        field = command["CommandField"]
+        if field & 0x8000 or field == C_CANCEL_RQ:  # type: ignore[operator]
+            self._on_message_now(message)
+            return True
+        service = self.services.get(field)  # type: ignore[call-overload]
+        context = self.association.contexts[message.context_id]
+        if (
+            service is None
+            or service.answer is None
+            or message.dataset is not None
+            or not context.we_are_scp
+        ):
+            return False
+        operation = Operation(self, message, context)
+        self.requests_served += 1
+        try:
+            service.answer(operation)
+        except Exception as exc:
+            log.exception(
+                "service failed for %s from %s", command_name(operation.command), self.peer
+            )
+            if not operation.finished:
+                operation.answer(PROCESSING_FAILURE, error_comment=f"processing failure: {exc}")
+        return True
 
     def _arm_watchdog(self) -> None:
         # One timer per association, re-armed only when it fires or ARTIM starts/stops:
@@ -291,7 +352,7 @@ class Session:
             self._last_activity = loop.time()
         if loop.time() - self._last_activity >= timeout:
             self._timed_out = True
-            self.reader.feed_eof()
+            self.connection.feed_eof()
             return
         self._arm_watchdog()
 
@@ -319,9 +380,9 @@ class Session:
         if self._release_done is not None and not self._release_done.done():
             self._release_done.set_result(None)
         self.flush()
-        self.writer.close()
+        self.connection.close()
         with contextlib.suppress(Exception):
-            await self.writer.wait_closed()
+            await self.connection.wait_closed()
         self.ended.set()
 
     async def _handle(self, events: list[AssociationEvent]) -> None:
@@ -363,30 +424,35 @@ class Session:
         for task in self._tasks:
             task.cancel()
 
+    def _on_message_now(self, message: DimseMessage) -> None:
+        """Route a response to its requester, or a C-CANCEL to its operation."""
+        command = message.command
+        responded_to = int(command.get("MessageIDBeingRespondedTo", -1))  # type: ignore[call-overload]
+        if int(command["CommandField"]) == C_CANCEL_RQ:  # type: ignore[call-overload]
+            # PS3.7 9.3.2.3: C-CANCEL names the operation by Message ID Being Responded To.
+            target = self._operations.get(responded_to)
+            if target is not None:
+                target.cancelled.set()
+            return
+        queue = self._waiters.get(responded_to)
+        if queue is None:
+            log.warning(
+                "unsolicited %s for message %s from %s",
+                command_name(command),
+                responded_to,
+                self.peer,
+            )
+            return
+        queue.put_nowait(message)
+        callback = self._on_answer.pop(responded_to, None)
+        if callback is not None:
+            callback()
+
     async def _on_message(self, message: DimseMessage) -> None:
         command = message.command
         field = int(command["CommandField"])  # type: ignore[call-overload]
-        if field & 0x8000:
-            responded_to = int(command.get("MessageIDBeingRespondedTo", -1))  # type: ignore[call-overload]
-            queue = self._waiters.get(responded_to)
-            if queue is None:
-                log.warning(
-                    "unsolicited %s for message %s from %s",
-                    command_name(command),
-                    responded_to,
-                    self.peer,
-                )
-                return
-            queue.put_nowait(message)
-            callback = self._on_answer.pop(responded_to, None)
-            if callback is not None:
-                callback()
-            return
-        if field == C_CANCEL_RQ:
-            # PS3.7 9.3.2.3: C-CANCEL names the operation by Message ID Being Responded To.
-            target = self._operations.get(int(command.get("MessageIDBeingRespondedTo", -1)))  # type: ignore[call-overload]
-            if target is not None:
-                target.cancelled.set()
+        if field & 0x8000 or field == C_CANCEL_RQ:
+            self._on_message_now(message)
             return
         context = self.association.contexts[message.context_id]
         operation = Operation(self, message, context)

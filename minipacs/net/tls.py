@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final
 
+from minipacs.net.connection import Connection
+
 # PS3.15 B.10's four (RFC 7525 4.2), as named by OpenSSL: ECDHE/DHE key exchange, AES-GCM.
 BCP195_CIPHERS: Final = ":".join(
     (
@@ -68,12 +70,12 @@ def client_context(
     return context
 
 
-Connected = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+Connected = Callable[[Connection], Awaitable[None]]
 
 
 @dataclass(eq=False)
 class TlsListener:
-    """Accepts TCP connections and hands each on as streams once its TLS handshake is done.
+    """Accepts TCP connections and hands each on once its TLS handshake is done.
 
     Not asyncio.start_server(ssl=...): a failed handshake there is dropped silently, and
     StreamWriter.start_tls after accepting loses the ClientHello on uvloop (it reads
@@ -88,7 +90,6 @@ class TlsListener:
     context: ssl.SSLContext
     handshake_timeout: float
     max_handshakes: int
-    limit: int
     sock: socket.socket | None = field(default=None, init=False)
     _accepting: asyncio.Task[None] | None = field(default=None, init=False)
     _closing: bool = field(default=False, init=False)
@@ -124,9 +125,8 @@ class TlsListener:
 
     async def _handshake(self, connection: socket.socket, peer: str) -> None:
         loop = asyncio.get_running_loop()
-        reader = asyncio.StreamReader(limit=self.limit, loop=loop)
         # The callback runs (as its own task) only once the handshake succeeded.
-        protocol = asyncio.StreamReaderProtocol(reader, self.connected, loop=loop)
+        protocol = Connection(self.connected)
         try:
             await loop.connect_accepted_socket(
                 lambda: protocol,

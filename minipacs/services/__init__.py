@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from minipacs.net.commands import C_ECHO_RQ, C_FIND_RQ, C_GET_RQ, C_MOVE_RQ, C_STORE_RQ
 from minipacs.net.operations import Service
-from minipacs.services.echo import handle_echo
+from minipacs.services.echo import answer_echo, handle_echo
 from minipacs.services.find import FindService
 from minipacs.services.get import GetService
 from minipacs.services.move import MoveService
@@ -18,7 +18,7 @@ def build_services(
     get: GetService | None = None,
 ) -> dict[int, Service]:
     """The Command Field -> Service table the server dispatches requests with."""
-    services = {C_ECHO_RQ: Service(handle_echo)}
+    services = {C_ECHO_RQ: Service(handle_echo, answer=answer_echo)}
     if store is not None:
         services[C_STORE_RQ] = Service(store.handle)
     # Concurrent: the reader must see C-CANCEL (and C-GET's C-STORE-RSPs) while they run.
