@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from minipacs.storage import groupflush
+from minipacs.storage.filestore import FileStore
 from minipacs.storage.groupflush import GroupFlush
 
 pytestmark = pytest.mark.skipif(not groupflush.available(), reason="no syncfs(2) here")
@@ -88,4 +89,58 @@ def test_files_are_readable_and_whole_after_a_real_flush(tmp_path: Path) -> None
     group.flush()
     assert group.flushes == 1
     assert (tmp_path / "a.dcm").stat().st_size == 100_000
+    group.close()
+
+
+def test_a_leader_that_raises_fails_its_waiters_too(tmp_path: Path) -> None:
+    group = GroupFlush(tmp_path)
+
+    def broken(fd: int) -> int:
+        time.sleep(0.05)
+        raise RuntimeError("simulated crash inside the flush")
+
+    group._syncfs = broken  # type: ignore[assignment]
+    outcomes: list[str] = []
+
+    def flush() -> None:
+        try:
+            group.flush()
+            outcomes.append("ok")
+        except (OSError, RuntimeError) as exc:
+            outcomes.append(type(exc).__name__)
+
+    threads = [threading.Thread(target=flush) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(10)
+    assert "ok" not in outcomes and len(outcomes) == 4
+    group.close()
+
+
+def test_group_flushes_are_refused_where_syncfs_cannot_be_trusted(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(groupflush, "_kernel", lambda: (5, 4))
+    assert "5.8" in str(groupflush.unsupported(tmp_path))
+    monkeypatch.setattr(groupflush, "_kernel", lambda: (6, 1))
+    monkeypatch.setattr(groupflush, "filesystem_type", lambda folder: "fuse.sshfs")
+    assert "fuse.sshfs" in str(groupflush.unsupported(tmp_path))
+    # The store then flushes file by file, and says so.
+    store = FileStore(tmp_path / "store", tmp_path / "spool", 0, flush="filesystem")
+    assert store._group is None
+
+
+def test_a_failure_since_a_file_was_written_fails_its_flush(tmp_path: Path) -> None:
+    # Writeback of the file may fail during an earlier group's flush, which reports it.
+    group = GroupFlush(tmp_path)
+    calls: list[float] = []
+    mark = group.mark()
+    group._syncfs = _slow_syncfs(calls, fail=True)  # type: ignore[assignment]
+    with pytest.raises(OSError):
+        group.flush()
+    group._syncfs = _slow_syncfs(calls)  # type: ignore[assignment]
+    group.flush()  # a caller that wrote after the failure is fine
+    with pytest.raises(OSError):
+        group.flush(since=mark)
     group.close()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import sys
 from dataclasses import replace
 from datetime import UTC, datetime
@@ -237,3 +238,32 @@ def test_raw_values_give_the_record_pydicom_conversion_gives() -> None:
         assert _bare_record(raw) == expected, path.name
         compared += 1
     assert compared > 50
+
+
+@pytest.mark.parametrize(
+    ("keyword", "raw", "expected"),
+    [
+        ("StudyDescription", b"A\\ B ", "A\\ B"),
+        ("StudyDescription", b" A \\B\0", "A\\B"),
+        ("PatientName", b"DOE^J\\ SMITH ", "DOE^J\\ SMITH"),
+        ("SeriesNumber", b"+-5 ", None),
+        ("SeriesNumber", b"--5", None),
+        ("SeriesNumber", b" +12 ", 12),
+        ("SeriesNumber", b"1.0 ", 1),
+        ("SeriesNumber", b"99999999999", None),
+    ],
+)
+def test_raw_values_that_need_care(keyword: str, raw: bytes, expected: object) -> None:
+    # Each value through the raw path and through pydicom's conversion: the same record.
+    ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"), stop_before_pixels=True)
+    vr = {"StudyDescription": "LO", "PatientName": "PN", "SeriesNumber": "IS"}[keyword]
+    tag = pydicom.datadict.tag_for_keyword(keyword)
+    ds[tag] = pydicom.dataelem.RawDataElement(Tag(tag), vr, len(raw), raw, 0, False, True)
+    converted = copy.deepcopy(ds)
+    for _ in converted:
+        pass
+    field = {"StudyDescription": "study_description", "PatientName": "patient_name"}.get(
+        keyword, "series_number"
+    )
+    assert getattr(_bare_record(ds), field) == expected
+    assert getattr(_bare_record(converted), field) == expected

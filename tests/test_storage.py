@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import subprocess
@@ -268,11 +269,11 @@ def test_cleanup_temp_spares_live_writers(tmp_path: Path) -> None:
     store = _store(tmp_path)
     tmp = tmp_path / "store" / ".tmp"
     # This process's own in-flight file, and one of a live process on another node.
-    own = tmp / f"{filestore._HOST}~{os.getpid()}~{filestore._RUN_TOKEN}~1.part"
+    own = tmp / f"{filestore.HOST}~{os.getpid()}~{filestore._RUN_TOKEN}~1.part"
     other_node = tmp / "otherhost~123~abcd1234~2.part"
     # Left by an earlier run of this process's PID (a restarted container), by a dead
     # node long ago, and an old spool file; a fresh spool file belongs to a live receive.
-    earlier_run = tmp / f"{filestore._HOST}~{os.getpid()}~00000000~3.part"
+    earlier_run = tmp / f"{filestore.HOST}~{os.getpid()}~00000000~3.part"
     dead_node = tmp / "deadhost~77~abcd1234~4.part"
     old_spool = tmp_path / "spool" / "rx-old.spool"
     new_spool = tmp_path / "spool" / "rx-new.spool"
@@ -362,4 +363,22 @@ def test_staging_onto_an_existing_file_replaces_it_flushed_first(
     assert isinstance(placed, filestore.StoredFile)
     assert flushed
     assert store.path(rel).read_bytes() == b"new"
+    assert list((tmp_path / "store" / ".tmp").iterdir()) == []
+
+
+def test_without_hard_links_files_are_flushed_before_the_rename(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = _store(tmp_path)
+
+    def no_links(*_: object) -> None:
+        raise OSError(errno.EPERM, "simulated filesystem without hard links")
+
+    monkeypatch.setattr(os, "link", no_links)
+    for n, sop in enumerate((SOP, SOP + ".1")):
+        rel = instance_path(STUDY, SERIES, sop)
+        placed = store.stage_instance(rel, b"", b"data")
+        # Durable already, and not a replacement: a failing index may remove it again.
+        assert isinstance(placed, filestore.StoredFile) and not placed.replaced, n
+        assert store.path(rel).read_bytes() == b"data"
     assert list((tmp_path / "store" / ".tmp").iterdir()) == []

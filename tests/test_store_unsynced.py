@@ -12,6 +12,7 @@ import errno
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pydicom
@@ -26,7 +27,7 @@ from minipacs.config import Settings, load_settings
 from minipacs.index.db import make_engine
 from minipacs.index.models import Instance, Series, Study, UnsyncedFile
 from minipacs.index.recover import recover
-from minipacs.storage.filestore import WRITER_ID, FileStore
+from minipacs.storage.filestore import WRITER_ID, FileStore, StagedFile
 from tests.servers import free_port
 
 CT = get_testdata_file("CT_small.dcm")
@@ -154,10 +155,10 @@ def _settings(tmp_path: Path, db_url: str) -> Settings:
     )
 
 
-def _c_store(port: int, path: str) -> int:
+def _c_store(port: int, path: str, calling_ae: str = "FLUSHTEST") -> int:
     """One C-STORE with pynetdicom; its status."""
     ds = pydicom.dcmread(path)
-    ae = AE(ae_title="FLUSHTEST")
+    ae = AE(ae_title=calling_ae)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 20
     ae.add_requested_context(ds.SOPClassUID, ds.file_meta.TransferSyntaxUID)
     assoc = ae.associate("127.0.0.1", port, ae_title="MINIPACS")
@@ -203,3 +204,52 @@ def test_a_failed_flush_answers_out_of_resources_and_keeps_nothing(
     assert _counts(engine) == (0, 0, 0)
     store = FileStore(tmp_path / "store", tmp_path / "spool", 0, fsync=False)
     assert list(store.iter_files()) == []
+
+
+def test_the_same_instance_stored_twice_at_once_is_answered_after_it_is_durable(
+    tmp_path: Path, db_url: str, engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The first store is held in its flush; a retry of it arriving meanwhile must neither
+    # be told "stored" before that flush ends nor put its own file under the first's row.
+    real_sync = FileStore.sync_staged
+    flushed_at: list[float] = []
+
+    def slow_sync(self: FileStore, staged: StagedFile) -> object:
+        time.sleep(1.0)
+        result = real_sync(self, staged)
+        flushed_at.append(time.monotonic())
+        return result
+
+    monkeypatch.setattr(FileStore, "sync_staged", slow_sync)
+
+    async def scenario() -> list[tuple[int, float]]:
+        settings = _settings(tmp_path, db_url)
+        archive = await asyncio.to_thread(open_archive, settings)
+        server = build_server(settings, archive)
+        await server.start()
+
+        def timed(calling_ae: str) -> tuple[int, float]:
+            status = _c_store(server.port, CT, calling_ae)
+            return status, time.monotonic()
+
+        try:
+            first = asyncio.create_task(asyncio.to_thread(timed, "FIRSTTRY"))
+            await asyncio.sleep(0.3)
+            second = asyncio.create_task(asyncio.to_thread(timed, "RETRY"))
+            return list(await asyncio.wait_for(asyncio.gather(first, second), 60))
+        finally:
+            await server.shutdown(1.0)
+            await archive.close()
+
+    (status1, _), (status2, answered2) = asyncio.run(scenario())
+    assert (status1, status2) == (0x0000, 0x0000)
+    assert len(flushed_at) == 1  # keep-first: the retry wrote nothing
+    assert answered2 >= flushed_at[0]
+    assert _counts(engine) == (1, 1, 0)
+    store = FileStore(tmp_path / "store", tmp_path / "spool", 0, fsync=False)
+    with Session(engine) as session:
+        rel_path, size = session.execute(select(Instance.rel_path, Instance.size)).one()
+    assert store.path(rel_path).stat().st_size == size
+    assert pydicom.dcmread(store.path(rel_path)).file_meta.SourceApplicationEntityTitle == (
+        "FIRSTTRY"
+    )

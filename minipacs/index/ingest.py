@@ -534,8 +534,8 @@ def apply_record(session: Session, record: InstanceRecord, duplicate_policy: str
 def withdraw(session: Session, sop_uid: str, rel_path: str) -> bool:
     """Remove an instance row (counts kept, emptied levels pruned) if it still names rel_path.
 
-    For a row whose file never became durable: nobody was told it was stored. A row that
-    names another path is a later store's, and stays.
+    For a row whose file never became durable, so that no success was sent for it. A row
+    that names another path is a later store's, and stays.
     """
     _lock_instances(session, [sop_uid])
     row = session.execute(

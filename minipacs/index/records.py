@@ -32,6 +32,7 @@ from minipacs.storage.uids import InvalidUID, validate_uid
 HEADER_MAX = 256 * 1024
 _INT32 = range(-(2**31), 2**31)  # IS range, PS3.5 Table 6.2-1
 _DA = re.compile(r"\d{8}")
+_IS = re.compile(r"[+-]?\d+")
 _TM = re.compile(r"\d{2}(?:\d{2}(?:\d{2}(?:\.\d{1,6})?)?)?")
 # Every attribute record_from_dataset reads (tests check it reads no other): a received
 # data set is decoded only this far (dataset.inspect).
@@ -178,7 +179,8 @@ class _Values:
         raw = self._raw_text(_TAGS[keyword]) if self.ascii_ok else None
         if raw is not None:
             if "\\" in raw:
-                raw = "\\".join(v.strip(" \0") for v in raw.split("\\"))
+                # pydicom drops each value's trailing padding and keeps leading spaces.
+                raw = "\\".join(v.rstrip(" \0") for v in raw.split("\\"))
             # PostgreSQL text cannot hold NUL, and some senders pad with it.
             return raw.replace("\0", "").strip()[:limit]
         value = self.ds.get(keyword)
@@ -213,7 +215,7 @@ class _Values:
                 return int(_US[raw.is_little_endian].unpack(raw.value)[0])
             if tag not in _BINARY and raw.value.isascii():
                 text = raw.value.decode("ascii").strip(" \0")
-                if text.lstrip("+-").isdigit():
+                if _IS.fullmatch(text):
                     number = int(text)
                     return number if number in _INT32 else None
         value = self.ds.get(keyword)

@@ -3,16 +3,19 @@
 Unsynced rows (models.UnsyncedFile) come first: an instance row committed while its file
 was still being flushed. No success was sent for it unless the flush finished, so a row
 whose file is whole stays and one whose file is missing or short (a power loss before
-the flush) is withdrawn, with its file. Whole means the size the row recorded and a File
-Meta and header that parse: a filesystem that keeps data ordered (ext4, XFS) shows an
-unflushed file shorter, never longer with garbage.
+the flush) is withdrawn, with its file. Whole means the size the row recorded and a
+data set whose every element length checks out to the last byte: a filesystem that
+keeps data ordered (ext4, XFS) shows an unflushed file shorter, never longer with
+garbage. A file that cannot be read for another reason (permissions, I/O) keeps its
+listing and its row, and is reported.
 
-Then journals: files renamed into the store by a writer that died before its index
-commit. Such a file is complete and durable (it was fsynced before the rename) but no C-STORE was
-acknowledged for it. It is indexed under "keep-first" (a retry of the same store by the
-sender then finds it stored); if the index already holds that SOP Instance UID at another
-path (a "replace" that never committed), the file is removed instead. Run at start, before
-accepting associations, on each node: a node recovers the journals of its own host.
+Then journals: files put into the store by a writer that died before its index commit.
+Such a file is complete (a process crash loses no written data; a short one fails to
+read and is reported) but no C-STORE was acknowledged for it. It is indexed under
+"keep-first" (a retry of the same store by the sender then finds it stored); if the
+index already holds that SOP Instance UID at another path (a "replace" that never
+committed), the file is removed instead. Run at start, before accepting associations,
+on each node: a node recovers the journals of its own host.
 """
 
 from __future__ import annotations
@@ -22,11 +25,13 @@ from dataclasses import dataclass, field
 from sqlalchemy import Engine, delete, select
 from sqlalchemy.orm import Session
 
+from minipacs import dataset as dicom
+from minipacs.dataset import read_part10
 from minipacs.index.db import write_session
 from minipacs.index.ingest import apply_records, withdraw
 from minipacs.index.models import Instance, UnsyncedFile
 from minipacs.index.reindex import read_record
-from minipacs.storage.filestore import FileStore, writer_is_dead
+from minipacs.storage.filestore import HOST, FileStore, writer_is_dead
 from minipacs.storage.layout import sop_uid_of
 
 # A file whose mtime is later than its journal's last entry (plus this margin, seconds) was
@@ -54,27 +59,38 @@ def _indexed_paths(engine: Engine, rel_paths: list[str]) -> set[str]:
         return set(connection.scalars(select(Instance.rel_path).where(Instance.sop_uid.in_(uids))))
 
 
-def _is_whole(store: FileStore, rel_path: str, size: int) -> bool:
-    """Whether the file at rel_path has the recorded size and a readable header."""
+def _is_whole(store: FileStore, rel_path: str, size: int) -> bool | None:
+    """Whether the file has the recorded size and a data set whose every length checks out.
+
+    None when that cannot be told now (an I/O or permission error): nothing is removed.
+    """
+    path = store.path(rel_path)
     try:
-        stat = store.path(rel_path).stat()
-        if stat.st_size != size:
+        if path.stat().st_size != size:
             return False
-        read_record(store, rel_path, stat)
-    except Exception:  # missing, short or unreadable: all mean the flush never finished
+        read_part10(path, ())
+    except (FileNotFoundError, dicom.DataSetError):
         return False
+    except Exception:  # I/O, permissions, or a parse failure of a file of the right size
+        return None
     return True
 
 
-def _settle_unsynced(session: Session, store: FileStore, row: UnsyncedFile) -> bool:
-    """Keep or withdraw one unsynced row in the session; True if its file must go."""
+def _settle_unsynced(session: Session, store: FileStore, row: UnsyncedFile) -> bool | None:
+    """Keep or withdraw one unsynced row in the session; True if its file must go.
+
+    None leaves the listing for a later start: its file could not be read.
+    """
     size = session.scalar(
         select(Instance.size).where(
             Instance.sop_uid == row.sop_uid, Instance.rel_path == row.rel_path
         )
     )
+    whole = True if size is None else _is_whole(store, row.rel_path, size)
+    if whole is None:
+        return None
     session.execute(delete(UnsyncedFile).where(UnsyncedFile.token == row.token))
-    if size is None or _is_whole(store, row.rel_path, size):
+    if whole:
         return False
     return withdraw(session, row.sop_uid, row.rel_path)
 
@@ -82,13 +98,16 @@ def _settle_unsynced(session: Session, store: FileStore, row: UnsyncedFile) -> b
 def _recover_unsynced(store: FileStore, engine: Engine, report: RecoveryReport) -> None:
     """Settle the unsynced rows of this host's dead writers (see the module docstring)."""
     with Session(engine) as session:
-        rows = [r for r in session.scalars(select(UnsyncedFile)) if writer_is_dead(r.writer)]
+        ours = select(UnsyncedFile).where(UnsyncedFile.writer.startswith(f"{HOST}~"))
+        rows = [r for r in session.scalars(ours) if writer_is_dead(r.writer)]
         session.expunge_all()
     for row in rows:
         report.checked += 1
         with write_session(engine) as session, session.begin():
             remove = _settle_unsynced(session, store, row)
-        if remove:
+        if remove is None:
+            report.failed.append((row.rel_path, "unreadable; its unsynced listing is kept"))
+        elif remove:
             store.remove(row.rel_path)
             report.withdrawn.append(row.rel_path)
 

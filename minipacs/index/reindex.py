@@ -12,7 +12,7 @@ from sqlalchemy import Engine, delete
 from minipacs.dataset import read_part10
 from minipacs.index.db import write_session
 from minipacs.index.ingest import InstanceRecord, apply_records, record_from_dataset
-from minipacs.index.models import Instance, Patient, Series, Study
+from minipacs.index.models import Instance, Patient, Series, Study, UnsyncedFile
 from minipacs.index.records import INDEXED_TAGS
 from minipacs.storage.filestore import FileStore
 
@@ -94,7 +94,8 @@ def reindex(
     total = report.files = len(found) + len(report.failed)
     if clear:
         with write_session(engine) as session, session.begin():
-            for model in (Instance, Series, Study, Patient):
+            # Unsynced listings name rows of the index being rebuilt from the files.
+            for model in (UnsyncedFile, Instance, Series, Study, Patient):
                 session.execute(delete(model))
     done = len(report.failed)
     for start in range(0, len(found), batch_size):

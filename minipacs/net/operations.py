@@ -115,9 +115,7 @@ class Operation:
         """Send a response to this request; a non-Pending status ends the operation."""
         response = self._response(status, dataset, error_comment, fields)
         await self.session.send(self.message.context_id, response, dataset)
-        if not is_pending(status):
-            self.finished = True
-            self._log(status, error_comment)
+        self._sent(status, error_comment)
 
     def answer(
         self,
@@ -130,6 +128,10 @@ class Operation:
         """Send a response without waiting for the transport (see Session.send_now)."""
         response = self._response(status, dataset, error_comment, fields)
         self.session.send_now(self.message.context_id, response, dataset)
+        self._sent(status, error_comment)
+
+    def _sent(self, status: int, error_comment: str | None) -> None:
+        """A response went out: a final one ends (and logs) the operation."""
         if not is_pending(status):
             self.finished = True
             self._log(status, error_comment)

@@ -65,6 +65,16 @@ class StoreRefused(Exception):
         self.status = status
 
 
+@dataclass(frozen=True)
+class _Prepared:
+    """A C-STORE-RQ checked and decoded: what its file and its index row will hold."""
+
+    record: InstanceRecord
+    rel_path: str
+    meta: bytes
+    source: bytes | Path
+
+
 @dataclass
 class Written:
     """A file made durable, and the index record that describes it."""
@@ -103,9 +113,19 @@ class StoreService:
     def _store(self, operation: Operation) -> tuple[int, str | None]:
         """Write, flush and index one instance (blocking); return (status, Error Comment)."""
         try:
-            written = self._write(operation)
+            prepared = self._prepare(operation)
         except StoreRefused as refused:
             return refused.status, str(refused)
+        except OSError as exc:  # a spooled data set that cannot be read back
+            log.exception("store read failed")
+            return OUT_OF_RESOURCES, f"cannot read the data set: {exc}"
+        with self.store.claim(prepared.rel_path):
+            return self._store_claimed(prepared)
+
+    def _store_claimed(self, prepared: _Prepared) -> tuple[int, str | None]:
+        """_store once no other thread of ours stores the same path."""
+        try:
+            written = self._write(prepared)
         except OutOfSpace as exc:
             return OUT_OF_RESOURCES, str(exc)
         except OSError as exc:
@@ -193,11 +213,8 @@ class StoreService:
         with Session(self.engine) as session:
             return instance_path_of(session, sop_uid) is not None
 
-    def _write(self, operation: Operation) -> Written | None:
-        """Validate, decode and durably write one instance (blocking: executor thread).
-
-        Returns None when the instance is already stored and the policy keeps or rejects it.
-        """
+    def _prepare(self, operation: Operation) -> _Prepared:
+        """Validate and decode one C-STORE-RQ's data set (blocking: executor thread)."""
         command = operation.command
         context = operation.context
         dataset = operation.message.dataset
@@ -239,26 +256,40 @@ class StoreService:
             rel_path = instance_path(record.study_uid, record.series_uid, sop_instance)
         except InvalidUID as exc:
             raise StoreRefused(DATASET_DOES_NOT_MATCH, str(exc)) from exc
-        if self.duplicate_policy != "replace" and self._already_stored(rel_path, sop_instance):
+        meta = encode_file_meta(sop_class, sop_instance, context.transfer_syntax, calling_ae)
+        return _Prepared(record, rel_path, meta, source)
+
+    def _write(self, prepared: _Prepared) -> Written | None:
+        """Durably write (or stage) a prepared instance under the duplicate policy.
+
+        Returns None when the instance is already stored and the policy keeps or rejects it.
+        """
+        rel_path = prepared.rel_path
+        if self.duplicate_policy != "replace" and self._already_stored(
+            rel_path, prepared.record.sop_uid
+        ):
+            # The file may be another node's, indexed but still being flushed: the
+            # duplicate's answer must not precede its durability either.
+            self.store.make_durable(rel_path)
             return None
         # "replace" writes over the file of an instance already acknowledged: if the index
         # then fails, that file must stay (it is a valid version of the instance the index
         # still lists), so only a file new at its path is removed again.
         fresh = self.duplicate_policy != "replace" or not self.store.exists(rel_path)
         self.store.ensure_free_space()
-        meta = encode_file_meta(sop_class, sop_instance, context.transfer_syntax, calling_ae)
         if self.duplicate_policy == "replace":
             # The row committed for this store may replace an acknowledged one: it must
             # not name a file a power loss could still take away.
-            stored = self.store.write_instance(rel_path, meta, source)
-            record = dataclasses.replace(record, rel_path=stored.rel_path, size=stored.size)
-            return Written(record, stored.rel_path, fresh)
-        placed = self.store.stage_instance(rel_path, meta, source)
-        record = dataclasses.replace(record, rel_path=placed.rel_path, size=placed.size)
+            stored = self.store.write_instance(rel_path, prepared.meta, prepared.source)
+            record = dataclasses.replace(prepared.record, rel_path=rel_path, size=stored.size)
+            return Written(record, rel_path, fresh)
+        placed = self.store.stage_instance(rel_path, prepared.meta, prepared.source)
+        record = dataclasses.replace(prepared.record, rel_path=rel_path, size=placed.size)
         if isinstance(placed, StagedFile):
-            return Written(record, placed.rel_path, fresh, placed)
-        # A file had turned up at the path: it was replaced flushed first, as "replace" does.
-        return Written(record, placed.rel_path, fresh=False)
+            return Written(record, rel_path, fresh, placed)
+        # Flushed, then put in place: over a file that had turned up there (an orphan, or
+        # another node's), or without hard links.
+        return Written(record, rel_path, fresh=not placed.replaced)
 
 
 def _source(dataset: DataSet) -> bytes | Path:

@@ -1,17 +1,19 @@
-"""Atomic, durable instance files: write to a temp file, fsync, rename, fsync the directories.
+"""Atomic, durable instance files, written to a temp file and then put in place.
 
 write_instance flushes before the rename: a crash at any point leaves the old file, the
 new file, or an orphan temp file under ``<root>/.tmp/``; never a partial file at an
-instance's path. stage_instance + sync_staged rename first and flush after, for a path
-no file is at yet: the flush then carries data and entry at once and can overlap the
-index commit; only a power loss before the flush can leave such a file short, and the
-index lists it as unsynced until the flush is done (models.UnsyncedFile). Several nodes
-may share one store (on a network filesystem), so temp files are named after the host,
-process and process run that own them, and ``cleanup_temp`` only removes ones no live writer owns.
+instance's path. stage_instance + sync_staged link first and flush after, for a path no
+file is at yet: the flush then carries data and entry at once and can overlap the index
+commit; only a power loss before the flush can leave such a file short, and the index
+lists it as unsynced until the flush is done (models.UnsyncedFile). The flush is a group
+syncfs (storage.groupflush) or an fsync of the file and its folders. Several nodes may
+share one store (on a network filesystem), so temp files are named after the host,
+process and process run that own them, and ``cleanup_temp`` only removes ones no live
+writer owns.
 
-A file renamed into place whose index row was never committed (the process died in
-between) would be an orphan. So every writer notes the paths it is about to rename into
-a journal of its own, ``<root>/.journals/<host>~<pid>~<run>~<store>-<n>.journal``; they
+A file put in place whose index row was never committed (the process died in
+between) would be an orphan. So every writer notes the paths it is about to put in place
+in a journal of its own, ``<root>/.journals/<host>~<pid>~<run>~<store>-<n>.journal``; they
 rotate every minute and only the last two are kept, since an index commit takes far
 less. After a crash, ``dead_journals`` hands the paths of dead writers to the index's recovery
 (minipacs.index.recover), which indexes or removes each orphan. The journal is not
@@ -19,7 +21,10 @@ fsynced: it survives a process crash; after a power loss an orphan can remain, w
 reindex picks up.
 """
 
+import contextlib
+import dataclasses
 import errno
+import logging
 import os
 import re
 import secrets
@@ -37,6 +42,8 @@ from minipacs.storage import groupflush
 from minipacs.storage.groupflush import GroupFlush
 from minipacs.storage.layout import SUFFIX
 
+log = logging.getLogger("minipacs.store")
+
 _TMP = ".tmp"
 _JOURNALS = ".journals"
 _PART = ".part"
@@ -45,11 +52,24 @@ JOURNAL_ROTATE_SECONDS = 60.0
 # Files nobody has written to for this long are orphans whoever made them: a temp file is
 # written in one go, a spool file at least every idle timeout (300 s by default).
 STALE_SECONDS = 3600.0
+
+
 # A process's own run: a restarted container reuses its PID (often 1) but not this.
-_RUN_TOKEN = secrets.token_hex(4)
-_HOST = re.sub(r"[^A-Za-z0-9.-]", "_", socket.gethostname()) or "host"
+def _boot_id() -> str:
+    """This boot of the host (Linux), so that a PID from before a reboot is never alive."""
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip().replace("-", "")[:8]
+    except OSError:
+        return "nobootid"
+
+
+_BOOT = _boot_id()
+# A process's own run: a restarted container reuses its PID (often 1) but not this. Its
+# first 8 characters name the boot it began in.
+_RUN_TOKEN = _BOOT + secrets.token_hex(4)
+HOST = re.sub(r"[^A-Za-z0-9.-]", "_", socket.gethostname()) or "host"
 # This process as a writer of the store and the index: <host>~<pid>~<run>.
-WRITER_ID = f"{_HOST}~{os.getpid()}~{_RUN_TOKEN}"
+WRITER_ID = f"{HOST}~{os.getpid()}~{_RUN_TOKEN}"
 # link(2) errors of filesystems without hard links (some network and FUSE filesystems).
 _LINK_UNSUPPORTED = frozenset({errno.EPERM, errno.EOPNOTSUPP, errno.ENOSYS, errno.EXDEV})
 _SENDFILE_FALLBACK = frozenset({errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.EXDEV})
@@ -83,6 +103,8 @@ class StoredFile:
 
     rel_path: str
     size: int
+    # A file was already at the path and this one replaced it.
+    replaced: bool = False
 
 
 @dataclass(frozen=True)
@@ -92,6 +114,8 @@ class StagedFile:
     rel_path: str
     size: int
     fd: int
+    # The group flush generation before the data was written (GroupFlush.mark).
+    mark: int | None = None
 
 
 def _fsync_dir(path: Path) -> None:
@@ -121,8 +145,12 @@ def writer_is_dead(writer: str) -> bool:
     if len(fields) != 3 or not fields[1].isdigit():
         return False
     host, pid, run = fields
-    if host != _HOST or run == _RUN_TOKEN:
+    if host != HOST or run == _RUN_TOKEN:
         return False
+    if run[:8] != _BOOT:
+        # From before the last reboot (the power loss recovery is for): its PID may now
+        # belong to anyone.
+        return True
     return int(pid) == os.getpid() or not _pid_alive(int(pid))
 
 
@@ -215,6 +243,11 @@ class FileStore:
         self._journals.mkdir(exist_ok=True)
         self.spool_dir.mkdir(parents=True, exist_ok=True)
         self._durable_dirs: set[Path] = set()
+        # Paths being stored by a thread of this process, and who waits for them.
+        self._claims: dict[str, int] = {}
+        self._claims_cond = threading.Condition()
+        # False once link(2) failed for want of hard links on this filesystem.
+        self._links = True
         # Monotonic time until which the last passing free-space check stands.
         self._free_until = 0.0
         self._journal_lock = threading.Lock()
@@ -226,11 +259,13 @@ class FileStore:
         if fsync:
             _fsync_dir(self.root.parent)
             _fsync_dir(self.root)
-        self._group = (
-            GroupFlush(self.root)
-            if fsync and flush == "filesystem" and groupflush.available()
-            else None
-        )
+        self._group: GroupFlush | None = None
+        if fsync and flush == "filesystem":
+            reason = groupflush.unsupported(self.root)
+            if reason is None:
+                self._group = GroupFlush(self.root)
+            else:
+                log.warning("storage.flush = filesystem not used (%s): flushing each file", reason)
 
     def path(self, rel_path: str) -> Path:
         """Return the absolute path of a stored file."""
@@ -322,6 +357,37 @@ class FileStore:
                 if name.endswith(SUFFIX) and not name.startswith("."):
                     yield str(rel_dir / name)
 
+    @contextlib.contextmanager
+    def claim(self, rel_path: str) -> Iterator[None]:
+        """Hold rel_path for one store at a time in this process (waits for another's).
+
+        Two stores of one instance at once (a sender retrying on a new association while
+        its first try is still flushing) would otherwise see each other's unflushed file
+        as stored, or put one file over the other under the other's index row.
+        """
+        with self._claims_cond:
+            while rel_path in self._claims:
+                self._claims_cond.wait()
+            self._claims[rel_path] = threading.get_ident()
+        try:
+            yield
+        finally:
+            with self._claims_cond:
+                del self._claims[rel_path]
+                self._claims_cond.notify_all()
+
+    def make_durable(self, rel_path: str) -> None:
+        """Flush a file already in place (perhaps another node's, still unflushed)."""
+        if not self.fsync:
+            return
+        path = self.path(rel_path)
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        self._sync_entries(path.parent)
+
     def write_instance(
         self, rel_path: str, preamble_and_meta: bytes, dataset_source: DatasetSource
     ) -> StoredFile:
@@ -364,7 +430,10 @@ class FileStore:
         at the path (perhaps acknowledged, and it must survive a power loss) is replaced
         only the write_instance way, flushed first: that returns a StoredFile.
         """
+        if not self._links:
+            return self.write_instance(rel_path, preamble_and_meta, dataset_source)
         dest = self.path(rel_path)
+        mark = None if self._group is None else self._group.mark()
         tmp, fd, size = self._write_temp(preamble_and_meta, dataset_source)
         try:
             self._note_pending(rel_path)
@@ -376,23 +445,32 @@ class FileStore:
         except BaseException:
             _discard_temp(tmp, fd)
             raise
-        return StagedFile(rel_path=rel_path, size=size, fd=fd)
+        return StagedFile(rel_path=rel_path, size=size, fd=fd, mark=mark)
 
     def _replace_staged(
         self, tmp: Path, fd: int, rel_path: str, size: int, cause: OSError
     ) -> StoredFile:
         """stage_instance found a file at the path, or no hard links: flush, then rename."""
-        if not isinstance(cause, FileExistsError) and cause.errno not in _LINK_UNSUPPORTED:
-            _discard_temp(tmp, fd)
-            raise cause
-        return self._commit_temp(tmp, fd, rel_path, size)
+        if not isinstance(cause, FileExistsError):
+            if cause.errno not in _LINK_UNSUPPORTED:
+                _discard_temp(tmp, fd)
+                raise cause
+            # Not worth a failing link(2) per store from now on.
+            log.warning(
+                "no hard links on %s (%s): files are flushed before rename", self.root, cause
+            )
+            self._links = False
+        stored = self._commit_temp(tmp, fd, rel_path, size)
+        return dataclasses.replace(stored, replaced=isinstance(cause, FileExistsError))
 
     def sync_staged(self, staged: StagedFile) -> StoredFile:
         """Flush a staged file and its folders to disk; the file is durable on return."""
-        if self._group is not None:
+        group = self._group
+        if group is not None:
             os.close(staged.fd)
             # The data and every entry up to the root are dirty state of this filesystem.
-            self._group.flush()
+            group.flush(since=staged.mark)
+            self._mark_durable(self.path(staged.rel_path).parent)
             return StoredFile(rel_path=staged.rel_path, size=staged.size)
         try:
             if self.fsync:
@@ -495,6 +573,14 @@ class FileStore:
             paths = list(dict.fromkeys(line for line in text.splitlines() if line))
             found.append(DeadJournal(entry, mtime, paths))
         return found
+
+    def _mark_durable(self, directory: Path) -> None:
+        """A group flush made a folder and those above it durable: no mkdir for them again."""
+        if len(self._durable_dirs) > _DURABLE_DIRS_MAX:
+            self._durable_dirs.clear()
+        while directory != self.root and directory not in self._durable_dirs:
+            self._durable_dirs.add(directory)
+            directory = directory.parent
 
     def _sync_entries(self, directory: Path) -> None:
         """Make the renamed file's entry durable, and every not-yet-durable folder above it.
