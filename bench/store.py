@@ -1,6 +1,7 @@
 """C-STORE benchmark: instances/s and MB/s into minipacs (SQLite, PostgreSQL), storescp, Orthanc.
 
 Run: .venv/bin/python -m bench.store [--rounds 3] [--small 1000] [--ct 200] [--only a,b]
+         [--set MINIPACS_STORAGE_FSYNC=false ...]
 Clients are DCMTK storescu processes: one association sending every file, or 8 concurrent
 associations (8 processes), each sending its own files. Every round starts each server
 fresh with an empty store; rounds alternate servers; the table shows medians and the
@@ -49,7 +50,9 @@ class Scenario:
 class Servers:
     """Starts a fresh server by name; owns the shared PostgreSQL cluster if one is needed."""
 
-    def __init__(self, names: list[str]) -> None:
+    def __init__(self, names: list[str], minipacs_env: dict[str, str] | None = None) -> None:
+        # Settings for both minipacs servers (MINIPACS_... environment variables).
+        self.minipacs_env = minipacs_env or {}
         self.postgres = None
         if "minipacs-pg" in names:
             from tests.pgserver import start_postgres
@@ -60,11 +63,11 @@ class Servers:
     def start(self, name: str, associations: int) -> Iterator[Peer]:
         """A fresh server with an empty store."""
         if name == "minipacs":
-            with minipacs() as peer:
+            with minipacs(**self.minipacs_env) as peer:
                 yield peer
         elif name == "minipacs-pg":
             assert self.postgres is not None
-            with minipacs_pg(self.postgres) as peer:
+            with minipacs_pg(self.postgres, **self.minipacs_env) as peer:
                 yield peer
         elif name == "dcmtk":
             with storescp(*(["--fork"] if associations > 1 else [])) as peer:
@@ -177,7 +180,19 @@ def main() -> None:
     parser.add_argument("--ct", type=int, default=200, help="number of CT-size instances")
     parser.add_argument("--only", default=",".join(SERVERS), help="comma-separated servers")
     parser.add_argument("--no-probe", action="store_true", help="skip the latency probe")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="VAR=VALUE",
+        help="environment setting for minipacs, e.g. MINIPACS_STORAGE_FSYNC=false (repeatable)",
+    )
     args = parser.parse_args()
+    minipacs_env = dict(item.split("=", 1) for item in args.set if "=" in item)
+    if len(minipacs_env) != len(args.set) or any(
+        not name.startswith("MINIPACS_") for name in minipacs_env
+    ):
+        parser.error("--set takes MINIPACS_NAME=VALUE")
     names = [n.strip() for n in args.only.split(",") if n.strip()]
     unknown = set(names) - set(SERVERS)
     if unknown:
@@ -200,7 +215,7 @@ def main() -> None:
             Scenario("CT, 1 assoc", ct, 1),
             Scenario("CT, 8 assoc", ct, 8),
         ]
-        servers = Servers(names)
+        servers = Servers(names, minipacs_env)
         try:
             results: dict[tuple[str, str], float] = {}
             for scenario in scenarios:
