@@ -209,12 +209,18 @@ def test_unsafe_relative_paths_are_refused(tmp_path: Path, rel: str) -> None:
         store.open_instance(rel)
 
 
-def test_failed_rename_keeps_the_old_file_and_no_temp(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def _with_old_file(tmp_path: Path) -> tuple[FileStore, str]:
+    """A store holding b"old" at the test instance's path."""
     store = _store(tmp_path)
     rel = instance_path(STUDY, SERIES, SOP)
     store.write_instance(rel, b"", b"old")
+    return store, rel
+
+
+def test_failed_rename_keeps_the_old_file_and_no_temp(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store, rel = _with_old_file(tmp_path)
 
     def broken_rename(*_: object) -> None:
         raise OSError("simulated rename failure")
@@ -352,9 +358,7 @@ def test_a_staged_file_is_in_place_before_its_flush_and_durable_after(
 def test_staging_onto_an_existing_file_replaces_it_flushed_first(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    store = _store(tmp_path)
-    rel = instance_path(STUDY, SERIES, SOP)
-    store.write_instance(rel, b"", b"old")
+    store, rel = _with_old_file(tmp_path)
     flushed: list[int] = []
     real_fsync = os.fsync
     monkeypatch.setattr(os, "fsync", lambda fd: (flushed.append(fd), real_fsync(fd))[1])

@@ -117,17 +117,13 @@ class Operation:
         await self.session.send(self.message.context_id, response, dataset)
         self._sent(status, error_comment)
 
-    def answer(
-        self,
-        status: int,
-        dataset: bytes | None = None,
-        *,
-        error_comment: str | None = None,
-        **fields: object,
-    ) -> None:
-        """Send a response without waiting for the transport (see Session.send_now)."""
-        response = self._response(status, dataset, error_comment, fields)
-        self.session.send_now(self.message.context_id, response, dataset)
+    def answer(self, status: int, error_comment: str | None = None) -> None:
+        """Send a final response without a data set, not waiting for the transport.
+
+        For services answering inside the connection's callback (see Session.send_now).
+        """
+        response = self._response(status, None, error_comment, {})
+        self.session.send_now(self.message.context_id, response)
         self._sent(status, error_comment)
 
     def _sent(self, status: int, error_comment: str | None) -> None:
