@@ -41,7 +41,7 @@ from sqlalchemy import (
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
-from minipacs.index.models import Base, Instance, Patient, Series, Study
+from minipacs.index.models import Base, Instance, Patient, Series, Study, UnsyncedFile
 from minipacs.index.records import (
     IngestError,
     InstanceRecord,
@@ -56,6 +56,7 @@ __all__ = [
     "InstanceRecord",
     "apply_record",
     "apply_records",
+    "drop_unsynced",
     "instance_path_of",
     "normalise_name",
     "record_from_dataset",
@@ -220,6 +221,10 @@ _LOOKUP = union_all(
     .where(_SERIES.c.series_uid.in_(bindparam("series_uids", expanding=True))),
 )
 _INSERT_INSTANCES = insert(_INSTANCES)
+_UNSYNCED = UnsyncedFile.__table__
+_DELETE_UNSYNCED = delete(_UNSYNCED).where(
+    _UNSYNCED.c.token.in_(bindparam("tokens", expanding=True))
+)
 # Volatile functions in the select list run after ORDER BY: locks are taken in key order.
 _LOCK_KEYS = text(
     "SELECT pg_advisory_xact_lock(k) FROM unnest(CAST(:keys AS bigint[])) AS t(k) ORDER BY k"
@@ -553,6 +558,12 @@ def withdraw(session: Session, sop_uid: str, rel_path: str) -> bool:
     pending.flush(session)
     _prune(session, chain)
     return True
+
+
+def drop_unsynced(session: Session, tokens: Sequence[str]) -> None:
+    """Delete the unsynced listings (models.UnsyncedFile) of these tokens."""
+    if tokens:
+        session.connection().execute(_DELETE_UNSYNCED, {"tokens": list(tokens)})
 
 
 def instance_path_of(session: Session, sop_uid: str) -> str | None:

@@ -22,13 +22,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from sqlalchemy import Engine, delete, select
+from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session
 
 from minipacs import dataset as dicom
 from minipacs.dataset import read_part10
 from minipacs.index.db import write_session
-from minipacs.index.ingest import apply_records, withdraw
+from minipacs.index.ingest import apply_records, drop_unsynced, withdraw
 from minipacs.index.models import Instance, UnsyncedFile
 from minipacs.index.reindex import read_record
 from minipacs.storage.filestore import HOST, FileStore, writer_is_dead
@@ -89,7 +89,7 @@ def _settle_unsynced(session: Session, store: FileStore, row: UnsyncedFile) -> b
     whole = True if size is None else _is_whole(store, row.rel_path, size)
     if whole is None:
         return None
-    session.execute(delete(UnsyncedFile).where(UnsyncedFile.token == row.token))
+    drop_unsynced(session, [row.token])
     if whole:
         return False
     return withdraw(session, row.sop_uid, row.rel_path)

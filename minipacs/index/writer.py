@@ -26,12 +26,18 @@ from collections.abc import Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass
 
-from sqlalchemy import Connection, Engine, bindparam, delete, insert
+from sqlalchemy import Connection, Engine, insert
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
 from minipacs.index.db import write_engine
-from minipacs.index.ingest import DUPLICATE_POLICIES, IngestOutcome, InstanceRecord, apply_records
+from minipacs.index.ingest import (
+    DUPLICATE_POLICIES,
+    IngestOutcome,
+    InstanceRecord,
+    apply_records,
+    drop_unsynced,
+)
 from minipacs.index.models import UnsyncedFile
 from minipacs.storage.filestore import WRITER_ID
 
@@ -41,11 +47,7 @@ log = logging.getLogger("minipacs.index")
 # again this many times, after these pauses (seconds), before its callers see an error.
 _RETRY_PAUSES = (0.01, 0.05, 0.2)
 # Core statements on the table: the ORM's bulk paths cost more than the statement itself.
-_UNSYNCED = UnsyncedFile.__table__
-_INSERT_UNSYNCED = insert(_UNSYNCED)
-_DELETE_SETTLED = delete(_UNSYNCED).where(
-    _UNSYNCED.c.token.in_(bindparam("tokens", expanding=True))
-)
+_INSERT_UNSYNCED = insert(UnsyncedFile.__table__)
 # Seconds settled tokens wait for a batch to ride on before they are committed alone.
 SETTLE_IDLE = 1.0
 # Seconds between batches that carry settled tokens, unless this many have gathered.
@@ -218,7 +220,7 @@ class IndexWriter:
             return
         try:
             with self._writing() as session:
-                _delete_settled(session, tokens)
+                drop_unsynced(session, tokens)
         except Exception as exc:
             # The listings stay; recovery finds their files whole and drops them.
             log.warning("settling %d unsynced listings failed: %s", len(tokens), exc)
@@ -234,7 +236,7 @@ class IndexWriter:
                 with self._writing() as session:
                     outcomes = apply_records(session, records, self.duplicate_policy)
                     _list_unsynced(session, jobs, outcomes)
-                    _delete_settled(session, settled)
+                    drop_unsynced(session, settled)
             except OperationalError as exc:
                 self._give_back_settled(settled)
                 # Transient (deadlock victim, lock timeout, lost connection): the whole
@@ -281,11 +283,6 @@ def _list_unsynced(session: Session, jobs: list[_Job], outcomes: list[IngestOutc
     ]
     if rows:
         session.connection().execute(_INSERT_UNSYNCED, rows)
-
-
-def _delete_settled(session: Session, tokens: list[str]) -> None:
-    if tokens:
-        session.connection().execute(_DELETE_SETTLED, {"tokens": tokens})
 
 
 def _unavailable(cause: Exception) -> IndexUnavailable:

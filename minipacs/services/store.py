@@ -24,7 +24,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Final
 
-from sqlalchemy import Engine, delete
+from sqlalchemy import Engine
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
@@ -34,11 +34,11 @@ from minipacs.index.ingest import (
     IngestError,
     IngestOutcome,
     InstanceRecord,
+    drop_unsynced,
     instance_path_of,
     record_from_dataset,
     withdraw,
 )
-from minipacs.index.models import UnsyncedFile
 from minipacs.index.records import INDEXED_TAGS
 from minipacs.index.writer import IndexUnavailable, IndexWriter
 from minipacs.net.dimse import DataSet
@@ -77,11 +77,12 @@ class _Prepared:
 
 @dataclass
 class Written:
-    """A file made durable, and the index record that describes it."""
+    """A file in place (durable, or staged for its flush), and its index record."""
 
     record: InstanceRecord
     rel_path: str
-    # False when the write replaced a file already at rel_path (duplicate policy "replace").
+    # False when the write replaced a file already at rel_path ("replace", or a file that
+    # had turned up there): a failing index commit must then leave the file alone.
     fresh: bool
     # Set when the file is in place but still to be flushed (FileStore.sync_staged).
     staged: StagedFile | None = None
@@ -186,7 +187,7 @@ class StoreService:
         try:
             with write_session(self.engine) as session, session.begin():
                 withdraw(session, written.record.sop_uid, written.rel_path)
-                session.execute(delete(UnsyncedFile).where(UnsyncedFile.token == token))
+                drop_unsynced(session, [token])
         except SQLAlchemyError as exc:
             log.error("cannot withdraw %s: %s", written.record.sop_uid, exc)
             return
