@@ -64,9 +64,13 @@ class MinipacsProcess:
         return self.process.returncode
 
 
-def start_minipacs(workdir: Path, env: Mapping[str, str] | None = None) -> MinipacsProcess:
-    """Start `python -m minipacs serve` in `workdir` on a free port with a temp store."""
-    port = free_port()
+def spawn_minipacs(
+    workdir: Path, port: int, env: Mapping[str, str] | None = None
+) -> tuple[subprocess.Popen[bytes], Path, dict[str, str]]:
+    """Launch `python -m minipacs serve` in `workdir` without waiting for it.
+
+    Returns the process, its log file (JSON lines) and the environment it got.
+    """
     environ = {
         **os.environ,
         "MINIPACS_SERVER_HOST": "127.0.0.1",
@@ -85,6 +89,13 @@ def start_minipacs(workdir: Path, env: Mapping[str, str] | None = None) -> Minip
             stdout=log_file,
             stderr=subprocess.STDOUT,
         )
+    return process, log_path, environ
+
+
+def start_minipacs(workdir: Path, env: Mapping[str, str] | None = None) -> MinipacsProcess:
+    """Start `python -m minipacs serve` in `workdir` on a free port with a temp store."""
+    port = free_port()
+    process, log_path, environ = spawn_minipacs(workdir, port, env)
     try:
         wait_for_port(port, process, STARTUP_TIMEOUT)
     except Exception:

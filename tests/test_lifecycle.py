@@ -4,10 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -16,7 +13,7 @@ import pytest
 from minipacs.net.client import ClientAssociation
 from minipacs.net.negotiation import UNCOMPRESSED_TRANSFER_SYNTAXES, VERIFICATION
 from tests.dicom_tools import echoscu
-from tests.servers import MinipacsProcess, free_port, start_minipacs
+from tests.servers import MinipacsProcess, free_port, spawn_minipacs, start_minipacs
 
 CONTEXTS = [(VERIFICATION, UNCOMPRESSED_TRANSFER_SYNTAXES)]
 
@@ -75,24 +72,9 @@ def test_sigterm_during_startup_stops_gracefully(tmp_path: Path, uvloop: str) ->
     # Regression: handlers were installed only once listening, so a SIGTERM during
     # start-up (imports, opening the archive) killed the process - or, as PID 1 in a
     # container, was dropped by the kernel and the server kept running.
-    env = {
-        **os.environ,
-        "MINIPACS_SERVER_HOST": "127.0.0.1",
-        "MINIPACS_SERVER_PORT": str(free_port()),
-        "MINIPACS_STORAGE_PATH": str(tmp_path / "store"),
-        "MINIPACS_DATABASE_URL": f"sqlite:///{tmp_path / 'index.sqlite'}",
-        "MINIPACS_LOG_FORMAT": "json",
-        "MINIPACS_SERVER_USE_UVLOOP": uvloop,
-    }
-    log_path = tmp_path / "server.log"
-    with open(log_path, "wb") as log_file:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "minipacs", "serve"],
-            cwd=tmp_path,
-            env=env,
-            stdout=log_file,
-            stderr=subprocess.STDOUT,
-        )
+    process, log_path, _ = spawn_minipacs(
+        tmp_path, free_port(), {"MINIPACS_SERVER_USE_UVLOOP": uvloop}
+    )
     try:
         deadline = time.monotonic() + 20
         while not _catches(process.pid, signal.SIGTERM):
