@@ -12,7 +12,7 @@ from sqlalchemy import Engine, text
 from sqlalchemy.exc import SQLAlchemyError
 
 from minipacs.config import ConfigError, Settings
-from minipacs.index.db import make_engine, read_engine
+from minipacs.index.db import make_engine, read_engine, sqlite_path
 from minipacs.index.recover import recover
 from minipacs.index.schema import ensure_schema
 from minipacs.index.statistics import StatisticsKeeper
@@ -154,11 +154,15 @@ def open_archive(settings: Settings) -> Archive:
     removed = store.cleanup_temp()
     if removed:
         log_event(log, "store.temp_cleaned", level=logging.WARNING, files=removed)
+    database = sqlite_path(settings.database.url)
     writer = IndexWriter(
         engine,
         settings.storage.duplicate_policy,
         settings.database.batch_max,
         settings.database.batch_wait_ms,
+        # The store's syncfs, which every C-STORE waits for, flushes the WAL as well.
+        durable_commits=database is None
+        or not (store.flushes(database) and store.flushes(database.parent)),
     )
     writer.start()
     # fsync-bound work: more threads than cores keeps the disk queue full.

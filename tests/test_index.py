@@ -16,7 +16,8 @@ from sqlalchemy import Engine, func, select
 from sqlalchemy.orm import Session
 
 from minipacs.dataset import encode, header_syntax, read_header, read_part10
-from minipacs.index.db import make_engine, write_session
+from minipacs.index.db import make_engine, write_engine, write_session
+from minipacs.index.fastpath import FastPath
 from minipacs.index.ingest import (
     IngestOutcome,
     InstanceRecord,
@@ -24,7 +25,7 @@ from minipacs.index.ingest import (
     instance_path_of,
     record_from_dataset,
 )
-from minipacs.index.models import Instance, Patient, Series, Study
+from minipacs.index.models import Instance, Patient, Series, Study, UnsyncedFile
 from minipacs.index.records import INDEXED_TAGS
 from minipacs.index.stats import counts
 from minipacs.index.writer import IndexUnavailable, IndexWriter
@@ -388,3 +389,60 @@ def test_counts_of_a_batch_into_known_series(engine: Engine) -> None:
     with Session(engine) as session:
         assert sorted(session.scalars(select(Series.num_instances))) == [4, 4]
         assert sum(session.scalars(select(Patient.num_instances))) == 8
+
+
+def _fast_commit(
+    engine: Engine,
+    records: Sequence[InstanceRecord],
+    unsynced: Sequence[str | None] | None = None,
+    settled: Sequence[str] = (),
+) -> list[IngestOutcome] | None:
+    with write_engine(engine).connect() as connection:
+        fast = FastPath(connection, "host~1~run")
+        return fast.commit(records, unsynced or [None] * len(records), settled)
+
+
+def _instance_columns(engine: Engine, sop_uid: str) -> dict[str, object]:
+    with Session(engine) as session:
+        row = session.execute(select(Instance.__table__).where(Instance.sop_uid == sop_uid)).one()
+    return {k: v for k, v in row._mapping.items() if k not in ("id", "sop_uid", "rel_path")}
+
+
+def test_fast_path_writes_what_the_orm_path_writes(engine: Engine) -> None:
+    first = _record()
+    _apply(engine, [first], "keep-first")
+    by_orm = dataclasses.replace(first, sop_uid=f"{first.sop_uid}.1", rel_path="x/1")
+    by_fast = dataclasses.replace(first, sop_uid=f"{first.sop_uid}.2", rel_path="x/2")
+    _apply(engine, [by_orm], "keep-first")
+    outcomes = _fast_commit(engine, [by_fast], unsynced=["t" * 32])
+    assert outcomes == [IngestOutcome(by_fast.sop_uid, stored=True)]
+    assert _instance_columns(engine, by_fast.sop_uid) == _instance_columns(engine, by_orm.sop_uid)
+    _consistent(engine)
+    with Session(engine) as session:
+        listed = session.execute(select(UnsyncedFile.__table__)).one()
+        assert tuple(listed) == ("t" * 32, "x/2", by_fast.sop_uid, "host~1~run")
+    # Settled listings are dropped with the next batch.
+    more = dataclasses.replace(first, sop_uid=f"{first.sop_uid}.3", rel_path="x/3")
+    assert _fast_commit(engine, [more], settled=["t" * 32]) is not None
+    with Session(engine) as session:
+        assert session.scalar(select(func.count()).select_from(UnsyncedFile)) == 0
+        assert sorted(session.scalars(select(Series.num_instances))) == [4]
+
+
+def test_fast_path_leaves_duplicates_and_new_series_to_the_orm(engine: Engine) -> None:
+    first = _record()
+    _apply(engine, [first], "keep-first")
+    new = dataclasses.replace(first, sop_uid=f"{first.sop_uid}.1")
+    new_series = dataclasses.replace(
+        first, sop_uid=f"{first.sop_uid}.2", series_uid=f"{first.series_uid}.9"
+    )
+    assert _fast_commit(engine, [new, first]) is None
+    assert _fast_commit(engine, [new, new]) is None
+    assert _fast_commit(engine, [new, new_series]) is None
+    # Nothing of a declined batch was kept.
+    assert counts(engine)["instances"] == 1
+    _consistent(engine)
+    outcomes, _ = _submit_all(engine, [new, new_series, first])
+    assert [o.stored for o in outcomes] == [True, True, False]
+    assert counts(engine)["instances"] == 3
+    _consistent(engine)

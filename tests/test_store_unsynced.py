@@ -25,9 +25,12 @@ from sqlalchemy.orm import Session
 from minipacs.app import build_server, open_archive
 from minipacs.config import Settings, load_settings
 from minipacs.index.db import make_engine
+from minipacs.index.fastpath import FastPath
 from minipacs.index.models import Instance, Series, Study, UnsyncedFile
 from minipacs.index.recover import recover
+from minipacs.storage import groupflush
 from minipacs.storage.filestore import WRITER_ID, FileStore, StagedFile
+from minipacs.storage.groupflush import GroupFlush
 from tests.servers import free_port
 
 CT = get_testdata_file("CT_small.dcm")
@@ -253,3 +256,56 @@ def test_the_same_instance_stored_twice_at_once_is_answered_after_it_is_durable(
     assert pydicom.dcmread(store.path(rel_path)).file_meta.SourceApplicationEntityTitle == (
         "FIRSTTRY"
     )
+
+
+def test_a_sqlite_commit_is_flushed_by_the_store_after_it(
+    tmp_path: Path, db_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # With the SQLite index on the store's filesystem, the writer commits without fsync
+    # and the store's syncfs, which the answer waits for, must begin after that commit.
+    if groupflush.unsupported(tmp_path):
+        pytest.skip(f"no group flush here: {groupflush.unsupported(tmp_path)}")
+    events: list[str] = []
+    real_flush, real_commit = GroupFlush.flush, FastPath.commit
+
+    def flush(self: GroupFlush, since: int | None = None) -> None:
+        events.append("flush")
+        real_flush(self, since)
+
+    def commit(self: FastPath, *args: object) -> object:
+        outcomes = real_commit(self, *args)  # type: ignore[arg-type]
+        events.append("commit")
+        return outcomes
+
+    monkeypatch.setattr(GroupFlush, "flush", flush)
+    monkeypatch.setattr(FastPath, "commit", commit)
+    sqlite = db_url.startswith("sqlite")
+
+    async def scenario() -> int:
+        settings = _settings(tmp_path, db_url)
+        archive = await asyncio.to_thread(open_archive, settings)
+        assert archive.writer.durable_commits is not sqlite
+        server = build_server(settings, archive)
+        await server.start()
+        try:
+            # A first instance creates its series on the ORM path; the second is the usual
+            # case, a new instance in a known series.
+            assert await asyncio.to_thread(_c_store, server.port, CT) == 0x0000
+            events.clear()
+            second = tmp_path / "second.dcm"
+            ds = pydicom.dcmread(CT)
+            ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = f"{ds.SOPInstanceUID}.2"
+            ds.save_as(second)
+            return await asyncio.wait_for(asyncio.to_thread(_c_store, server.port, str(second)), 60)
+        finally:
+            await server.shutdown(1.0)
+            await archive.close()
+
+    assert asyncio.run(scenario()) == 0x0000
+    if sqlite:
+        assert events[:2] == ["commit", "flush"]
+    engine = make_engine(db_url)
+    try:
+        assert _counts(engine) == (2, 2, 0)
+    finally:
+        engine.dispose()

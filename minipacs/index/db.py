@@ -1,4 +1,8 @@
-"""Database engines: SQLite (WAL, synchronous FULL) by default, PostgreSQL via psycopg 3."""
+"""Database engines: SQLite (WAL, synchronous FULL) by default, PostgreSQL via psycopg 3.
+
+The index writer may relax its own SQLite connection to synchronous NORMAL when the
+store's flush covers the database file (IndexWriter.durable_commits).
+"""
 
 from __future__ import annotations
 
@@ -26,6 +30,14 @@ def normalise_url(url: str) -> str:
 def is_sqlite(url: str) -> bool:
     """True for an embedded SQLite index."""
     return make_url(url).get_backend_name() == "sqlite"
+
+
+def sqlite_path(url: str) -> Path | None:
+    """The database file of a SQLite URL (None: not SQLite, or in memory)."""
+    if not is_sqlite(url):
+        return None
+    database = make_url(normalise_url(url)).database
+    return Path(database) if database and database != ":memory:" else None
 
 
 def _sqlite_connect(dbapi_connection: Any, _record: Any) -> None:

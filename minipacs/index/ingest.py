@@ -58,6 +58,7 @@ __all__ = [
     "apply_records",
     "drop_unsynced",
     "instance_path_of",
+    "lock_key",
     "normalise_name",
     "record_from_dataset",
     "withdraw",
@@ -231,7 +232,7 @@ _LOCK_KEYS = text(
 )
 
 
-def _lock_key(sop_uid: str) -> int:
+def lock_key(sop_uid: str) -> int:
     """A signed 64-bit advisory lock key for a SOP Instance UID."""
     digest = hashlib.sha1(sop_uid.encode("ascii"), usedforsecurity=False).digest()
     return int.from_bytes(digest[:8], "big", signed=True)
@@ -241,7 +242,7 @@ def _lock_instances(session: Session, sop_uids: Iterable[str]) -> None:
     """Serialise writers of the same SOP Instance UIDs across connections (PostgreSQL)."""
     if session.get_bind().dialect.name != "postgresql":
         return
-    keys = sorted({_lock_key(uid) for uid in sop_uids})
+    keys = sorted({lock_key(uid) for uid in sop_uids})
     session.connection().execute(_LOCK_KEYS, {"keys": keys})
 
 

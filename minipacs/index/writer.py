@@ -12,6 +12,9 @@ transaction (its file was still being flushed, see models.UnsyncedFile); settle(
 drops the listing once the flush is done. Settling costs no commit of its own: the
 deletes ride on a batch at most every SETTLE_EVERY seconds (one statement for many),
 or go alone after SETTLE_IDLE seconds without a batch.
+
+The usual batch (new instances into known series) is committed at the DB-API level
+(index.fastpath); any other goes through the ORM (ingest.apply_records).
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
 from minipacs.index.db import write_engine
+from minipacs.index.fastpath import FastPath
 from minipacs.index.ingest import (
     DUPLICATE_POLICIES,
     IngestOutcome,
@@ -75,19 +79,27 @@ class IndexWriter:
         duplicate_policy: str,
         batch_max: int = 64,
         batch_wait_ms: float = 0.0,
+        durable_commits: bool = True,
     ) -> None:
-        """Prepare the writer; nothing runs before start()."""
+        """Prepare the writer; nothing runs before start().
+
+        durable_commits False (SQLite only): commits are not fsynced (synchronous=NORMAL on
+        the writer's own connection); the caller makes them durable with a flush of the
+        filesystem holding the database, after the commit and before any answer.
+        """
         if duplicate_policy not in DUPLICATE_POLICIES:
             raise ValueError(f"duplicate policy must be one of {', '.join(DUPLICATE_POLICIES)}")
         self.engine = engine
         self.duplicate_policy = duplicate_policy
         self.batch_max = max(1, batch_max)
         self.batch_wait = batch_wait_ms / 1000
+        self.durable_commits = durable_commits or engine.dialect.name != "sqlite"
         # Transactions committed; with concurrent submits far fewer than records.
         self.commits = 0
         self._queue: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
         self._settled: list[str] = []
         self._connection: Connection | None = None
+        self._fast: FastPath | None = None
         self._settled_at = 0.0
         self._settled_lock = threading.Lock()
         self._closed = False
@@ -182,7 +194,7 @@ class IndexWriter:
         the connection: the next one connects afresh, as after a database restart.
         """
         if self._connection is None:
-            self._connection = write_engine(self.engine).connect()
+            self._connection = self._connect()
         try:
             with Session(bind=self._connection) as session, session.begin():
                 yield session
@@ -190,7 +202,29 @@ class IndexWriter:
             self._drop_connection()
             raise
 
+    def _fast_path(self) -> FastPath | None:
+        """The DB-API path for the writer's connection (None: no connection to be had now)."""
+        if self._fast is None:
+            try:
+                if self._connection is None:
+                    self._connection = self._connect()
+            except Exception as exc:  # the ORM path connects again and reports it
+                log.debug("index writer cannot connect: %s", exc)
+                return None
+            self._fast = FastPath(self._connection, WRITER_ID)
+        return self._fast
+
+    def _connect(self) -> Connection:
+        connection = write_engine(self.engine).connect()
+        if not self.durable_commits:
+            # In WAL mode NORMAL still commits atomically; only the WAL's fsync is left out.
+            connection.connection.dbapi_connection.execute("PRAGMA synchronous=NORMAL")
+            # Its own connection from now on: the pool's others keep synchronous=FULL.
+            connection.detach()
+        return connection
+
     def _drop_connection(self) -> None:
+        self._fast = None
         if self._connection is not None:
             connection, self._connection = self._connection, None
             try:
@@ -229,6 +263,14 @@ class IndexWriter:
 
     def _transaction(self, jobs: list[_Job]) -> list[IngestOutcome]:
         records = [job.record for job in jobs]
+        settled = self._take_settled(riding=True)
+        fast = self._fast_path()
+        if fast is not None:
+            outcomes = fast.commit(records, [job.unsynced for job in jobs], settled)
+            if outcomes is not None:
+                self.commits += 1
+                return outcomes
+        self._give_back_settled(settled)
         attempt = 0
         while True:
             settled = self._take_settled(riding=True)

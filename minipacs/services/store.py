@@ -10,6 +10,10 @@ back once both are done, and the listing is dropped after. One disk flush is the
 the critical path instead of three (file, folder, index); a power loss in between
 leaves a listed row that recovery checks against its file. Over an existing file
 ("replace") the file is flushed before the rename and before the commit, as it was.
+
+When a SQLite index lives on the store's filesystem and the store flushes by syncfs, the
+writer commits without fsync and the store's flush, after the commit, makes row and
+file durable together: one flush per store instead of two that contend for the journal.
 """
 
 from __future__ import annotations
@@ -144,27 +148,29 @@ class StoreService:
             committing = self.index.enqueue(written.record, unsynced=token)
         except IndexUnavailable as exc:
             committing = exc
-        flush_error = None
-        if written.staged is not None:
-            # The file flushes while the writer thread commits its row.
-            try:
-                self.store.sync_staged(written.staged)
-            except OSError as exc:
-                flush_error = exc
+        # The file flushes while the writer thread commits its row, unless that flush is
+        # also what makes the commit durable (IndexWriter.durable_commits): then after it.
+        flush_first = self.index.durable_commits
+        flush_error = self._flush(written) if flush_first else None
         try:
             if isinstance(committing, IndexUnavailable):
                 raise committing
             outcome = committing.result()
         except Exception as exc:
+            if not flush_first:
+                self._flush(written)  # releases a staged file
             if written.fresh:
                 self.store.remove(written.rel_path)
             return OUT_OF_RESOURCES, f"index unavailable: {exc}"
+        if not flush_first:
+            flush_error = self._flush(written, committed=outcome.stored)
         if flush_error is not None:
             log.error("store flush failed for %s: %s", written.record.sop_uid, flush_error)
             if outcome.stored and token is not None:
                 self._withdraw(written, token)
-            else:
+            elif written.staged is not None:
                 self.store.remove(written.rel_path)
+            # Otherwise the file was flushed before its commit: row and file agree.
             return OUT_OF_RESOURCES, f"cannot write: {flush_error}"
         if outcome.stale_path:
             self.store.remove(outcome.stale_path)
@@ -177,6 +183,17 @@ class StoreService:
         if token is not None:
             self.index.settle(token)
         return SUCCESS, None
+
+    def _flush(self, written: Written, committed: bool = False) -> OSError | None:
+        """Make a staged file durable, and a commit left unflushed by the writer; the error."""
+        try:
+            if written.staged is not None:
+                self.store.sync_staged(written.staged)
+            elif committed and not self.index.durable_commits:
+                self.store.flush_all()
+        except OSError as exc:
+            return exc
+        return None
 
     def _withdraw(self, written: Written, token: str) -> None:
         """Undo a committed row whose file could not be flushed, then remove the file.

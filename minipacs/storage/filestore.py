@@ -463,6 +463,21 @@ class FileStore:
         stored = self._commit_temp(tmp, fd, rel_path, size)
         return dataclasses.replace(stored, replaced=isinstance(cause, FileExistsError))
 
+    def flushes(self, path: Path) -> bool:
+        """Whether flush_all also makes a file written at `path` durable (same filesystem)."""
+        if self._group is None:
+            return False
+        try:
+            return os.stat(path).st_dev == os.stat(self.root).st_dev
+        except OSError:
+            return False
+
+    def flush_all(self) -> None:
+        """One group flush: what was written to the store's filesystem before is durable."""
+        if self._group is None:
+            raise RuntimeError("flush_all needs the group flush (storage.flush = filesystem)")
+        self._group.flush()
+
     def sync_staged(self, staged: StagedFile) -> StoredFile:
         """Flush a staged file and its folders to disk; the file is durable on return."""
         group = self._group
