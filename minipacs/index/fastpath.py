@@ -105,15 +105,21 @@ class FastPath:
 
         Returns None, with nothing changed, when the batch is not for this path.
         """
-        cursor = self._dbapi.cursor()
+        cursor, lookup = self._dbapi.cursor(), self._dbapi.cursor()
         try:
-            if not self._postgres:
+            if self._postgres:
+                # Statements go out without waiting for each other's results: two round
+                # trips (the lookups, then the writes with the commit) instead of nine.
+                with self._dbapi.pipeline():
+                    done = self._apply(cursor, lookup, records, unsynced, settled)
+                    if done:
+                        self._dbapi.commit()
+            else:
                 cursor.execute("BEGIN IMMEDIATE")
-            if self._apply(cursor, records, unsynced, settled):
-                if self._postgres:
-                    self._dbapi.commit()
-                else:
+                done = self._apply(cursor, lookup, records, unsynced, settled)
+                if done:
                     cursor.execute("COMMIT")
+            if done:
                 return [IngestOutcome(r.sop_uid, stored=True) for r in records]
             self._rollback(cursor)
         except Exception as exc:  # the ORM path runs it again and reports what fails
@@ -121,11 +127,13 @@ class FastPath:
             self._rollback(cursor)
         finally:
             cursor.close()
+            lookup.close()
         return None
 
     def _apply(
         self,
         cursor: Any,
+        lookup: Any,
         records: Sequence[InstanceRecord],
         unsynced: Sequence[str | None],
         settled: Sequence[str],
@@ -141,19 +149,17 @@ class FastPath:
                 (sorted({lock_key(uid) for uid in sop_uids}),),
             )
         series_uids = list({r.series_uid for r in records})
-        cursor.execute(
-            f"SELECT 1 FROM instances WHERE sop_uid IN ({self._marks(len(sop_uids))}) LIMIT 1",
-            sop_uids,
+        where, params = self._in("sop_uid", sop_uids)
+        cursor.execute(f"SELECT 1 FROM instances WHERE {where} LIMIT 1", params)
+        where, params = self._in("series.series_uid", series_uids)
+        lookup.execute(
+            "SELECT series.series_uid, series.id, series.study_fk, studies.patient_fk"
+            f" FROM series JOIN studies ON studies.id = series.study_fk WHERE {where}",
+            params,
         )
         if cursor.fetchone() is not None:
             return False
-        cursor.execute(
-            "SELECT series.series_uid, series.id, series.study_fk, studies.patient_fk"
-            " FROM series JOIN studies ON studies.id = series.study_fk"
-            f" WHERE series.series_uid IN ({self._marks(len(series_uids))})",
-            series_uids,
-        )
-        chains = {uid: (series, study, patient) for uid, series, study, patient in cursor}
+        chains = {uid: (series, study, patient) for uid, series, study, patient in lookup}
         if len(chains) != len(series_uids):
             return False
         rows = []
@@ -177,11 +183,16 @@ class FastPath:
         if listed:
             cursor.executemany(self._insert_unsynced, listed)
         if settled:
-            cursor.execute(
-                f"DELETE FROM unsynced_files WHERE token IN ({self._marks(len(settled))})",
-                list(settled),
-            )
+            where, params = self._in("token", settled)
+            cursor.execute(f"DELETE FROM unsynced_files WHERE {where}", params)
         return True
+
+    def _in(self, column: str, values: Sequence[str]) -> tuple[str, Sequence[Any]]:
+        """SQL for `column` IN values, with its parameters."""
+        # PostgreSQL: one array parameter, one statement text for any count (kept prepared).
+        if self._postgres:
+            return f"{column} = ANY(%s)", (list(values),)
+        return f"{column} IN ({', '.join('?' * len(values))})", list(values)
 
     def _row(self, record: InstanceRecord, series: int) -> tuple[Any, ...]:
         values = _values(record, series)
@@ -191,9 +202,6 @@ class FastPath:
         for i, process in self._processors:
             converted[i] = process(converted[i])
         return tuple(converted)
-
-    def _marks(self, count: int) -> str:
-        return ", ".join([self._mark] * count)
 
     def _rollback(self, cursor: Any) -> None:
         """End the transaction; a connection too broken for that is the ORM path's to find."""
