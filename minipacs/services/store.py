@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import itertools
 import logging
 import secrets
 from concurrent.futures import Executor, Future
@@ -142,7 +143,7 @@ class StoreService:
             return OUT_OF_RESOURCES, "index unavailable"
         if written is None:
             return self._duplicate()
-        token = secrets.token_hex(16) if written.staged is not None else None
+        token = _unsynced_token() if written.staged is not None else None
         committing: Future[IngestOutcome] | IndexUnavailable
         try:
             committing = self.index.enqueue(written.record, unsynced=token)
@@ -308,6 +309,17 @@ class StoreService:
         # Flushed, then put in place: over a file that had turned up there (an orphan, or
         # another node's), or without hard links.
         return Written(record, rel_path, fresh=not placed.replaced)
+
+
+# Unsynced listing tokens: unique across nodes by a random prefix, then counted, since a
+# getrandom(2) per store is a GIL hand-off more for every store thread.
+_TOKEN_PREFIX = secrets.token_hex(10)
+_TOKEN_COUNT = itertools.count()
+
+
+def _unsynced_token() -> str:
+    """A new 32-character token for an unsynced listing."""
+    return f"{_TOKEN_PREFIX}{next(_TOKEN_COUNT):012x}"
 
 
 def _source(dataset: DataSet) -> bytes | Path:

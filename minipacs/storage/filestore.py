@@ -24,6 +24,7 @@ reindex picks up.
 import contextlib
 import dataclasses
 import errno
+import itertools
 import logging
 import os
 import re
@@ -47,6 +48,8 @@ log = logging.getLogger("minipacs.store")
 _TMP = ".tmp"
 _JOURNALS = ".journals"
 _PART = ".part"
+# Numbers the temp files of this process (of all its stores).
+_TEMP_COUNT = itertools.count()
 _JOURNAL = ".journal"
 JOURNAL_ROTATE_SECONDS = 60.0
 # Files nobody has written to for this long are orphans whoever made them: a temp file is
@@ -500,7 +503,8 @@ class FileStore:
         self, preamble_and_meta: bytes, dataset_source: DatasetSource
     ) -> tuple[Path, int, int]:
         """Write a new temp file; return its path, its open descriptor and its size."""
-        tmp = self._tmp / f"{WRITER_ID}~{secrets.token_hex(8)}{_PART}"
+        # WRITER_ID is this process's own: a count makes the name unique, no random needed.
+        tmp = self._tmp / f"{WRITER_ID}~{next(_TEMP_COUNT):x}{_PART}"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
         try:
             if isinstance(dataset_source, Path):
