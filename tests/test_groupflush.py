@@ -144,3 +144,24 @@ def test_a_failure_since_a_file_was_written_fails_its_flush(tmp_path: Path) -> N
     with pytest.raises(OSError):
         group.flush(since=mark)
     group.close()
+
+
+def test_the_stores_flush_all_reports_failures_since_its_mark(tmp_path: Path) -> None:
+    # A commit's WAL pages may be written back, and fail, in a flush already running.
+    store = FileStore(tmp_path / "store", tmp_path / "spool", 0, True, "filesystem")
+    if store.flush_mark() is None:
+        pytest.skip("no group flush on this filesystem")
+    group = store._group
+    assert group is not None
+    calls: list[float] = []
+    mark = store.flush_mark()
+    group._syncfs = _slow_syncfs(calls, fail=True)  # type: ignore[assignment]
+    with pytest.raises(OSError):
+        store.flush_all()
+    group._syncfs = _slow_syncfs(calls)  # type: ignore[assignment]
+    store.flush_all()
+    with pytest.raises(OSError):
+        store.flush_all(since=mark)
+    store.close()
+    with pytest.raises(OSError):
+        store.flush_all()  # closed: no group flush, an error the store service reports

@@ -8,11 +8,14 @@ its file short or gone), a flush that fails, and the settling of listings after 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import errno
 import subprocess
 import sys
 import textwrap
+import threading
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pydicom
@@ -24,13 +27,20 @@ from sqlalchemy.orm import Session
 
 from minipacs.app import build_server, open_archive
 from minipacs.config import Settings, load_settings
+from minipacs.dataset import read_part10
+from minipacs.index import schema
 from minipacs.index.db import make_engine
 from minipacs.index.fastpath import FastPath
 from minipacs.index.models import Instance, Series, Study, UnsyncedFile
+from minipacs.index.records import INDEXED_TAGS, InstanceRecord, record_from_dataset
 from minipacs.index.recover import recover
+from minipacs.index.writer import IndexWriter
+from minipacs.services.store import StoreService, _Prepared
 from minipacs.storage import groupflush
 from minipacs.storage.filestore import WRITER_ID, FileStore, StagedFile
 from minipacs.storage.groupflush import GroupFlush
+from minipacs.storage.layout import instance_path
+from minipacs.storage.meta import encode_file_meta
 from tests.servers import free_port
 
 CT = get_testdata_file("CT_small.dcm")
@@ -309,3 +319,76 @@ def test_a_sqlite_commit_is_flushed_by_the_store_after_it(
         assert _counts(engine) == (2, 2, 0)
     finally:
         engine.dispose()
+
+
+def test_a_duplicate_is_answered_after_a_flush_of_the_row_it_found(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Relaxed commits: store A's row is committed, its flush not yet begun, when the same
+    # instance arrives under another series (store B, nothing staged). B's keep-first
+    # Success vouches for A's row, so it must wait for a flush begun after A's commit.
+    if groupflush.unsupported(tmp_path):
+        pytest.skip(f"no group flush here: {groupflush.unsupported(tmp_path)}")
+    database = tmp_path / "index.sqlite"
+    url = f"sqlite:///{database}"
+    schema.upgrade(url)
+    engine = make_engine(url)
+    store = FileStore(tmp_path / "store", tmp_path / "spool", 0, True, "filesystem")
+    store._links = False  # as without hard links: nothing is staged, flushes are flush_all
+    writer = IndexWriter(engine, "keep-first", durable_commits=False)
+    writer.start()
+    service = StoreService(store, writer, engine, None, "keep-first")  # type: ignore[arg-type]
+    base = _record_of(CT)
+    assert service._store_claimed(_prepared(base)) == (0x0000, None)
+    events: list[str] = []
+    a_flushing, release_a = threading.Event(), threading.Event()
+    real_flush = GroupFlush.flush
+
+    def flush(self: GroupFlush, since: int | None = None) -> None:
+        events.append(f"{threading.current_thread().name} flush")
+        if threading.current_thread().name == "A":
+            a_flushing.set()
+            release_a.wait(10)
+        real_flush(self, since)
+
+    monkeypatch.setattr(GroupFlush, "flush", flush)
+    first = dataclasses.replace(base, sop_uid=f"{base.sop_uid}.5")
+    again = dataclasses.replace(first, series_uid=f"{base.series_uid}.9")
+    answers: dict[str, object] = {}
+    a = threading.Thread(
+        target=lambda: answers.update(a=service._store_claimed(_prepared(first))), name="A"
+    )
+    try:
+        a.start()
+        assert a_flushing.wait(10)  # A's row committed, A held before its syncfs
+        answers["b"] = service._store_claimed(_prepared(again))
+        events.append("B answered")
+        release_a.set()
+        a.join(10)
+        assert answers == {"a": (0x0000, None), "b": (0x0000, None)}
+        assert events == ["A flush", "MainThread flush", "B answered"]
+    finally:
+        release_a.set()
+        asyncio.run(writer.close())
+        store.close()
+        engine.dispose()
+
+
+def _record_of(path: str) -> InstanceRecord:
+    meta, inspected = read_part10(Path(path), INDEXED_TAGS)
+    return record_from_dataset(
+        inspected.dataset,
+        header=inspected.header,
+        transfer_syntax_uid=str(meta.TransferSyntaxUID),
+        rel_path="",
+        size=0,
+        calling_ae="TEST",
+        received_at=datetime.now(UTC),
+    )
+
+
+def _prepared(record: InstanceRecord) -> _Prepared:
+    """What StoreService._prepare makes of a data set (its body is not read here)."""
+    rel_path = instance_path(record.study_uid, record.series_uid, record.sop_uid)
+    meta = encode_file_meta(record.sop_class_uid, record.sop_uid, record.transfer_syntax, "TEST")
+    return _Prepared(dataclasses.replace(record, rel_path=rel_path), rel_path, meta, b"\0" * 64)

@@ -75,6 +75,8 @@ class FastPath:
         self._postgres = dialect.name == "postgresql"
         self._mark = "%s" if self._postgres else "?"
         self._writer = writer
+        # Whether a batch has failed here before (see commit).
+        self._failed = False
         # The column types' own conversions (a datetime as SQLite text, for one).
         table = Instance.__table__
         processors = [
@@ -123,7 +125,12 @@ class FastPath:
                 return [IngestOutcome(r.sop_uid, stored=True) for r in records]
             self._rollback(cursor)
         except Exception as exc:  # the ORM path runs it again and reports what fails
-            log.debug("fast path fell back: %s", exc)
+            # Once at WARNING: a fast path that always fails (a bug, a libpq without
+            # pipelines) would otherwise slow every commit unseen.
+            log.log(
+                logging.DEBUG if self._failed else logging.WARNING, "fast path fell back: %r", exc
+            )
+            self._failed = True
             self._rollback(cursor)
         finally:
             cursor.close()

@@ -217,10 +217,15 @@ class IndexWriter:
     def _connect(self) -> Connection:
         connection = write_engine(self.engine).connect()
         if not self.durable_commits:
-            # In WAL mode NORMAL still commits atomically; only the WAL's fsync is left out.
-            connection.connection.dbapi_connection.execute("PRAGMA synchronous=NORMAL")
-            # Its own connection from now on: the pool's others keep synchronous=FULL.
-            connection.detach()
+            try:
+                # In WAL mode NORMAL still commits atomically; only the WAL's fsync is left out.
+                connection.connection.dbapi_connection.execute("PRAGMA synchronous=NORMAL")
+                # Its own connection from now on: the pool's others keep synchronous=FULL.
+                connection.detach()
+            except BaseException:
+                connection.invalidate()
+                connection.close()
+                raise
         return connection
 
     def _drop_connection(self) -> None:
@@ -263,8 +268,8 @@ class IndexWriter:
 
     def _transaction(self, jobs: list[_Job]) -> list[IngestOutcome]:
         records = [job.record for job in jobs]
-        settled = self._take_settled(riding=True)
         fast = self._fast_path()
+        settled = self._take_settled(riding=True)
         if fast is not None:
             outcomes = fast.commit(records, [job.unsynced for job in jobs], settled)
             if outcomes is not None:

@@ -130,6 +130,8 @@ class StoreService:
 
     def _store_claimed(self, prepared: _Prepared) -> tuple[int, str | None]:
         """_store once no other thread of ours stores the same path."""
+        # Before any lookup or commit: a flush failing from here on may have lost them.
+        mark = self.store.flush_mark()
         try:
             written = self._write(prepared)
         except OutOfSpace as exc:
@@ -142,6 +144,10 @@ class StoreService:
             log.warning("index unavailable before writing: %s", type(exc).__name__)
             return OUT_OF_RESOURCES, "index unavailable"
         if written is None:
+            # The row found may be another store's, committed but not yet flushed.
+            flush_error = None if self.index.durable_commits else self._flush(None, mark)
+            if flush_error is not None:
+                return OUT_OF_RESOURCES, f"cannot write: {flush_error}"
             return self._duplicate()
         token = _unsynced_token() if written.staged is not None else None
         committing: Future[IngestOutcome] | IndexUnavailable
@@ -152,26 +158,28 @@ class StoreService:
         # The file flushes while the writer thread commits its row, unless that flush is
         # also what makes the commit durable (IndexWriter.durable_commits): then after it.
         flush_first = self.index.durable_commits
-        flush_error = self._flush(written) if flush_first else None
+        flush_error = self._flush(written, mark) if flush_first else None
         try:
             if isinstance(committing, IndexUnavailable):
                 raise committing
             outcome = committing.result()
         except Exception as exc:
             if not flush_first:
-                self._flush(written)  # releases a staged file
+                self._flush(written, mark)  # releases a staged file
             if written.fresh:
                 self.store.remove(written.rel_path)
             return OUT_OF_RESOURCES, f"index unavailable: {exc}"
         if not flush_first:
-            flush_error = self._flush(written, committed=outcome.stored)
+            # Also for a duplicate: the row it found may be another store's, not yet flushed.
+            flush_error = self._flush(written, mark)
         if flush_error is not None:
             log.error("store flush failed for %s: %s", written.record.sop_uid, flush_error)
             if outcome.stored and token is not None:
                 self._withdraw(written, token)
             elif written.staged is not None:
                 self.store.remove(written.rel_path)
-            # Otherwise the file was flushed before its commit: row and file agree.
+            # Otherwise the file was flushed before its commit: row and file agree. A
+            # replaced file stays too: if the commit is lost, the old row names it again.
             return OUT_OF_RESOURCES, f"cannot write: {flush_error}"
         if outcome.stale_path:
             self.store.remove(outcome.stale_path)
@@ -185,13 +193,16 @@ class StoreService:
             self.index.settle(token)
         return SUCCESS, None
 
-    def _flush(self, written: Written, committed: bool = False) -> OSError | None:
-        """Make a staged file durable, and a commit left unflushed by the writer; the error."""
+    def _flush(self, written: Written | None, mark: int | None) -> OSError | None:
+        """Make a staged file durable, and the index's unflushed commits; the error if any.
+
+        `mark` (FileStore.flush_mark) was taken before this store's lookup and commit.
+        """
         try:
-            if written.staged is not None:
+            if written is not None and written.staged is not None:
                 self.store.sync_staged(written.staged)
-            elif committed and not self.index.durable_commits:
-                self.store.flush_all()
+            elif not self.index.durable_commits:
+                self.store.flush_all(since=mark)
         except OSError as exc:
             return exc
         return None

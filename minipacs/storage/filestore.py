@@ -475,11 +475,18 @@ class FileStore:
         except OSError:
             return False
 
-    def flush_all(self) -> None:
-        """One group flush: what was written to the store's filesystem before is durable."""
+    def flush_mark(self) -> int | None:
+        """The group flush's generation now, for flush_all(since=); None without one."""
+        return None if self._group is None else self._group.mark()
+
+    def flush_all(self, since: int | None = None) -> None:
+        """One group flush: what was written to the store's filesystem before is durable.
+
+        With `since` (a flush_mark()), raise also if a flush running since then failed.
+        """
         if self._group is None:
-            raise RuntimeError("flush_all needs the group flush (storage.flush = filesystem)")
-        self._group.flush()
+            raise OSError("no group flush (storage.flush = filesystem) to flush with")
+        self._group.flush(since=since)
 
     def sync_staged(self, staged: StagedFile) -> StoredFile:
         """Flush a staged file and its folders to disk; the file is durable on return."""
