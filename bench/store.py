@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import os
 import statistics
 import subprocess
 import sys
@@ -221,6 +222,10 @@ def main() -> None:
             for scenario in scenarios:
 
                 def run(name: str, scenario: Scenario = scenario) -> float:
+                    # Every server starts with nothing dirty left by the one before (the
+                    # bench's PostgreSQL runs with fsync off): whoever flushes the whole
+                    # filesystem (syncfs) would otherwise pay for another server's writes.
+                    os.sync()
                     with servers.start(name, scenario.associations) as peer:
                         return store(peer, scenario)
 
