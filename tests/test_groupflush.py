@@ -6,6 +6,7 @@ import ctypes
 import errno
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -131,37 +132,31 @@ def test_group_flushes_are_refused_where_syncfs_cannot_be_trusted(
     assert store._group is None
 
 
+def _fails_since_mark(group: GroupFlush, mark: int | None, flush: Callable[..., None]) -> None:
+    """A flush failing after `mark` fails a later flush(since=mark), not a plain flush()."""
+    calls: list[float] = []
+    group._syncfs = _slow_syncfs(calls, fail=True)  # type: ignore[assignment]
+    with pytest.raises(OSError):
+        flush()
+    group._syncfs = _slow_syncfs(calls)  # type: ignore[assignment]
+    flush()  # a caller that wrote after the failure is fine
+    with pytest.raises(OSError):
+        flush(since=mark)
+
+
 def test_a_failure_since_a_file_was_written_fails_its_flush(tmp_path: Path) -> None:
     # Writeback of the file may fail during an earlier group's flush, which reports it.
     group = GroupFlush(tmp_path)
-    calls: list[float] = []
-    mark = group.mark()
-    group._syncfs = _slow_syncfs(calls, fail=True)  # type: ignore[assignment]
-    with pytest.raises(OSError):
-        group.flush()
-    group._syncfs = _slow_syncfs(calls)  # type: ignore[assignment]
-    group.flush()  # a caller that wrote after the failure is fine
-    with pytest.raises(OSError):
-        group.flush(since=mark)
+    _fails_since_mark(group, group.mark(), group.flush)
     group.close()
 
 
 def test_the_stores_flush_all_reports_failures_since_its_mark(tmp_path: Path) -> None:
     # A commit's WAL pages may be written back, and fail, in a flush already running.
     store = FileStore(tmp_path / "store", tmp_path / "spool", 0, True, "filesystem")
-    if store.flush_mark() is None:
+    if store._group is None:
         pytest.skip("no group flush on this filesystem")
-    group = store._group
-    assert group is not None
-    calls: list[float] = []
-    mark = store.flush_mark()
-    group._syncfs = _slow_syncfs(calls, fail=True)  # type: ignore[assignment]
-    with pytest.raises(OSError):
-        store.flush_all()
-    group._syncfs = _slow_syncfs(calls)  # type: ignore[assignment]
-    store.flush_all()
-    with pytest.raises(OSError):
-        store.flush_all(since=mark)
+    _fails_since_mark(store._group, store.flush_mark(), store.flush_all)
     store.close()
     with pytest.raises(OSError):
         store.flush_all()  # closed: no group flush, an error the store service reports
