@@ -409,7 +409,9 @@ def _instance_columns(engine: Engine, sop_uid: str) -> dict[str, object]:
 
 
 def test_fast_path_writes_what_the_orm_path_writes(engine: Engine) -> None:
-    first = _record()
+    # Values come back unchanged, quotes and backslashes too: PostgreSQL's fast path
+    # sends them as quoted literals.
+    first = _record(calling_ae="A'B\\C;--", charset="ISO_IR 100", header=b"\x00'\\\xff" * 50)
     _apply(engine, [first], "keep-first")
     by_orm = dataclasses.replace(first, sop_uid=f"{first.sop_uid}.1", rel_path="x/1")
     by_fast = dataclasses.replace(first, sop_uid=f"{first.sop_uid}.2", rel_path="x/2")
