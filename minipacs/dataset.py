@@ -81,8 +81,10 @@ class _Walker:
         # Top-level elements in `wanted`: tag -> (VR or None, length, value offset).
         self.found: dict[int, tuple[bytes | None, int, int]] = {}
         order = "<" if little else ">"
-        self.tag = struct.Struct(order + "HH")
-        self.u16 = struct.Struct(order + "H")
+        # One unpack reads an element's header: tag and length (implicit), or tag, VR and
+        # a short length (explicit; for long VRs the real length follows).
+        self.implicit_header = struct.Struct(order + "HHL")
+        self.explicit_header = struct.Struct(order + "HH2sH")
         self.u32 = struct.Struct(order + "L")
         # PS3.5 7.5: items and delimiters are always coded like Implicit VR.
         self.item_header = struct.Struct(order + "HHL")
@@ -93,7 +95,11 @@ class _Walker:
         while offset < end:
             if end - offset < 8:
                 raise DataSetError(f"element header truncated at byte {offset}")
-            group, element = self.tag.unpack_from(data, offset)
+            if implicit:
+                group, element, length = self.implicit_header.unpack_from(data, offset)
+                vr = b"UN"
+            else:
+                group, element, vr, length = self.explicit_header.unpack_from(data, offset)
             if group == 0x7FE0 and not delimited and self.pixel_offset is None:
                 # Only the top level walks undelimited: this is where the bulk begins.
                 self.pixel_offset = offset
@@ -101,12 +107,14 @@ class _Walker:
                 if not delimited:
                     raise DataSetError(f"stray item delimiter at byte {offset}")
                 return offset + 8
-            if implicit or group == 0xFFFE:
-                vr = b"UN" if implicit else b""
+            if implicit:
+                offset += 8
+            elif group == 0xFFFE:
+                # Items and delimiters are coded like Implicit VR (PS3.5 7.5).
+                vr = b""
                 length = self.u32.unpack_from(data, offset + 4)[0]
                 offset += 8
             else:
-                vr = bytes(data[offset + 4 : offset + 6])
                 if vr not in _KNOWN_VRS:
                     raise DataSetError(
                         f"element ({group:04X},{element:04X}) has an unknown VR {vr!r}"
@@ -117,7 +125,6 @@ class _Walker:
                     length = self.u32.unpack_from(data, offset + 8)[0]
                     offset += 12
                 else:
-                    length = self.u16.unpack_from(data, offset + 6)[0]
                     offset += 8
             if length == _UNDEFINED:
                 # PS3.5 6.2.2: an UN of undefined length holds Implicit VR LE items.
