@@ -176,7 +176,7 @@ class StoreService:
             log.error("store flush failed for %s: %s", written.record.sop_uid, flush_error)
             if outcome.stored and token is not None:
                 self._withdraw(written, token)
-            elif written.staged is not None:
+            elif written.staged is not None or _unindexed(written, outcome):
                 self.store.remove(written.rel_path)
             # Otherwise the file was flushed before its commit: row and file agree. A
             # replaced file stays too: if the commit is lost, the old row names it again.
@@ -186,7 +186,7 @@ class StoreService:
         if not outcome.stored:
             # The index already held the instance: it was indexed under another path (see
             # _already_stored), or a concurrent store of it won the race for the row.
-            if written.fresh and written.rel_path != outcome.existing_path:
+            if _unindexed(written, outcome):
                 self.store.remove(written.rel_path)
             return self._duplicate()
         if token is not None:
@@ -320,6 +320,11 @@ class StoreService:
         # Flushed, then put in place: over a file that had turned up there (an orphan, or
         # another node's), or without hard links.
         return Written(record, rel_path, fresh=not placed.replaced)
+
+
+def _unindexed(written: Written, outcome: IngestOutcome) -> bool:
+    """Whether a file just written is one the index does not point at (a duplicate's)."""
+    return not outcome.stored and written.fresh and written.rel_path != outcome.existing_path
 
 
 # Unsynced listing tokens: unique across nodes by a random prefix, then counted, since a
