@@ -113,6 +113,12 @@ def _values(record: InstanceRecord, series: int) -> tuple[Any, ...]:
     )
 
 
+def _next_result(cursor: Any) -> None:
+    """Move a cursor to the next result of a multi-statement query, which must exist."""
+    if not cursor.nextset():
+        raise RuntimeError("fewer results than statements")
+
+
 def _marks(values: Sequence[object]) -> str:
     """One SQLite parameter mark per value."""
     return ", ".join("?" * len(values))
@@ -233,6 +239,10 @@ class FastPath:
         Values go in as literals quoted by psycopg's own dumpers; the statements of one
         simple query run in order, in one round trip.
         """
+        dbapi = self._dbapi
+        if (dbapi.isolation_level, dbapi.read_only, dbapi.deferrable) != (None, None, None):
+            # A plain BEGIN would not honour them; psycopg's own BEGIN (the ORM path) does.
+            return False
         literal = self._literal
         sop_uids = [r.sop_uid for r in records]
         series_uids = list({r.series_uid for r in records})
@@ -253,10 +263,10 @@ class FastPath:
                 + literal(series_uids)
                 + b"::text[])"
             )
-            cursor.nextset()  # past BEGIN
-            cursor.nextset()  # past the lock
+            _next_result(cursor)  # past BEGIN
+            _next_result(cursor)  # past the lock
             taken = cursor.fetchone() is not None
-            cursor.nextset()
+            _next_result(cursor)
             plan = None if taken else _plan(records, unsynced, cursor.fetchall())
             if plan is None:
                 cursor.execute(b"ROLLBACK")
