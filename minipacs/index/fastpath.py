@@ -54,6 +54,15 @@ _CHAINS = (
 )
 
 
+@dataclass(frozen=True)
+class _Batch:
+    """What the writer hands over: records, their unsynced tokens, tokens to drop."""
+
+    records: Sequence[InstanceRecord]
+    unsynced: Sequence[str | None]
+    settled: Sequence[str]
+
+
 @dataclass
 class _Plan:
     """A batch's rows, once its lookups allow this path."""
@@ -163,7 +172,7 @@ class FastPath:
         run = self._commit_postgres if self._postgres else self._commit_sqlite
         cursor = self._dbapi.cursor()
         try:
-            done = run(cursor, records, unsynced, settled)
+            done = run(cursor, _Batch(records, unsynced, settled))
         except Exception as exc:  # the ORM path runs it again and reports what fails
             # Once at WARNING: a fast path that always fails (a bug, say) would otherwise
             # slow every commit unseen.
@@ -175,14 +184,9 @@ class FastPath:
             cursor.close()
         return [IngestOutcome(r.sop_uid, stored=True) for r in records] if done else None
 
-    def _commit_sqlite(
-        self,
-        cursor: Any,
-        records: Sequence[InstanceRecord],
-        unsynced: Sequence[str | None],
-        settled: Sequence[str],
-    ) -> bool:
+    def _commit_sqlite(self, cursor: Any, batch: _Batch) -> bool:
         """The batch in one SQLite transaction; False, rolled back, if it is not for here."""
+        records, unsynced, settled = batch.records, batch.unsynced, batch.settled
         cursor.execute("BEGIN IMMEDIATE")
         try:
             sop_uids = [r.sop_uid for r in records]
@@ -225,13 +229,7 @@ class FastPath:
                 cursor.execute("ROLLBACK")
             raise
 
-    def _commit_postgres(
-        self,
-        cursor: Any,
-        records: Sequence[InstanceRecord],
-        unsynced: Sequence[str | None],
-        settled: Sequence[str],
-    ) -> bool:
+    def _commit_postgres(self, cursor: Any, batch: _Batch) -> bool:
         """The batch in two simple queries to PostgreSQL; False, rolled back, if not for here.
 
         Each statement with parameters, even pipelined, cost psycopg a wait on its socket,
@@ -243,6 +241,7 @@ class FastPath:
         if (dbapi.isolation_level, dbapi.read_only, dbapi.deferrable) != (None, None, None):
             # A plain BEGIN would not honour them; psycopg's own BEGIN (the ORM path) does.
             return False
+        records, unsynced, settled = batch.records, batch.unsynced, batch.settled
         literal = self._literal
         sop_uids = [r.sop_uid for r in records]
         series_uids = list({r.series_uid for r in records})
