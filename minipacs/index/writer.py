@@ -269,26 +269,25 @@ class IndexWriter:
     def _transaction(self, jobs: list[_Job]) -> list[IngestOutcome]:
         records = [job.record for job in jobs]
         fast = self._fast_path()
+        # Taken once: every attempt below carries them, until one commits.
         settled = self._take_settled(riding=True)
         if fast is not None:
             outcomes = fast.commit(records, [job.unsynced for job in jobs], settled)
             if outcomes is not None:
                 self.commits += 1
                 return outcomes
-        self._give_back_settled(settled)
         attempt = 0
         while True:
-            settled = self._take_settled(riding=True)
             try:
                 with self._writing() as session:
                     outcomes = apply_records(session, records, self.duplicate_policy)
                     _list_unsynced(session, jobs, outcomes)
                     drop_unsynced(session, settled)
             except OperationalError as exc:
-                self._give_back_settled(settled)
                 # Transient (deadlock victim, lock timeout, lost connection): the whole
                 # transaction rolled back, so running it again is safe.
                 if attempt == len(_RETRY_PAUSES):
+                    self._give_back_settled(settled)
                     raise
                 log.info("index transaction of %d retried: %s", len(records), exc.orig)
                 time.sleep(_RETRY_PAUSES[attempt])

@@ -247,7 +247,7 @@ class FileStore:
         self.spool_dir.mkdir(parents=True, exist_ok=True)
         self._durable_dirs: set[Path] = set()
         # Paths being stored by a thread of this process, and who waits for them.
-        self._claims: dict[str, int] = {}
+        self._claims: set[str] = set()
         self._claims_cond = threading.Condition()
         # False once link(2) failed for want of hard links on this filesystem.
         self._links = True
@@ -371,12 +371,12 @@ class FileStore:
         with self._claims_cond:
             while rel_path in self._claims:
                 self._claims_cond.wait()
-            self._claims[rel_path] = threading.get_ident()
+            self._claims.add(rel_path)
         try:
             yield
         finally:
             with self._claims_cond:
-                del self._claims[rel_path]
+                self._claims.remove(rel_path)
                 self._claims_cond.notify_all()
 
     def make_durable(self, rel_path: str) -> None:
@@ -436,7 +436,7 @@ class FileStore:
         if not self._links:
             return self.write_instance(rel_path, preamble_and_meta, dataset_source)
         dest = self.path(rel_path)
-        mark = None if self._group is None else self._group.mark()
+        mark = self.flush_mark()
         tmp, fd, size = self._write_temp(preamble_and_meta, dataset_source)
         try:
             self._note_pending(rel_path)
@@ -600,11 +600,17 @@ class FileStore:
             found.append(DeadJournal(entry, mtime, paths))
         return found
 
-    def _mark_durable(self, directory: Path) -> None:
-        """A group flush made a folder and those above it durable: no mkdir for them again."""
+    def _mark_durable(self, directory: Path, fsync_parents: bool = False) -> None:
+        """Note a folder and those above it as durable: no mkdir for them again.
+
+        After a group flush they are; otherwise (fsync_parents) each entry not yet known
+        durable is flushed in its parent first.
+        """
         if len(self._durable_dirs) > _DURABLE_DIRS_MAX:
             self._durable_dirs.clear()
         while directory != self.root and directory not in self._durable_dirs:
+            if fsync_parents:
+                _fsync_dir(directory.parent)
             self._durable_dirs.add(directory)
             directory = directory.parent
 
@@ -615,12 +621,7 @@ class FileStore:
         each folder's entry is flushed once by whoever first needs it, not by its creator.
         """
         _fsync_dir(directory)
-        if len(self._durable_dirs) > _DURABLE_DIRS_MAX:
-            self._durable_dirs.clear()
-        while directory != self.root and directory not in self._durable_dirs:
-            _fsync_dir(directory.parent)
-            self._durable_dirs.add(directory)
-            directory = directory.parent
+        self._mark_durable(directory, fsync_parents=True)
 
 
 def _mtime(path: Path) -> float:
