@@ -357,7 +357,7 @@ class Association:
         """Queue a DIMSE message as P-DATA-TF PDUs (Evt9)."""
         if dataset is None:
             encoded = encode_command(command)
-            if len(encoded) <= fragment_size(self.peer_max_pdu, MAX_SEND_PDU):
+            if len(encoded) <= self.max_fragment:
                 # A command alone in one PDV, the usual response (command sets are even).
                 header = pdu.pdata_header(context_id, True, True, len(encoded))
                 self._local(_EVT9, (header, encoded))

@@ -144,10 +144,6 @@ class Session:
         self.association.send_message(context_id, command, dataset)
         self.flush()
 
-    async def _drain(self) -> None:
-        self.flush()
-        await self.connection.drain()
-
     async def request_streamed(
         self,
         context_id: int,
@@ -155,13 +151,12 @@ class Session:
         pieces: AsyncIterator[tuple[bytes | memoryview, bool]],
     ) -> asyncio.Queue[DimseMessage | None]:
         """Send a request whose data set arrives in (bytes, is_last) pieces; see `request`."""
-        queue: asyncio.Queue[DimseMessage | None] = asyncio.Queue()
-        self._waiters[int(command["MessageID"])] = queue  # type: ignore[call-overload]
+        queue = self.expect_response(int(command["MessageID"]))  # type: ignore[call-overload]
         async with self._streaming:
             self.association.send_message(context_id, command, None)
             async for data, last in pieces:
                 self.association.send_dataset_fragments(context_id, data, last)
-                await self._drain()
+                await self.drain()
         return queue
 
     def next_message_id(self) -> int:
@@ -176,8 +171,7 @@ class Session:
         dataset: bytes | memoryview | FramedDataset | None = None,
     ) -> asyncio.Queue[DimseMessage | None]:
         """Send a request; return the queue its responses arrive on (None: association gone)."""
-        queue: asyncio.Queue[DimseMessage | None] = asyncio.Queue()
-        self._waiters[int(command["MessageID"])] = queue  # type: ignore[call-overload]
+        queue = self.expect_response(int(command["MessageID"]))  # type: ignore[call-overload]
         await self.send(context_id, command, dataset)
         return queue
 
@@ -206,8 +200,9 @@ class Session:
         return 0 if transport is None else transport.get_write_buffer_size()
 
     async def drain(self) -> None:
-        """Wait until the transport can take more."""
-        await self._drain()
+        """Write what is queued, then wait until the transport can take more."""
+        self.flush()
+        await self.connection.drain()
 
     def when_answered(self, message_id: int, callback: Callable[[], None]) -> None:
         """Call `callback` as soon as the response to `message_id` arrives, in the reader.
