@@ -15,7 +15,6 @@ import sys
 import textwrap
 import threading
 import time
-from datetime import UTC, datetime
 from pathlib import Path
 
 import pydicom
@@ -27,12 +26,11 @@ from sqlalchemy.orm import Session
 
 from minipacs.app import build_server, open_archive
 from minipacs.config import Settings, load_settings
-from minipacs.dataset import read_part10
 from minipacs.index import schema
 from minipacs.index.db import make_engine
 from minipacs.index.fastpath import FastPath
 from minipacs.index.models import Instance, Series, Study, UnsyncedFile
-from minipacs.index.records import INDEXED_TAGS, InstanceRecord, record_from_dataset
+from minipacs.index.records import InstanceRecord
 from minipacs.index.recover import recover
 from minipacs.index.writer import IndexWriter
 from minipacs.services.store import StoreService, _Prepared
@@ -42,6 +40,7 @@ from minipacs.storage.groupflush import GroupFlush
 from minipacs.storage.layout import instance_path
 from minipacs.storage.meta import encode_file_meta
 from tests.servers import free_port
+from tests.test_index import _record
 
 CT = get_testdata_file("CT_small.dcm")
 MR = get_testdata_file("MR_small.dcm")
@@ -338,7 +337,7 @@ def test_a_duplicate_is_answered_after_a_flush_of_the_row_it_found(
     writer = IndexWriter(engine, "keep-first", durable_commits=False)
     writer.start()
     service = StoreService(store, writer, engine, None, "keep-first")  # type: ignore[arg-type]
-    base = _record_of(CT)
+    base = _record()  # CT_small.dcm
     assert service._store_claimed(_prepared(base)) == (0x0000, None)
     events: list[str] = []
     a_flushing, release_a = threading.Event(), threading.Event()
@@ -372,19 +371,6 @@ def test_a_duplicate_is_answered_after_a_flush_of_the_row_it_found(
         asyncio.run(writer.close())
         store.close()
         engine.dispose()
-
-
-def _record_of(path: str) -> InstanceRecord:
-    meta, inspected = read_part10(Path(path), INDEXED_TAGS)
-    return record_from_dataset(
-        inspected.dataset,
-        header=inspected.header,
-        transfer_syntax_uid=str(meta.TransferSyntaxUID),
-        rel_path="",
-        size=0,
-        calling_ae="TEST",
-        received_at=datetime.now(UTC),
-    )
 
 
 def _prepared(record: InstanceRecord) -> _Prepared:
