@@ -29,7 +29,7 @@ from collections.abc import Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass
 
-from sqlalchemy import Connection, Engine, insert
+from sqlalchemy import Connection, Engine, insert, select
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
@@ -281,7 +281,7 @@ class IndexWriter:
             try:
                 with self._writing() as session:
                     outcomes = apply_records(session, records, self.duplicate_policy)
-                    _list_unsynced(session, jobs, outcomes)
+                    outcomes = _list_unsynced(session, jobs, outcomes)
                     drop_unsynced(session, settled)
             except OperationalError as exc:
                 # Transient (deadlock victim, lock timeout, lost connection): the whole
@@ -315,8 +315,31 @@ class IndexWriter:
             _settle(job, outcome)
 
 
-def _list_unsynced(session: Session, jobs: list[_Job], outcomes: list[IngestOutcome]) -> None:
-    """List the stored records of jobs that came with an unsynced token."""
+def _list_unsynced(
+    session: Session, jobs: list[_Job], outcomes: list[IngestOutcome]
+) -> list[IngestOutcome]:
+    """List the stored records of jobs that came with an unsynced token; their outcomes.
+
+    A job whose token is listed already was committed by an earlier attempt whose answer
+    was lost with its connection (PostgreSQL): the row found is its own, so it is stored,
+    not a duplicate ("reject" would refuse an instance the index holds).
+    """
+    maybe_ours = [
+        job.unsynced
+        for job, outcome in zip(jobs, outcomes, strict=True)
+        if job.unsynced is not None and not outcome.stored
+    ]
+    landed: set[str] = set()
+    if maybe_ours:
+        landed = set(
+            session.scalars(select(UnsyncedFile.token).where(UnsyncedFile.token.in_(maybe_ours)))
+        )
+    if landed:
+        log.info("%d index rows found committed by an attempt whose answer was lost", len(landed))
+        outcomes = [
+            IngestOutcome(job.record.sop_uid, stored=True) if job.unsynced in landed else outcome
+            for job, outcome in zip(jobs, outcomes, strict=True)
+        ]
     rows = [
         {
             "token": job.unsynced,
@@ -325,10 +348,11 @@ def _list_unsynced(session: Session, jobs: list[_Job], outcomes: list[IngestOutc
             "writer": WRITER_ID,
         }
         for job, outcome in zip(jobs, outcomes, strict=True)
-        if job.unsynced is not None and outcome.stored
+        if job.unsynced is not None and outcome.stored and job.unsynced not in landed
     ]
     if rows:
         session.connection().execute(_INSERT_UNSYNCED, rows)
+    return outcomes
 
 
 def _unavailable(cause: Exception) -> IndexUnavailable:
