@@ -1,0 +1,118 @@
+"""A/B C-STORE benchmark: two builds or settings of minipacs, interleaved round by round.
+
+Run: .venv/bin/python -m bench.ab A B [--rounds 6] [--scenarios small:1,small:8]
+         [--db sqlite|pg] [--small 3000] [--ct 300]
+A side is a git revision, optionally with settings: "HEAD", "main~2",
+"HEAD,MINIPACS_STORAGE_FLUSH=file". Each revision is checked out in a temporary worktree
+and served from it (PYTHONPATH); the PostgreSQL schema comes from this tree's migrations.
+
+The same code reads ±10% from one run to the next on these machines, so one run each
+decides nothing: the sides alternate (A, B, A, B...) with the system's dirty pages
+synced before each, and the report gives every round's B/A ratio besides the median.
+A change is worth believing when the lowest ratio is above 1, or the highest below it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from bench import datasets
+from bench.store import Scenario, Servers, store
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@dataclass(frozen=True)
+class Side:
+    """One side of the comparison: a revision and the settings it runs with."""
+
+    label: str
+    revision: str
+    env: dict[str, str]
+
+
+def parse_side(text: str) -> Side:
+    """ "REV[,MINIPACS_X=V...]" as a Side."""
+    revision, *settings = text.split(",")
+    env = dict(item.split("=", 1) for item in settings if "=" in item)
+    if len(env) != len(settings) or any(not name.startswith("MINIPACS_") for name in env):
+        raise SystemExit(f"{text!r}: settings are MINIPACS_NAME=VALUE after the revision")
+    return Side(text, revision, env)
+
+
+@contextlib.contextmanager
+def worktree(revision: str, parent: Path) -> Iterator[Path]:
+    """A detached checkout of `revision` under `parent`, removed afterwards."""
+    path = Path(tempfile.mkdtemp(prefix="ab-", dir=parent))
+    git = ["git", "-C", str(REPO)]
+    subprocess.run([*git, "worktree", "add", "--detach", str(path), revision], check=True)
+    try:
+        yield path
+    finally:
+        subprocess.run([*git, "worktree", "remove", "--force", str(path)], check=False)
+
+
+def main() -> None:
+    """Measure both sides on every scenario, alternating; print the ratios."""
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("a", help="baseline: REV[,MINIPACS_X=V...]")
+    parser.add_argument("b", help="candidate: REV[,MINIPACS_X=V...]")
+    parser.add_argument("--rounds", type=int, default=6)
+    parser.add_argument("--scenarios", default="small:1,small:8", help="kind:associations,...")
+    parser.add_argument("--db", choices=("sqlite", "pg"), default="sqlite")
+    parser.add_argument("--small", type=int, default=3000, help="number of small instances")
+    parser.add_argument("--ct", type=int, default=300, help="number of CT-size instances")
+    args = parser.parse_args()
+    sides = [parse_side(args.a), parse_side(args.b)]
+    wanted = []
+    for item in args.scenarios.split(","):
+        kind, _, count = item.partition(":")
+        if kind not in ("small", "ct") or not count.isdigit():
+            parser.error(f"scenario {item!r}: small:N or ct:N (N associations)")
+        wanted.append((kind, int(count)))
+    server = "minipacs-pg" if args.db == "pg" else "minipacs"
+
+    with contextlib.ExitStack() as stack:
+        root = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-ab-")))
+        revisions = {side.revision for side in sides}
+        trees = {rev: stack.enter_context(worktree(rev, root)) for rev in revisions}
+        files = {
+            "small": datasets.small(root / "small", args.small),
+            "ct": datasets.ct(root / "ct", args.ct),
+        }
+        servers = Servers([server])
+        stack.callback(servers.close)
+        for kind, associations in wanted:
+            scenario = Scenario(f"{kind}, {associations} assoc", files[kind], associations)
+            rates: dict[str, list[float]] = {side.label: [] for side in sides}
+            for round_ in range(args.rounds):
+                for side in sides:
+                    servers.minipacs_env = {"PYTHONPATH": str(trees[side.revision]), **side.env}
+                    os.sync()
+                    with servers.start(server, associations) as peer:
+                        rate = scenario.files.count / store(peer, scenario)
+                    rates[side.label].append(rate)
+                    print(
+                        f"  {scenario.name:15s} round {round_ + 1} {side.label:30s} {rate:8.1f}/s",
+                        file=sys.stderr,
+                    )
+            a, b = (rates[side.label] for side in sides)
+            ratios = sorted(y / x for x, y in zip(a, b, strict=True))
+            print(
+                f"{scenario.name:15s} {args.db:6s} A {statistics.median(a):7.1f}/s"
+                f"  B {statistics.median(b):7.1f}/s  B/A median {statistics.median(ratios):.3f}"
+                f"  rounds {' '.join(f'{r:.2f}' for r in ratios)}"
+            )
+
+
+if __name__ == "__main__":
+    main()
