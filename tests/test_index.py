@@ -315,6 +315,32 @@ def test_outcome_arrives_only_after_the_commit(engine: Engine, db_url: str) -> N
         other.dispose()
 
 
+def test_a_lone_record_commits_in_the_calling_thread(engine: Engine) -> None:
+    async def run() -> None:
+        writer = IndexWriter(engine, "keep-first")
+        writer.start()
+        try:
+            committer: list[str] = []
+            original = writer._commit
+
+            def commit(batch: list) -> None:  # type: ignore[type-arg]
+                committer.append(threading.current_thread().name)
+                original(batch)
+
+            writer._commit = commit  # type: ignore[method-assign]
+            future = await asyncio.to_thread(writer.commit_alone, _record())
+            # Done on return, by the caller's own thread: no hand-off to the writer.
+            assert future.done() and future.result().stored
+            assert committer and committer[0] != "index-writer"
+            assert writer.commits == 1
+        finally:
+            await writer.close()
+        with pytest.raises(IndexUnavailable, match="closed"):
+            writer.commit_alone(_record("MR_small.dcm"))
+
+    asyncio.run(run())
+
+
 def test_submit_after_close_is_refused(engine: Engine) -> None:
     async def run() -> None:
         writer = IndexWriter(engine, "keep-first")

@@ -103,6 +103,8 @@ class IndexWriter:
         self._settled_at = 0.0
         self._settled_lock = threading.Lock()
         self._closed = False
+        # Held by whichever thread commits on the writer's connection (see commit_alone).
+        self._busy = threading.Lock()
         self._thread = threading.Thread(target=self._run, name="index-writer", daemon=True)
 
     def start(self) -> None:
@@ -123,6 +125,27 @@ class IndexWriter:
         future: Future[IngestOutcome] = Future()
         self._queue.put(_Job(record, future, unsynced))
         return future
+
+    def commit_alone(
+        self, record: InstanceRecord, unsynced: str | None = None
+    ) -> Future[IngestOutcome]:
+        """enqueue, but committed in the calling thread when nothing else is to commit.
+
+        For a caller that knows no other store is in flight (one association storing):
+        two thread hand-offs fewer on its critical path. With company it only enqueues,
+        so concurrent stores still share a commit.
+        """
+        if self._closed or not self._queue.empty() or not self._busy.acquire(blocking=False):
+            return self.enqueue(record, unsynced)
+        try:
+            if self._closed:
+                # close() ran meanwhile: its writer may have let the connection go.
+                return self.enqueue(record, unsynced)
+            job = _Job(record, Future(), unsynced)
+            self._commit([job])
+        finally:
+            self._busy.release()
+        return job.future
 
     def settle(self, token: str) -> None:
         """Drop an unsynced listing: its file is durable now (committed later, in passing)."""
@@ -174,16 +197,19 @@ class IndexWriter:
         while not stopping:
             batch, stopping = self._next_batch()
             if not batch:
-                self._commit_settled()
+                with self._busy:
+                    self._commit_settled()
                 continue
             try:
-                self._commit(batch)
+                with self._busy:
+                    self._commit(batch)
             except Exception as exc:  # never let the thread die: callers would wait forever
                 log.exception("index writer failed on a batch")
                 for job in batch:
                     _settle(job, IndexUnavailable(f"index writer failed: {exc}"))
-        self._commit_settled()
-        self._drop_connection()
+        with self._busy:
+            self._commit_settled()
+            self._drop_connection()
 
     @contextlib.contextmanager
     def _writing(self) -> Iterator[Session]:

@@ -14,6 +14,9 @@ leaves a listed row that recovery checks against its file. Over an existing file
 When a SQLite index lives on the store's filesystem and the store flushes by syncfs, the
 writer commits without fsync and the store's flush, after the commit, makes row and
 file durable together: one flush per store instead of two that contend for the journal.
+Commit and flush then run one after the other anyway, so a store with no other in flight
+(one association) commits its row in its own thread (IndexWriter.commit_alone): two
+thread hand-offs fewer, +4% with one association (bench.ab, 5 rounds).
 """
 
 from __future__ import annotations
@@ -109,11 +112,19 @@ class StoreService:
         self.engine = engine
         self.executor = executor
         self.duplicate_policy = duplicate_policy
+        # Stores in flight, counted on the event loop: a lone one commits its row itself
+        # (IndexWriter.commit_alone). Store threads only read it; a stale read only
+        # picks the other, equally correct, path.
+        self._in_flight = 0
 
     async def handle(self, operation: Operation) -> None:
         """Serve one C-STORE-RQ: one executor trip stores it, then the response goes back."""
         loop = asyncio.get_running_loop()
-        status, comment = await loop.run_in_executor(self.executor, self._store, operation)
+        self._in_flight += 1
+        try:
+            status, comment = await loop.run_in_executor(self.executor, self._store, operation)
+        finally:
+            self._in_flight -= 1
         await operation.respond(status, error_comment=comment)
 
     def _store(self, operation: Operation) -> tuple[int, str | None]:
@@ -152,7 +163,10 @@ class StoreService:
         token = _unsynced_token() if written.staged is not None else None
         committing: Future[IngestOutcome] | IndexUnavailable
         try:
-            committing = self.index.enqueue(written.record, unsynced=token)
+            # A lone store commits its row itself, unless its file flushes meanwhile.
+            alone = self._in_flight == 1 and not self.index.durable_commits
+            submit = self.index.commit_alone if alone else self.index.enqueue
+            committing = submit(written.record, unsynced=token)
         except IndexUnavailable as exc:
             committing = exc
         # The file flushes while the writer thread commits its row, unless that flush is
