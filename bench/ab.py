@@ -66,7 +66,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("a", help="baseline: REV[,MINIPACS_X=V...]")
     parser.add_argument("b", help="candidate: REV[,MINIPACS_X=V...]")
-    parser.add_argument("--rounds", type=int, default=6)
+    parser.add_argument("--rounds", type=int, default=6, choices=range(1, 101), metavar="N")
     parser.add_argument("--scenarios", default="small:1,small:8", help="kind:associations,...")
     parser.add_argument("--db", choices=("sqlite", "pg"), default="sqlite")
     parser.add_argument("--small", type=int, default=3000, help="number of small instances")
@@ -85,27 +85,30 @@ def main() -> None:
         root = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-ab-")))
         revisions = {side.revision for side in sides}
         trees = {rev: stack.enter_context(worktree(rev, root)) for rev in revisions}
-        files = {
-            "small": datasets.small(root / "small", args.small),
-            "ct": datasets.ct(root / "ct", args.ct),
-        }
+        kinds = {kind for kind, _ in wanted}
+        files = {}
+        if "small" in kinds:
+            files["small"] = datasets.small(root / "small", args.small)
+        if "ct" in kinds:
+            files["ct"] = datasets.ct(root / "ct", args.ct)
         servers = Servers([server])
         stack.callback(servers.close)
         for kind, associations in wanted:
             scenario = Scenario(f"{kind}, {associations} assoc", files[kind], associations)
-            rates: dict[str, list[float]] = {side.label: [] for side in sides}
+            # By position, not label: an A/A run ("HEAD HEAD") measures the noise.
+            rates: list[list[float]] = [[] for _ in sides]
             for round_ in range(args.rounds):
-                for side in sides:
+                for side, side_rates in zip(sides, rates, strict=True):
                     servers.minipacs_env = {"PYTHONPATH": str(trees[side.revision]), **side.env}
                     os.sync()
                     with servers.start(server, associations) as peer:
                         rate = scenario.files.count / store(peer, scenario)
-                    rates[side.label].append(rate)
+                    side_rates.append(rate)
                     print(
                         f"  {scenario.name:15s} round {round_ + 1} {side.label:30s} {rate:8.1f}/s",
                         file=sys.stderr,
                     )
-            a, b = (rates[side.label] for side in sides)
+            a, b = rates
             ratios = sorted(y / x for x, y in zip(a, b, strict=True))
             print(
                 f"{scenario.name:15s} {args.db:6s} A {statistics.median(a):7.1f}/s"

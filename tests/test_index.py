@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import threading
+import time
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
@@ -16,6 +17,7 @@ from sqlalchemy import Engine, func, select
 from sqlalchemy.orm import Session
 
 from minipacs.dataset import encode, header_syntax, read_header, read_part10
+from minipacs.index import writer as writer_module
 from minipacs.index.db import make_engine, write_engine, write_session
 from minipacs.index.fastpath import FastPath
 from minipacs.index.ingest import (
@@ -339,6 +341,47 @@ def test_a_lone_record_commits_in_the_calling_thread(engine: Engine) -> None:
             writer.commit_alone(_record("MR_small.dcm"))
 
     asyncio.run(run())
+
+
+def test_a_record_not_alone_goes_to_the_writer_thread(engine: Engine) -> None:
+    # A commit running (the writer's connection busy): commit_alone must not wait for it
+    # nor use the connection alongside, but queue the record for the writer thread.
+    writer = IndexWriter(engine, "keep-first")
+    writer.start()
+    try:
+        with writer._busy:
+            future = writer.commit_alone(_record())
+            assert not future.done()
+        assert future.result(10).stored
+    finally:
+        asyncio.run(writer.close())
+
+
+def test_listings_settled_after_lone_commits_go_once_the_writer_idles(
+    engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # commit_alone leaves the writer thread asleep: the tokens settled after the last
+    # ride must still be dropped SETTLE_IDLE later, not wait for the next store.
+    monkeypatch.setattr(writer_module, "SETTLE_IDLE", 0.05)
+    writer = IndexWriter(engine, "keep-first")
+    writer.start()
+    base = _record()
+    try:
+        for i in range(3):
+            record = dataclasses.replace(base, sop_uid=f"{base.sop_uid}.{i}", rel_path=f"x/{i}")
+            token = f"{i:032x}"
+            assert writer.commit_alone(record, unsynced=token).result(10).stored
+            writer.settle(token)
+        deadline = time.monotonic() + 3
+        while True:
+            with Session(engine) as session:
+                listed = session.scalar(select(func.count()).select_from(UnsyncedFile))
+            if listed == 0 or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+        assert listed == 0, f"{listed} settled listings left after 3 s without a batch"
+    finally:
+        asyncio.run(writer.close())
 
 
 def test_submit_after_close_is_refused(engine: Engine) -> None:

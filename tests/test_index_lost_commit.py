@@ -73,9 +73,10 @@ class CommitCutter:
             server.sendall(chunk)
             if cutting:
                 time.sleep(_COMMIT_GRACE)
+                # Before the cut: the writer's retry cannot finish ahead of it.
+                self.cut.set()
                 for sock in (client, server):
                     _close(sock)
-                self.cut.set()
                 return
         _close(server)
 
@@ -163,3 +164,34 @@ def test_a_commit_whose_answer_was_lost_is_stored_not_a_duplicate(
         )
         # Settled at close: nothing left for recovery to find.
         assert session.scalar(select(func.count()).select_from(UnsyncedFile)) == 0
+
+
+def test_a_listing_whose_row_was_replaced_since_is_not_taken_for_a_lost_commit(
+    db_url: str,
+) -> None:
+    # The lost commit landed, then another node ("replace") put the instance at another
+    # path; the listing stays (replace leaves listings alone). The retry must not answer
+    # stored: no row names its file, which the store would then keep as an orphan.
+    first = _record()
+    token = "e" * 32
+
+    async def run() -> tuple[bool, str | None]:
+        ours, other = IndexWriter(engine, "reject"), IndexWriter(engine, "replace")
+        ours.start()
+        other.start()
+        try:
+            landed = await asyncio.wrap_future(ours.enqueue(first, unsynced=token))
+            assert landed.stored
+            moved = dataclasses.replace(first, rel_path="x/elsewhere.dcm")
+            assert (await other.submit(moved)).stored
+            retried = await asyncio.wrap_future(ours.enqueue(first, unsynced=token))
+            return retried.stored, retried.existing_path
+        finally:
+            await ours.close()
+            await other.close()
+
+    engine = make_engine(db_url)
+    try:
+        assert asyncio.run(run()) == (False, "x/elsewhere.dcm")
+    finally:
+        engine.dispose()

@@ -15,6 +15,10 @@ or go alone after SETTLE_IDLE seconds without a batch.
 
 The usual batch (new instances into known series) is committed at the DB-API level
 (index.fastpath); any other goes through the ORM (ingest.apply_records).
+
+A caller that knows it is alone (one association storing) may commit its record in its
+own thread instead (commit_alone), when the queue is empty and no commit is running: a
+lock marks whoever commits on the writer's connection.
 """
 
 from __future__ import annotations
@@ -103,6 +107,8 @@ class IndexWriter:
         self._settled_at = 0.0
         self._settled_lock = threading.Lock()
         self._closed = False
+        # Taken to close, and to enqueue: no job can land behind the stop mark unseen.
+        self._close_lock = threading.Lock()
         # Held by whichever thread commits on the writer's connection (see commit_alone).
         self._busy = threading.Lock()
         self._thread = threading.Thread(target=self._run, name="index-writer", daemon=True)
@@ -120,10 +126,11 @@ class IndexWriter:
 
         With an unsynced token, a stored record is listed as unsynced until settle(token).
         """
-        if self._closed:
-            raise IndexUnavailable("index writer is closed")
         future: Future[IngestOutcome] = Future()
-        self._queue.put(_Job(record, future, unsynced))
+        with self._close_lock:
+            if self._closed:
+                raise IndexUnavailable("index writer is closed")
+            self._queue.put(_Job(record, future, unsynced))
         return future
 
     def commit_alone(
@@ -154,13 +161,14 @@ class IndexWriter:
 
     async def close(self) -> None:
         """Commit what is queued, then stop the thread."""
-        if self._closed:
-            return
-        self._closed = True
-        self._queue.put(None)
+        with self._close_lock:
+            if self._closed:
+                return
+            self._closed = True
+            self._queue.put(None)
         if self._thread.is_alive():
             await asyncio.get_running_loop().run_in_executor(None, self._thread.join)
-        # Submits that raced with close() arrive after the stop mark.
+        # Left by a writer thread that never started: refused, not left waiting.
         while True:
             try:
                 job = self._queue.get_nowait()
@@ -172,7 +180,9 @@ class IndexWriter:
     def _next_batch(self) -> tuple[list[_Job], bool]:
         """Block for a first job, then gather more for up to batch_wait; (batch, stop)."""
         try:
-            first = self._queue.get(timeout=SETTLE_IDLE if self._settled else None)
+            # Never without a timeout: settle() does not wake the writer, and tokens settled
+            # after commits it took no part in (commit_alone) would wait for the next store.
+            first = self._queue.get(timeout=SETTLE_IDLE)
         except queue.Empty:
             return [], False
         if first is None:
@@ -350,10 +360,13 @@ def _list_unsynced(
     was lost with its connection (PostgreSQL): the row found is its own, so it is stored,
     not a duplicate ("reject" would refuse an instance the index holds).
     """
+    # A row at another path is not the job's, listing or not (another node's "replace").
     maybe_ours = [
         job.unsynced
         for job, outcome in zip(jobs, outcomes, strict=True)
-        if job.unsynced is not None and not outcome.stored
+        if job.unsynced is not None
+        and not outcome.stored
+        and outcome.existing_path == job.record.rel_path
     ]
     landed: set[str] = set()
     if maybe_ours:
