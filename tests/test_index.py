@@ -500,6 +500,20 @@ def test_fast_path_writes_what_the_orm_path_writes(engine: Engine) -> None:
         assert sorted(session.scalars(select(Series.num_instances))) == [4]
 
 
+def test_fast_path_writes_absent_values_as_the_orm_path_does(engine: Engine) -> None:
+    # A batch whose integer and header columns are all NULL: PostgreSQL types such a
+    # VALUES column as text, which the fast path must cast to the column's type.
+    first = _record()
+    _apply(engine, [first], "keep-first")
+    absent = {"instance_number": None, "number_of_frames": None, "rows": None, "header": None}
+    by_orm = dataclasses.replace(first, sop_uid=f"{first.sop_uid}.1", rel_path="x/1", **absent)
+    by_fast = dataclasses.replace(first, sop_uid=f"{first.sop_uid}.2", rel_path="x/2", **absent)
+    _apply(engine, [by_orm], "keep-first")
+    assert _fast_commit(engine, [by_fast]) == [IngestOutcome(by_fast.sop_uid, stored=True)]
+    assert _instance_columns(engine, by_fast.sop_uid) == _instance_columns(engine, by_orm.sop_uid)
+    _consistent(engine)
+
+
 def test_fast_path_leaves_duplicates_and_new_series_to_the_orm(engine: Engine) -> None:
     first = _record()
     _apply(engine, [first], "keep-first")
