@@ -19,13 +19,13 @@ import contextlib
 import os
 import statistics
 import subprocess
-import sys
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from bench import datasets
+from bench.rounds import alternate_rounds
 from bench.store import Scenario, Servers, store
 
 REPO = Path(__file__).resolve().parent.parent
@@ -93,22 +93,22 @@ def main() -> None:
             files["ct"] = datasets.ct(root / "ct", args.ct)
         servers = Servers([server])
         stack.callback(servers.close)
+        # Named by position too: an A/A run ("HEAD HEAD") measures the noise.
+        named = {f"{key} {side.label}": side for key, side in zip("AB", sides, strict=True)}
         for kind, associations in wanted:
             scenario = Scenario(f"{kind}, {associations} assoc", files[kind], associations)
-            # By position, not label: an A/A run ("HEAD HEAD") measures the noise.
-            rates: list[list[float]] = [[] for _ in sides]
-            for round_ in range(args.rounds):
-                for side, side_rates in zip(sides, rates, strict=True):
-                    servers.minipacs_env = {"PYTHONPATH": str(trees[side.revision]), **side.env}
-                    os.sync()
-                    with servers.start(server, associations) as peer:
-                        rate = scenario.files.count / store(peer, scenario)
-                    side_rates.append(rate)
-                    print(
-                        f"  {scenario.name:15s} round {round_ + 1} {side.label:30s} {rate:8.1f}/s",
-                        file=sys.stderr,
-                    )
-            a, b = rates
+
+            def run(name: str, scenario: Scenario = scenario) -> float:
+                side = named[name]
+                servers.minipacs_env = {"PYTHONPATH": str(trees[side.revision]), **side.env}
+                os.sync()
+                with servers.start(server, scenario.associations) as peer:
+                    return store(peer, scenario)
+
+            times = alternate_rounds(
+                args.rounds, list(named), scenario.name, scenario.files.count, run
+            )
+            a, b = ([scenario.files.count / t for t in times[name]] for name in named)
             ratios = sorted(y / x for x, y in zip(a, b, strict=True))
             print(
                 f"{scenario.name:15s} {args.db:6s} A {statistics.median(a):7.1f}/s"

@@ -11,6 +11,14 @@ def alternate(
     rounds: int, names: Sequence[str], label: str, count: int, run: Callable[[str], float]
 ) -> dict[str, float]:
     """Time `run(name)` `rounds` times per server, servers taking turns; medians by name."""
+    times = alternate_rounds(rounds, names, label, count, run)
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+def alternate_rounds(
+    rounds: int, names: Sequence[str], label: str, count: int, run: Callable[[str], float]
+) -> dict[str, list[float]]:
+    """As alternate, but every round's seconds by name, in round order."""
     times: dict[str, list[float]] = {name: [] for name in names}
     for round_ in range(rounds):
         for name in names:
@@ -20,4 +28,4 @@ def alternate(
                 f"  {label:15s} round {round_ + 1} {name:12s} {count / elapsed:8.1f} inst/s",
                 file=sys.stderr,
             )
-    return {name: statistics.median(values) for name, values in times.items()}
+    return times

@@ -501,8 +501,8 @@ def test_fast_path_writes_what_the_orm_path_writes(engine: Engine) -> None:
 
 
 def test_fast_path_writes_absent_values_as_the_orm_path_does(engine: Engine) -> None:
-    # A batch whose integer and header columns are all NULL: PostgreSQL types such a
-    # VALUES column as text, which the fast path must cast to the column's type.
+    # A batch whose integer and header columns are all absent: they go in as NULL
+    # literals on PostgreSQL, bound parameters on SQLite, and read back as the ORM's.
     first = _record()
     _apply(engine, [first], "keep-first")
     absent = {"instance_number": None, "number_of_frames": None, "rows": None, "header": None}
