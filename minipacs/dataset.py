@@ -5,6 +5,7 @@ Blocking and CPU-bound: callers run these in an executor, never on the event loo
 
 from __future__ import annotations
 
+import functools
 import io
 import mmap
 import struct
@@ -33,6 +34,8 @@ class DataSetError(Exception):
     """A data set that cannot be decoded in its transfer syntax."""
 
 
+# pydicom's UID() validates with a regex each time: a few syntaxes recur in every store.
+@functools.lru_cache(maxsize=64)
 def _syntax(transfer_syntax: str) -> tuple[bool, bool]:
     uid = UID(transfer_syntax)
     if not uid.is_transfer_syntax:

@@ -121,7 +121,7 @@ class StagedFile:
     mark: int | None = None
 
 
-def _fsync_dir(path: Path) -> None:
+def _fsync_dir(path: str | Path) -> None:
     """Flush a directory so the entries created or renamed in it survive a power loss."""
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
@@ -168,14 +168,14 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def _discard_temp(tmp: Path, fd: int) -> None:
+def _discard_temp(tmp: str | Path, fd: int) -> None:
     """Close and remove a temp file that will not be put in place."""
     os.close(fd)
     with suppress(FileNotFoundError):
         os.unlink(tmp)
 
 
-def _move(tmp: Path, dest: Path, link: bool) -> None:
+def _move(tmp: str | Path, dest: str | Path, link: bool) -> None:
     """Put tmp at dest: link(2) fails if something is there, rename(2) replaces it."""
     if link:
         os.link(tmp, dest)
@@ -245,7 +245,11 @@ class FileStore:
         self._journals = self.root / _JOURNALS
         self._journals.mkdir(exist_ok=True)
         self.spool_dir.mkdir(parents=True, exist_ok=True)
-        self._durable_dirs: set[Path] = set()
+        # Folders as strings: pathlib's joins and hashes cost more than the syscalls here.
+        self._root_str = str(self.root)
+        self._root_prefix = os.path.join(self._root_str, "")
+        self._tmp_prefix = f"{self._tmp}/{WRITER_ID}~"
+        self._durable_dirs: set[str] = set()
         # Paths being stored by a thread of this process, and who waits for them.
         self._claims: set[str] = set()
         self._claims_cond = threading.Condition()
@@ -274,9 +278,13 @@ class FileStore:
         """Return the absolute path of a stored file."""
         return self.root / _check_rel(rel_path)
 
+    def _abs(self, rel_path: str) -> str:
+        """path() as a string, for the store's hot path."""
+        return self._root_prefix + _check_rel(rel_path)
+
     def exists(self, rel_path: str) -> bool:
         """Return whether a file is stored at rel_path."""
-        return self.path(rel_path).is_file()
+        return os.path.isfile(self._abs(rel_path))
 
     def open_instance(self, rel_path: str) -> BinaryIO:
         """Open a stored file for reading (preamble, File Meta, data set)."""
@@ -383,13 +391,13 @@ class FileStore:
         """Flush a file already in place (perhaps another node's, still unflushed)."""
         if not self.fsync:
             return
-        path = self.path(rel_path)
+        path = self._abs(rel_path)
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         try:
             os.fsync(fd)
         finally:
             os.close(fd)
-        self._sync_entries(path.parent)
+        self._sync_entries(os.path.dirname(path))
 
     def write_instance(
         self, rel_path: str, preamble_and_meta: bytes, dataset_source: DatasetSource
@@ -403,9 +411,9 @@ class FileStore:
             raise
         return self._commit_temp(tmp, fd, rel_path, size)
 
-    def _commit_temp(self, tmp: Path, fd: int, rel_path: str, size: int) -> StoredFile:
+    def _commit_temp(self, tmp: str, fd: int, rel_path: str, size: int) -> StoredFile:
         """Flush a temp file, rename it to rel_path, flush its folders: durable on return."""
-        dest = self.path(rel_path)
+        dest = self._abs(rel_path)
         try:
             try:
                 if self.fsync:
@@ -418,7 +426,7 @@ class FileStore:
                 os.unlink(tmp)
             raise
         if self.fsync:
-            self._sync_entries(dest.parent)
+            self._sync_entries(os.path.dirname(dest))
         return StoredFile(rel_path=rel_path, size=size)
 
     def stage_instance(
@@ -435,7 +443,7 @@ class FileStore:
         """
         if not self._links:
             return self.write_instance(rel_path, preamble_and_meta, dataset_source)
-        dest = self.path(rel_path)
+        dest = self._abs(rel_path)
         mark = self.flush_mark()
         tmp, fd, size = self._write_temp(preamble_and_meta, dataset_source)
         try:
@@ -451,7 +459,7 @@ class FileStore:
         return StagedFile(rel_path=rel_path, size=size, fd=fd, mark=mark)
 
     def _replace_staged(
-        self, tmp: Path, fd: int, rel_path: str, size: int, cause: OSError
+        self, tmp: str, fd: int, rel_path: str, size: int, cause: OSError
     ) -> StoredFile:
         """stage_instance found a file at the path, or no hard links: flush, then rename."""
         if not isinstance(cause, FileExistsError):
@@ -495,7 +503,7 @@ class FileStore:
             os.close(staged.fd)
             # The data and every entry up to the root are dirty state of this filesystem.
             group.flush(since=staged.mark)
-            self._mark_durable(self.path(staged.rel_path).parent)
+            self._mark_durable(os.path.dirname(self._abs(staged.rel_path)))
             return StoredFile(rel_path=staged.rel_path, size=staged.size)
         try:
             if self.fsync:
@@ -503,15 +511,15 @@ class FileStore:
         finally:
             os.close(staged.fd)
         if self.fsync:
-            self._sync_entries(self.path(staged.rel_path).parent)
+            self._sync_entries(os.path.dirname(self._abs(staged.rel_path)))
         return StoredFile(rel_path=staged.rel_path, size=staged.size)
 
     def _write_temp(
         self, preamble_and_meta: bytes, dataset_source: DatasetSource
-    ) -> tuple[Path, int, int]:
+    ) -> tuple[str, int, int]:
         """Write a new temp file; return its path, its open descriptor and its size."""
         # WRITER_ID is this process's own: a count makes the name unique, no random needed.
-        tmp = self._tmp / f"{WRITER_ID}~{next(_TEMP_COUNT):x}{_PART}"
+        tmp = f"{self._tmp_prefix}{next(_TEMP_COUNT):x}{_PART}"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
         try:
             if isinstance(dataset_source, Path):
@@ -526,24 +534,25 @@ class FileStore:
             raise
         return tmp, fd, size
 
-    def _rename_into_place(self, tmp: Path, dest: Path, link: bool = False) -> None:
+    def _rename_into_place(self, tmp: str, dest: str, link: bool = False) -> None:
         """rename(2) (or link(2)) tmp to dest, creating dest's folder unless known to exist."""
         # Every syscall lets the GIL go, and under load getting it back costs more than the
         # call: a folder already made durable is not created (mkdir + stat) again.
-        if dest.parent not in self._durable_dirs:
-            dest.parent.mkdir(parents=True, exist_ok=True)
+        parent = os.path.dirname(dest)
+        if parent not in self._durable_dirs:
+            os.makedirs(parent, exist_ok=True)
         try:
             # rename(2) is atomic: readers see the old file or the complete new one.
             _move(tmp, dest, link)
         except FileNotFoundError:
-            if not tmp.exists():
+            if not os.path.exists(tmp):
                 raise
             # The folder was removed behind our back: it and those above are new again.
-            folder = dest.parent
-            while folder != self.root:
+            folder = parent
+            while len(folder) > len(self._root_str):
                 self._durable_dirs.discard(folder)
-                folder = folder.parent
-            dest.parent.mkdir(parents=True, exist_ok=True)
+                folder = os.path.dirname(folder)
+            os.makedirs(parent, exist_ok=True)
             _move(tmp, dest, link)
 
     def _note_pending(self, rel_path: str) -> None:
@@ -600,7 +609,7 @@ class FileStore:
             found.append(DeadJournal(entry, mtime, paths))
         return found
 
-    def _mark_durable(self, directory: Path, fsync_parents: bool = False) -> None:
+    def _mark_durable(self, directory: str, fsync_parents: bool = False) -> None:
         """Note a folder and those above it as durable: no mkdir for them again.
 
         After a group flush they are; otherwise (fsync_parents) each entry not yet known
@@ -608,13 +617,13 @@ class FileStore:
         """
         if len(self._durable_dirs) > _DURABLE_DIRS_MAX:
             self._durable_dirs.clear()
-        while directory != self.root and directory not in self._durable_dirs:
+        while len(directory) > len(self._root_str) and directory not in self._durable_dirs:
             if fsync_parents:
-                _fsync_dir(directory.parent)
+                _fsync_dir(os.path.dirname(directory))
             self._durable_dirs.add(directory)
-            directory = directory.parent
+            directory = os.path.dirname(directory)
 
-    def _sync_entries(self, directory: Path) -> None:
+    def _sync_entries(self, directory: str) -> None:
         """Make the renamed file's entry durable, and every not-yet-durable folder above it.
 
         A folder another thread or node created may not be fsynced yet when we use it, so
