@@ -120,7 +120,7 @@ class _Pending:
     def _modalities_of(self, session: Session, study: int) -> str:
         rows = session.execute(select(Series.id, Series.modality).where(Series.study_fk == study))
         found = {self._values.get((Series, sid), {}).get("modality", mod) for sid, mod in rows}
-        return "\\".join(sorted(m for m in found if m))[:_MODALITIES_MAX]
+        return modalities_in_study(found)
 
     def flush(self, session: Session) -> None:
         """Write everything gathered, in lock order."""
@@ -266,8 +266,47 @@ def _refresh_modalities(session: Session, study: int) -> None:
     modalities = session.scalars(
         select(Series.modality).where(Series.study_fk == study, Series.modality != "").distinct()
     ).all()
-    value = "\\".join(sorted(modalities))[:_MODALITIES_MAX]
+    value = modalities_in_study(modalities)
     session.execute(update(Study).where(Study.id == study).values(modalities=value))
+
+
+def modalities_in_study(modalities: Iterable[str]) -> str:
+    """ModalitiesInStudy (0008,0061) as stored: the distinct non-empty ones, sorted."""
+    return "\\".join(sorted({m for m in modalities if m}))[:_MODALITIES_MAX]
+
+
+def new_patient_values(record: InstanceRecord) -> dict[str, Any]:
+    """The columns of a patient row that a record creates."""
+    return {
+        "patient_id": record.patient_id,
+        "issuer": record.issuer,
+        **_patient_attributes(record),
+        "num_studies": 0,
+        "num_series": 0,
+        "num_instances": 0,
+    }
+
+
+def new_study_values(record: InstanceRecord, patient: int) -> dict[str, Any]:
+    """The columns of a study row that a record creates under a patient."""
+    return {
+        "patient_fk": patient,
+        "study_uid": record.study_uid,
+        **_study_attributes(record),
+        "modalities": "",
+        "num_series": 0,
+        "num_instances": 0,
+    }
+
+
+def new_series_values(record: InstanceRecord, study: int) -> dict[str, Any]:
+    """The columns of a series row that a record creates in a study."""
+    return {
+        "study_fk": study,
+        "series_uid": record.series_uid,
+        **_series_attributes(record),
+        "num_instances": 0,
+    }
 
 
 def _patient_attributes(record: InstanceRecord) -> dict[str, Any]:
@@ -327,15 +366,7 @@ def _patient(session: Session, record: InstanceRecord) -> int:
     found = session.scalar(select(Patient.id).where(key))
     if found is not None:
         return found
-    values = {
-        "patient_id": record.patient_id,
-        "issuer": record.issuer,
-        **_patient_attributes(record),
-        "num_studies": 0,
-        "num_series": 0,
-        "num_instances": 0,
-    }
-    return _insert_or_get(session, Patient, values, key)[0]
+    return _insert_or_get(session, Patient, new_patient_values(record), key)[0]
 
 
 def _study(session: Session, record: InstanceRecord, pending: _Pending) -> tuple[int, int]:
@@ -347,14 +378,7 @@ def _study(session: Session, record: InstanceRecord, pending: _Pending) -> tuple
         # The study keeps the patient it was first stored under.
         return found.id, found.patient_fk
     patient = _patient(session, record)
-    values = {
-        "patient_fk": patient,
-        "study_uid": record.study_uid,
-        **_study_attributes(record),
-        "modalities": "",
-        "num_series": 0,
-        "num_instances": 0,
-    }
+    values = new_study_values(record, patient)
     study, created = _insert_or_get(session, Study, values, Study.study_uid == record.study_uid)
     if created:
         pending.add(Patient, patient, "num_studies", 1)
@@ -380,12 +404,7 @@ def _chain(session: Session, record: InstanceRecord, pending: _Pending) -> tuple
         # The series keeps the study it was first stored under.
         return found
     study, patient = _study(session, record, pending)
-    values = {
-        "study_fk": study,
-        "series_uid": record.series_uid,
-        **_series_attributes(record),
-        "num_instances": 0,
-    }
+    values = new_series_values(record, study)
     series, created = _insert_or_get(
         session, Series, values, Series.series_uid == record.series_uid
     )
