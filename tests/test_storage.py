@@ -386,3 +386,18 @@ def test_without_hard_links_files_are_flushed_before_the_rename(
         assert isinstance(placed, filestore.StoredFile) and not placed.replaced, n
         assert store.path(rel).read_bytes() == b"data"
     assert list((tmp_path / "store" / ".tmp").iterdir()) == []
+
+
+def test_exists_answers_only_for_nothing_there_and_raises_otherwise(tmp_path: Path) -> None:
+    # An error that says nothing of the file (ESTALE on a shared store, say) must not
+    # read as "no file": a file already acknowledged would then be taken for a new one.
+    store = FileStore(tmp_path / "store", tmp_path / "spool", 0, fsync=False)
+    store.write_instance("a/b.dcm", b"meta", b"data")
+    assert store.exists("a/b.dcm")
+    assert not store.exists("a/c.dcm")
+    assert not store.exists("a/b.dcm/c.dcm")  # ENOTDIR
+    (tmp_path / "store" / "d").mkdir()
+    assert not store.exists("d")  # a folder is no stored file
+    with pytest.raises(OSError) as raised:
+        store.exists("a/" + "x" * 300)
+    assert raised.value.errno == errno.ENAMETOOLONG

@@ -200,7 +200,7 @@ def _marks(values: Sequence[object]) -> str:
 
 
 class FastPath:
-    """Commits batches of new instances into known series on one DB-API connection."""
+    """Commits batches of new instances (on PostgreSQL into known series) on one connection."""
 
     def __init__(self, connection: Connection, writer: str) -> None:
         """Use a SQLAlchemy connection's DB-API connection; `writer` names unsynced rows."""

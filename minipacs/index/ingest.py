@@ -275,28 +275,20 @@ def modalities_in_study(modalities: Iterable[str]) -> str:
     return "\\".join(sorted({m for m in modalities if m}))[:_MODALITIES_MAX]
 
 
+# The counts of a patient or study row when created: its series and instances come after.
+_NO_SERIES: Final = {"num_series": 0, "num_instances": 0}
+
+
 def new_patient_values(record: InstanceRecord) -> dict[str, Any]:
     """The columns of a patient row that a record creates."""
-    return {
-        "patient_id": record.patient_id,
-        "issuer": record.issuer,
-        **_patient_attributes(record),
-        "num_studies": 0,
-        "num_series": 0,
-        "num_instances": 0,
-    }
+    identity = {"patient_id": record.patient_id, "issuer": record.issuer}
+    return {**identity, **_patient_attributes(record), "num_studies": 0, **_NO_SERIES}
 
 
 def new_study_values(record: InstanceRecord, patient: int) -> dict[str, Any]:
     """The columns of a study row that a record creates under a patient."""
-    return {
-        "patient_fk": patient,
-        "study_uid": record.study_uid,
-        **_study_attributes(record),
-        "modalities": "",
-        "num_series": 0,
-        "num_instances": 0,
-    }
+    identity = {"patient_fk": patient, "study_uid": record.study_uid}
+    return {**identity, **_study_attributes(record), "modalities": "", **_NO_SERIES}
 
 
 def new_series_values(record: InstanceRecord, study: int) -> dict[str, Any]:

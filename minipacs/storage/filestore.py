@@ -31,6 +31,7 @@ import re
 import secrets
 import shutil
 import socket
+import stat
 import threading
 import time
 from collections.abc import Iterator
@@ -78,6 +79,8 @@ _LINK_UNSUPPORTED = frozenset({errno.EPERM, errno.EOPNOTSUPP, errno.ENOSYS, errn
 _SENDFILE_FALLBACK = frozenset({errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.EXDEV})
 # Directories whose own entry is known durable; bounded so it cannot grow with the archive.
 _DURABLE_DIRS_MAX = 100_000
+# stat(2) errors that mean no file is at a path (those Path.is_file answers False to).
+_NOTHING_THERE = frozenset({errno.ENOENT, errno.ENOTDIR, errno.EBADF, errno.ELOOP})
 # Buffers one writev(2) takes at most (Linux IOV_MAX).
 _IOV_MAX = 1024
 # A passing free-space check stands this long (seconds): a statvfs per store costs GIL
@@ -283,8 +286,15 @@ class FileStore:
         return self._root_prefix + _check_rel(rel_path)
 
     def exists(self, rel_path: str) -> bool:
-        """Return whether a file is stored at rel_path."""
-        return os.path.isfile(self._abs(rel_path))
+        """Return whether a file is stored at rel_path (raise if that cannot be told)."""
+        try:
+            return stat.S_ISREG(os.stat(self._abs(rel_path)).st_mode)
+        except OSError as exc:
+            # As Path.is_file: only "nothing there" is an answer. An I/O error (ESTALE on
+            # a shared store) taken for "no file" would make an acknowledged one look new.
+            if exc.errno in _NOTHING_THERE:
+                return False
+            raise
 
     def open_instance(self, rel_path: str) -> BinaryIO:
         """Open a stored file for reading (preamble, File Meta, data set)."""
