@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import logging
 import threading
 import time
 from collections.abc import Sequence
@@ -27,6 +28,7 @@ from minipacs.index.ingest import (
     apply_records,
     instance_path_of,
     record_from_dataset,
+    withdraw,
 )
 from minipacs.index.models import Instance, Patient, Series, Study, UnsyncedFile
 from minipacs.index.records import INDEXED_TAGS
@@ -585,6 +587,57 @@ def test_sqlite_fast_path_creates_series_studies_and_patients_as_the_orm_does(
     finally:
         for engine in engines:
             engine.dispose()
+
+
+def test_postgresql_fast_path_commits_into_series_it_knows_in_one_query(
+    engine: Engine, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    if engine.dialect.name != "postgresql":
+        pytest.skip("SQLite's fast path has no round trips to save")
+    first = _record()
+    _apply(engine, [first], "keep-first")
+    one_query: list[bool] = []
+    real = FastPath._commit_known_postgres
+
+    def known(self: FastPath, cursor: object, batch: object) -> bool:
+        done = real(self, cursor, batch)  # type: ignore[arg-type]
+        one_query.append(done)
+        return done
+
+    monkeypatch.setattr(FastPath, "_commit_known_postgres", known)
+
+    def more(n: int) -> InstanceRecord:
+        return dataclasses.replace(first, sop_uid=f"{first.sop_uid}.{n}", rel_path=f"x/{n}")
+
+    by_orm = more(9)
+    _apply(engine, [by_orm], "keep-first")
+    with write_engine(engine).connect() as connection:
+        fast = FastPath(connection, "host~1~run")
+        assert fast.commit([more(1)], [None], []) is not None  # looks the series up
+        assert fast.commit([more(2)], ["t" * 32], []) is not None  # knows it
+        assert one_query == [False, True]
+        assert _instance_columns(engine, more(2).sop_uid) == _instance_columns(
+            engine, by_orm.sop_uid
+        )
+        # A duplicate trips the guard: nothing of the batch is written, and no warning.
+        assert fast.commit([more(3), more(1)], [None, None], []) is None
+        assert one_query[-1] is False
+        assert counts(engine)["instances"] == 4
+        # Another node pruned the series (its instances withdrawn): the foreign key fails,
+        # the chain is forgotten, and the lookup sends the batch to the ORM.
+        with write_session(engine) as session, session.begin():
+            for sop_uid, rel_path in session.execute(
+                select(Instance.sop_uid, Instance.rel_path)
+            ).all():
+                withdraw(session, sop_uid, rel_path)
+        assert counts(engine)["series"] == 0
+        assert fast.commit([more(4)], [None], []) is None
+        assert one_query[-1] is False and first.series_uid not in fast._chains
+    assert [r for r in caplog.records if r.levelno >= logging.WARNING] == []
+    _consistent(engine)
+    with Session(engine) as session:
+        listed = session.scalars(select(UnsyncedFile.token)).all()
+    assert listed == ["t" * 32]
 
 
 def test_fast_path_leaves_duplicates_and_new_series_on_postgresql_to_the_orm(

@@ -8,10 +8,11 @@ statements of ingest.apply_records for that case (lock, lookup, insert, counts, 
 listings), on the writer's own connection. On SQLite that includes creating the patients,
 studies and series the batch is the first of (the one writer holds the database for the
 transaction, so nobody creates them meanwhile); on PostgreSQL, where other nodes may,
-the batch's series must all exist (two simple queries, values quoted in by psycopg: see
-_commit_postgres). Any other batch, and any database error, rolls back and returns None:
-the writer then takes the ORM path, which handles new series on PostgreSQL, duplicates,
-retries and error reporting.
+the batch's series must all exist (one simple query, two for a series the connection
+has not looked up before, values quoted in by psycopg: see _commit_postgres). Any other
+batch, and any database error, rolls back and returns None: the writer then takes the
+ORM path, which handles new series on PostgreSQL, duplicates, retries and error
+reporting.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from psycopg import errors as pg_errors
 from psycopg.adapt import Transformer
 from psycopg.pq import TransactionStatus
 from sqlalchemy import Connection
@@ -58,6 +60,8 @@ _COLUMNS = (
 )
 # Lock order of the count updates, as in ingest._Pending: patients, studies, series.
 _LEVELS = ("patients", "studies", "series")
+# Series chains a connection keeps at most before starting afresh (FastPath._chains).
+_CHAINS_KEPT = 10_000
 # The (series, study, patient) chains of series, by Series Instance UID (a WHERE follows).
 _CHAINS = (
     "SELECT series.series_uid, series.id, series.study_fk, studies.patient_fk"
@@ -210,6 +214,10 @@ class FastPath:
         self._writer = writer
         # Whether a batch has failed here before (see commit).
         self._failed = False
+        # Chains (series, study, patient) of series this connection has looked up, by
+        # Series Instance UID: a series keeps its study and a study its patient, so only
+        # a deleted series makes one stale (see _commit_known_postgres).
+        self._chains: dict[str, tuple[int, int, int]] = {}
         if self._postgres:
             # psycopg's own dumpers quote every value, for the connection's encoding.
             self._literal: Callable[[Any], bytes] = Transformer(self._dbapi).as_literal
@@ -293,7 +301,7 @@ class FastPath:
             raise
 
     def _commit_postgres(self, cursor: Any, batch: _Batch) -> bool:
-        """The batch in two simple queries to PostgreSQL; False, rolled back, if not for here.
+        """The batch in one or two simple queries to PostgreSQL; False, rolled back, if not.
 
         Each statement with parameters, even pipelined, cost psycopg a wait on its socket,
         and each wait handed the GIL to other threads: under load one commit took ~5 ms.
@@ -308,16 +316,14 @@ class FastPath:
         literal = self._literal
         sop_uids = [r.sop_uid for r in records]
         series_uids = list({r.series_uid for r in records})
-        keys = sorted({lock_key(uid) for uid in sop_uids})
         # In autocommit psycopg sends no BEGIN of its own: ours goes with the lookups.
         self._dbapi.autocommit = True
         try:
-            # The lock in a statement of its own, first (ingest._lock_instances): the lookup's
-            # snapshot then holds what a writer of the same instances committed before.
+            if self._commit_known_postgres(cursor, batch):
+                return True
             cursor.execute(
-                b"BEGIN; SELECT pg_advisory_xact_lock(k) FROM unnest("
-                + literal(keys)
-                + b"::bigint[]) AS t(k) ORDER BY k; SELECT 1 FROM instances WHERE sop_uid = ANY("
+                self._lock_statement(sop_uids)
+                + b"; SELECT 1 FROM instances WHERE sop_uid = ANY("
                 + literal(sop_uids)
                 + b"::text[]) LIMIT 1; "
                 + _CHAINS.encode()
@@ -329,7 +335,9 @@ class FastPath:
             _next_result(cursor)  # past the lock
             taken = cursor.fetchone() is not None
             _next_result(cursor)
-            plan = None if taken else _plan(records, unsynced, cursor.fetchall())
+            chain_rows = cursor.fetchall()
+            self._remember(chain_rows)
+            plan = None if taken else _plan(records, unsynced, chain_rows)
             if plan is None:
                 cursor.execute(b"ROLLBACK")
                 return False
@@ -338,19 +346,75 @@ class FastPath:
         finally:
             self._end_postgres(cursor)
 
-    def _postgres_writes(self, plan: _Plan, settled: Sequence[str]) -> list[bytes]:
-        """The statements that write a planned batch, values quoted in."""
+    def _lock_statement(self, sop_uids: Sequence[str]) -> bytes:
+        """BEGIN, then the advisory locks of the batch's instances in a statement of its own.
+
+        First, as in ingest._lock_instances: the statements after it then see what a writer
+        of the same instances committed before.
+        """
+        keys = sorted({lock_key(uid) for uid in sop_uids})
+        return (
+            b"BEGIN; SELECT pg_advisory_xact_lock(k) FROM unnest("
+            + self._literal(keys)
+            + b"::bigint[]) AS t(k) ORDER BY k"
+        )
+
+    def _remember(self, chain_rows: Sequence[tuple[Any, ...]]) -> None:
+        """Keep the chains a lookup found, for later batches into the same series."""
+        if len(self._chains) > _CHAINS_KEPT:
+            self._chains.clear()
+        for uid, series, study, patient in chain_rows:
+            self._chains[uid] = (series, study, patient)
+
+    def _commit_known_postgres(self, cursor: Any, batch: _Batch) -> bool:
+        """The batch in one simple query if this connection knows all its series; else False.
+
+        With the chains known, the lookup's round trip is not needed: the instances go in
+        with ON CONFLICT DO NOTHING, and a guard dividing by zero unless every row went in
+        aborts the transaction at the first duplicate. A series deleted since (pruned, here
+        or by another node) fails the foreign key instead. Either way nothing is written,
+        and the two-query path looks the batch up afresh.
+        """
+        try:
+            chains = [(uid, *self._chains[uid]) for uid in {r.series_uid for r in batch.records}]
+        except KeyError:
+            return False
+        plan = _plan(batch.records, batch.unsynced, chains)
+        assert plan is not None  # every series is in `chains`
+        writes = self._postgres_writes(plan, batch.settled, guarded=True)
+        sop_uids = [r.sop_uid for r in batch.records]
+        try:
+            cursor.execute(b"; ".join([self._lock_statement(sop_uids), *writes, b"COMMIT"]))
+        except (pg_errors.DivisionByZero, pg_errors.ForeignKeyViolation) as exc:
+            cursor.execute(b"ROLLBACK")
+            if isinstance(exc, pg_errors.ForeignKeyViolation):
+                for uid, *_ in chains:
+                    self._chains.pop(uid, None)
+            return False
+        return True
+
+    def _postgres_writes(
+        self, plan: _Plan, settled: Sequence[str], guarded: bool = False
+    ) -> list[bytes]:
+        """The statements that write a planned batch, values quoted in.
+
+        Guarded, the instances insert raises division_by_zero unless every row went in.
+        """
         literal = self._literal
 
         def tuples(rows: Sequence[tuple[Any, ...]]) -> bytes:
             return b", ".join(b"(" + b", ".join(map(literal, row)) + b")" for row in rows)
 
-        statements = [
+        insert = (
             b"INSERT INTO instances ("
             + ", ".join(_COLUMNS).encode()
             + b") VALUES "
             + tuples(plan.rows)
-        ]
+        )
+        if guarded:
+            insert = b"WITH ins AS (%s ON CONFLICT (sop_uid) DO NOTHING RETURNING 1)" % insert
+            insert += b" SELECT 1 / (count(*) / %d) FROM ins" % len(plan.rows)
+        statements = [insert]
         for level in _LEVELS:
             statements.extend(
                 b"UPDATE %s SET num_instances = num_instances + %d WHERE id = %d"
