@@ -594,8 +594,8 @@ def test_postgresql_fast_path_commits_into_series_it_knows_in_one_query(
 ) -> None:
     if engine.dialect.name != "postgresql":
         pytest.skip("SQLite's fast path has no round trips to save")
-    first = _record()
-    _apply(engine, [first], "keep-first")
+    ct, mr = _record(), _record("MR_small.dcm", rel_path="x/mr")
+    _apply(engine, [ct, mr], "keep-first")  # two patients, studies and series
     one_query: list[bool] = []
     real = FastPath._commit_known_postgres
 
@@ -606,38 +606,49 @@ def test_postgresql_fast_path_commits_into_series_it_knows_in_one_query(
 
     monkeypatch.setattr(FastPath, "_commit_known_postgres", known)
 
-    def more(n: int) -> InstanceRecord:
-        return dataclasses.replace(first, sop_uid=f"{first.sop_uid}.{n}", rel_path=f"x/{n}")
+    def more(base: InstanceRecord, n: int) -> InstanceRecord:
+        return dataclasses.replace(base, sop_uid=f"{base.sop_uid}.{n}", rel_path=f"x/{n}")
 
-    by_orm = more(9)
+    by_orm = more(ct, 9)
     _apply(engine, [by_orm], "keep-first")
     with write_engine(engine).connect() as connection:
         fast = FastPath(connection, "host~1~run")
-        assert fast.commit([more(1)], [None], []) is not None  # looks the series up
-        assert fast.commit([more(2)], ["t" * 32], []) is not None  # knows it
+        # The first batch looks its series up; the next ones know them.
+        assert fast.commit([more(ct, 1), more(mr, 1)], [None, "s" * 32], []) is not None
+        batch = [more(ct, 2), more(mr, 2), more(ct, 3)]
+        assert fast.commit(batch, ["t" * 32, None, None], ["s" * 32]) is not None
         assert one_query == [False, True]
-        assert _instance_columns(engine, more(2).sop_uid) == _instance_columns(
+        _consistent(engine)
+        assert _instance_columns(engine, more(ct, 2).sop_uid) == _instance_columns(
             engine, by_orm.sop_uid
         )
+        with Session(engine) as session:
+            assert sorted(session.scalars(select(Series.num_instances))) == [3, 5]
+            assert session.scalars(select(UnsyncedFile.token)).all() == ["t" * 32]
         # A duplicate trips the guard: nothing of the batch is written, and no warning.
-        assert fast.commit([more(3), more(1)], [None, None], []) is None
+        assert fast.commit([more(ct, 4), more(ct, 1)], [None, None], []) is None
         assert one_query[-1] is False
-        assert counts(engine)["instances"] == 4
+        assert counts(engine)["instances"] == 8
+        _consistent(engine)
+        # Ids that now name other rows (tables made anew under a running node): the
+        # chain check refuses them, and the lookup files the batch where it belongs.
+        fast._chains[ct.series_uid] = fast._chains[mr.series_uid]
+        assert fast.commit([more(ct, 5)], [None], []) is not None
+        assert one_query[-1] is False
+        _consistent(engine)
+        with Session(engine) as session:
+            assert sorted(session.scalars(select(Series.num_instances))) == [3, 6]
         # Another node pruned the series (its instances withdrawn): the foreign key fails,
         # the chain is forgotten, and the lookup sends the batch to the ORM.
         with write_session(engine) as session, session.begin():
-            for sop_uid, rel_path in session.execute(
-                select(Instance.sop_uid, Instance.rel_path)
-            ).all():
+            rows = session.execute(select(Instance.sop_uid, Instance.rel_path)).all()
+            for sop_uid, rel_path in rows:
                 withdraw(session, sop_uid, rel_path)
         assert counts(engine)["series"] == 0
-        assert fast.commit([more(4)], [None], []) is None
-        assert one_query[-1] is False and first.series_uid not in fast._chains
+        assert fast.commit([more(ct, 6)], [None], []) is None
+        assert one_query[-1] is False and ct.series_uid not in fast._chains
     assert [r for r in caplog.records if r.levelno >= logging.WARNING] == []
     _consistent(engine)
-    with Session(engine) as session:
-        listed = session.scalars(select(UnsyncedFile.token)).all()
-    assert listed == ["t" * 32]
 
 
 def test_fast_path_leaves_duplicates_and_new_series_on_postgresql_to_the_orm(

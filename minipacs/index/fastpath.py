@@ -10,9 +10,9 @@ studies and series the batch is the first of (the one writer holds the database 
 transaction, so nobody creates them meanwhile); on PostgreSQL, where other nodes may,
 the batch's series must all exist (one simple query, two for a series the connection
 has not looked up before, values quoted in by psycopg: see _commit_postgres). Any other
-batch, and any database error, rolls back and returns None: the writer then takes the
-ORM path, which handles new series on PostgreSQL, duplicates, retries and error
-reporting.
+batch, and any database error (but the one-query path's own refusals, which fall back
+to the lookup), rolls back and returns None: the writer then takes the ORM path, which
+handles new series on PostgreSQL, duplicates, retries and error reporting.
 """
 
 from __future__ import annotations
@@ -215,8 +215,9 @@ class FastPath:
         # Whether a batch has failed here before (see commit).
         self._failed = False
         # Chains (series, study, patient) of series this connection has looked up, by
-        # Series Instance UID: a series keeps its study and a study its patient, so only
-        # a deleted series makes one stale (see _commit_known_postgres).
+        # Series Instance UID. A series keeps its study and a study its patient, but ids
+        # can go (a pruned series) or mean other rows (tables made anew under a running
+        # node): _commit_known_postgres checks them in the query that uses them.
         self._chains: dict[str, tuple[int, int, int]] = {}
         if self._postgres:
             # psycopg's own dumpers quote every value, for the connection's encoding.
@@ -316,7 +317,7 @@ class FastPath:
         literal = self._literal
         sop_uids = [r.sop_uid for r in records]
         series_uids = list({r.series_uid for r in records})
-        # In autocommit psycopg sends no BEGIN of its own: ours goes with the lookups.
+        # In autocommit psycopg sends no BEGIN of its own: ours goes with the first query.
         self._dbapi.autocommit = True
         try:
             if self._commit_known_postgres(cursor, batch):
@@ -370,10 +371,10 @@ class FastPath:
         """The batch in one simple query if this connection knows all its series; else False.
 
         With the chains known, the lookup's round trip is not needed: the instances go in
-        with ON CONFLICT DO NOTHING, and a guard dividing by zero unless every row went in
-        aborts the transaction at the first duplicate. A series deleted since (pruned, here
-        or by another node) fails the foreign key instead. Either way nothing is written,
-        and the two-query path looks the batch up afresh.
+        with ON CONFLICT DO NOTHING, and a guard divides by zero unless every row went in
+        and every chain is still what the index holds, which aborts the transaction. A
+        series deleted meanwhile fails the foreign key instead. Either way nothing is
+        written, the batch's chains are forgotten, and the two-query path looks it up.
         """
         try:
             chains = [(uid, *self._chains[uid]) for uid in {r.series_uid for r in batch.records}]
@@ -381,24 +382,24 @@ class FastPath:
             return False
         plan = _plan(batch.records, batch.unsynced, chains)
         assert plan is not None  # every series is in `chains`
-        writes = self._postgres_writes(plan, batch.settled, guarded=True)
+        writes = self._postgres_writes(plan, batch.settled, checked=chains)
         sop_uids = [r.sop_uid for r in batch.records]
         try:
             cursor.execute(b"; ".join([self._lock_statement(sop_uids), *writes, b"COMMIT"]))
-        except (pg_errors.DivisionByZero, pg_errors.ForeignKeyViolation) as exc:
+        except (pg_errors.DivisionByZero, pg_errors.ForeignKeyViolation):
             cursor.execute(b"ROLLBACK")
-            if isinstance(exc, pg_errors.ForeignKeyViolation):
-                for uid, *_ in chains:
-                    self._chains.pop(uid, None)
+            for uid, *_ in chains:
+                self._chains.pop(uid, None)
             return False
         return True
 
     def _postgres_writes(
-        self, plan: _Plan, settled: Sequence[str], guarded: bool = False
+        self, plan: _Plan, settled: Sequence[str], checked: Sequence[tuple[Any, ...]] = ()
     ) -> list[bytes]:
         """The statements that write a planned batch, values quoted in.
 
-        Guarded, the instances insert raises division_by_zero unless every row went in.
+        With `checked` chains (series UID, series, study, patient), the instances insert
+        raises division_by_zero unless every row went in and every chain is in the index.
         """
         literal = self._literal
 
@@ -411,9 +412,20 @@ class FastPath:
             + b") VALUES "
             + tuples(plan.rows)
         )
-        if guarded:
-            insert = b"WITH ins AS (%s ON CONFLICT (sop_uid) DO NOTHING RETURNING 1)" % insert
-            insert += b" SELECT 1 / (count(*) / %d) FROM ins" % len(plan.rows)
+        if checked:
+            chains = tuples(
+                [(series, uid, study, patient) for uid, series, study, patient in checked]
+            )
+            found = (
+                b"(SELECT count(*) FROM series JOIN studies ON studies.id = series.study_fk"
+                b" WHERE (series.id, series.series_uid, series.study_fk, studies.patient_fk)"
+                b" IN (VALUES " + chains + b"))"
+            )
+            insert = (
+                b"WITH ins AS (" + insert + b" ON CONFLICT (sop_uid) DO NOTHING RETURNING 1)"
+                b" SELECT 1 / (count(*) / " + str(len(plan.rows)).encode() + b")"
+                b" / (" + found + b" / " + str(len(checked)).encode() + b") FROM ins"
+            )
         statements = [insert]
         for level in _LEVELS:
             statements.extend(
