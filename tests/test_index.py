@@ -7,7 +7,7 @@ import dataclasses
 import logging
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -34,6 +34,8 @@ from minipacs.index.models import Instance, Patient, Series, Study, UnsyncedFile
 from minipacs.index.records import INDEXED_TAGS
 from minipacs.index.stats import counts
 from minipacs.index.writer import IndexUnavailable, IndexWriter
+from tests.fixtures_db import _create_database
+from tests.pgserver import PostgresServer
 
 
 def _record(name: str = "CT_small.dcm", **changes: object) -> InstanceRecord:
@@ -589,11 +591,18 @@ def test_sqlite_fast_path_creates_series_studies_and_patients_as_the_orm_does(
             engine.dispose()
 
 
+@pytest.fixture
+def pg_engine(postgres: PostgresServer, postgres_template: str) -> Iterator[Engine]:
+    """An engine on a fresh PostgreSQL index (for what only PostgreSQL does)."""
+    engine = make_engine(_create_database(postgres, postgres_template))
+    yield engine
+    engine.dispose()
+
+
 def test_postgresql_fast_path_commits_into_series_it_knows_in_one_query(
-    engine: Engine, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+    pg_engine: Engine, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    if engine.dialect.name != "postgresql":
-        pytest.skip("SQLite's fast path has no round trips to save")
+    engine = pg_engine
     ct, mr = _record(), _record("MR_small.dcm", rel_path="x/mr")
     _apply(engine, [ct, mr], "keep-first")  # two patients, studies and series
     one_query: list[bool] = []
