@@ -533,8 +533,8 @@ def _rows(engine: Engine) -> dict[str, list[tuple[object, ...]]]:
         }
 
 
-def test_sqlite_fast_path_creates_series_studies_and_patients_as_the_orm_does(
-    tmp_path: Path,
+def test_fast_path_creates_series_studies_and_patients_as_the_orm_does(
+    db_url: str, request: pytest.FixtureRequest
 ) -> None:
     ct, mr = _record(), _record("MR_small.dcm", rel_path="x/mr")
 
@@ -567,11 +567,13 @@ def test_sqlite_fast_path_creates_series_studies_and_patients_as_the_orm_does(
         # study keeps the patient it was first stored under.
         [variant(mr, 5, series_uid=f"{mr.series_uid}.5", patient_id="ELSEWHERE")],
     ]
-    engines = []
-    for name in ("orm", "fast"):
-        url = f"sqlite:///{tmp_path / name}.sqlite"
-        schema.upgrade(url)
-        engines.append(make_engine(url))
+    if db_url.startswith("sqlite"):
+        other = db_url.replace("index.sqlite", "other.sqlite")
+        schema.upgrade(other)
+    else:
+        postgres = request.getfixturevalue("postgres")
+        other = _create_database(postgres, request.getfixturevalue("postgres_template"))
+    engines = [make_engine(db_url), make_engine(other)]
     by_orm, by_fast = engines
     try:
         for batch in batches:
@@ -648,21 +650,71 @@ def test_postgresql_fast_path_commits_into_series_it_knows_in_one_query(
         with Session(engine) as session:
             assert sorted(session.scalars(select(Series.num_instances))) == [3, 6]
         # Another node pruned the series (its instances withdrawn): the foreign key fails,
-        # the chain is forgotten, and the lookup sends the batch to the ORM.
+        # the chain is forgotten, and the two-query path makes the series anew.
+        stale = fast._chains[ct.series_uid]
         with write_session(engine) as session, session.begin():
             rows = session.execute(select(Instance.sop_uid, Instance.rel_path)).all()
             for sop_uid, rel_path in rows:
                 withdraw(session, sop_uid, rel_path)
         assert counts(engine)["series"] == 0
-        assert fast.commit([more(ct, 6)], [None], []) is None
-        assert one_query[-1] is False and ct.series_uid not in fast._chains
+        assert fast.commit([more(ct, 6)], [None], []) is not None
+        assert one_query[-1] is False
+        assert fast._chains[ct.series_uid] != stale
+        assert counts(engine)["series"] == 1
     assert [r for r in caplog.records if r.levelno >= logging.WARNING] == []
     _consistent(engine)
 
 
-def test_fast_path_leaves_duplicates_and_new_series_on_postgresql_to_the_orm(
-    engine: Engine,
+@pytest.mark.parametrize("level", ["patient", "study", "series"])
+def test_postgresql_fast_path_takes_rows_another_node_made_meanwhile(
+    pg_engine: Engine, monkeypatch: pytest.MonkeyPatch, level: str
 ) -> None:
+    # Another node commits the same new patient, study or series between this node's
+    # lookup and its insert: the insert gives way (ON CONFLICT) and the row is read back.
+    engine = pg_engine
+    ours = _record()
+    theirs = dataclasses.replace(ours, sop_uid=f"{ours.sop_uid}.9", rel_path="x/theirs")
+    if level == "patient":
+        theirs = dataclasses.replace(theirs, study_uid="1.2.9", series_uid="1.2.9.1")
+    elif level == "study":
+        theirs = dataclasses.replace(theirs, series_uid="1.2.9.1")
+    hook = {"patient": "_insert_postgres", "study": "_patient_postgres"}.get(level)
+    other = make_engine(engine.url.render_as_string(hide_password=False))
+
+    def meanwhile() -> None:
+        if not other_done:
+            other_done.append(True)
+            _apply(other, [theirs], "keep-first")
+
+    other_done: list[bool] = []
+    if hook is None:
+        real_create = FastPath._create_chains_postgres
+
+        def create(self: FastPath, *args: object) -> object:
+            meanwhile()
+            return real_create(self, *args)  # type: ignore[arg-type]
+
+        monkeypatch.setattr(FastPath, "_create_chains_postgres", create)
+    else:
+        real = getattr(FastPath, hook)
+
+        def hooked(self: FastPath, *args: object) -> object:
+            meanwhile()
+            return real(self, *args)
+
+        monkeypatch.setattr(FastPath, hook, hooked)
+    try:
+        assert _fast_commit(engine, [ours]) == [IngestOutcome(ours.sop_uid, stored=True)]
+        assert other_done
+        assert counts(engine)["instances"] == 2
+        assert counts(engine)["patients"] == 1
+        assert counts(engine)["series"] == (1 if level == "series" else 2)
+        _consistent(engine)
+    finally:
+        other.dispose()
+
+
+def test_fast_path_leaves_duplicates_to_the_orm(engine: Engine) -> None:
     first = _record()
     _apply(engine, [first], "keep-first")
     new = dataclasses.replace(first, sop_uid=f"{first.sop_uid}.1")
@@ -671,14 +723,13 @@ def test_fast_path_leaves_duplicates_and_new_series_on_postgresql_to_the_orm(
     )
     assert _fast_commit(engine, [new, first]) is None
     assert _fast_commit(engine, [new, new]) is None
-    # SQLite's one writer creates a new series itself; PostgreSQL's leaves it to the ORM.
-    taken = _fast_commit(engine, [new_series]) is not None
-    assert taken is (engine.dialect.name == "sqlite")
-    # Nothing of a declined batch was kept.
-    assert counts(engine)["instances"] == 1 + taken
+    assert _fast_commit(engine, [new_series, first]) is None
+    # Nothing of a declined batch was kept, not even the series it would have made.
+    assert counts(engine)["instances"] == 1
+    assert counts(engine)["series"] == 1
     _consistent(engine)
     outcomes, _ = _submit_all(engine, [new, new_series, first])
-    assert [o.stored for o in outcomes] == [True, not taken, False]
+    assert [o.stored for o in outcomes] == [True, True, False]
     assert counts(engine)["instances"] == 3
     _consistent(engine)
 

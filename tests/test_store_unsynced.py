@@ -297,8 +297,8 @@ def test_a_sqlite_commit_is_flushed_by_the_store_after_it(
         server = build_server(settings, archive)
         await server.start()
         try:
-            # A first instance creates its series (on PostgreSQL by the ORM path); the
-            # second is the usual case, a new instance in a known series.
+            # A first instance creates its series; the second is the usual case, a new
+            # instance in a known series.
             assert await asyncio.to_thread(_c_store, server.port, CT) == 0x0000
             events.clear()
             second = tmp_path / "second.dcm"

@@ -13,8 +13,8 @@ drops the listing once the flush is done. Settling costs no commit of its own: t
 deletes ride on a batch at most every SETTLE_EVERY seconds (one statement for many),
 or go alone after SETTLE_IDLE seconds without a batch.
 
-The usual batch (new instances; on PostgreSQL into known series) is committed at the
-DB-API level (index.fastpath); any other goes through the ORM (ingest.apply_records).
+The usual batch (new instances) is committed at the DB-API level (index.fastpath); any
+other goes through the ORM (ingest.apply_records).
 
 A caller that knows it is alone (one association storing) may commit its record in its
 own thread instead (commit_alone), when the queue is empty and no commit is running: a
