@@ -27,6 +27,7 @@ from minipacs.index.ingest import (
     InstanceRecord,
     apply_records,
     instance_path_of,
+    modalities_in_study,
     record_from_dataset,
     withdraw,
 )
@@ -103,7 +104,7 @@ def _consistent(engine: Engine) -> None:
             modalities = session.scalars(
                 select(Series.modality).where(Series.study_fk == study.id).distinct()
             ).all()
-            assert study.modalities == "\\".join(sorted(m for m in modalities if m))
+            assert study.modalities == modalities_in_study(modalities)
         for patient in session.scalars(select(Patient)):
             study_ids = select(Study.id).where(Study.patient_fk == patient.id)
             series_ids = select(Series.id).where(Series.study_fk.in_(study_ids))
@@ -566,6 +567,25 @@ def test_fast_path_creates_series_studies_and_patients_as_the_orm_does(
         # A known study under a new series whose record names another patient: the
         # study keeps the patient it was first stored under.
         [variant(mr, 5, series_uid=f"{mr.series_uid}.5", patient_id="ELSEWHERE")],
+        # One new patient with two new studies, one of them with two new series, one
+        # without a modality; values beyond ASCII.
+        [
+            variant(
+                mr,
+                6 + n,
+                patient_id="NEU",
+                patient_name="Müller^Jürgen",
+                study_uid=f"{mr.study_uid}.{6 + n // 2}",
+                series_uid=f"{mr.series_uid}.{6 + n}",
+                modality=["", "OT", "MR"][n],
+            )
+            for n in range(3)
+        ],
+        # Series enough that ModalitiesInStudy is cut at its 160 characters.
+        [
+            variant(ct, 20 + n, series_uid=f"{ct.series_uid}.{20 + n}", modality=f"M{n:015d}")
+            for n in range(11)
+        ],
     ]
     if db_url.startswith("sqlite"):
         other = db_url.replace("index.sqlite", "other.sqlite")
@@ -583,11 +603,12 @@ def test_fast_path_creates_series_studies_and_patients_as_the_orm_does(
         assert _rows(by_fast) == _rows(by_orm)
         _consistent(by_fast)
         with Session(by_fast) as session:
-            assert session.scalar(select(func.count()).select_from(Patient)) == 2
-            modalities = session.scalar(
-                select(Study.modalities).where(Study.study_uid == ct.study_uid)
-            )
-            assert modalities == "CT\\PT"
+            assert session.scalar(select(func.count()).select_from(Patient)) == 3
+            by_study = dict(session.execute(select(Study.study_uid, Study.modalities)).all())
+            assert len(by_study[ct.study_uid]) == 160  # CT, 11 of M..., no room for PT
+            assert by_study[ct.study_uid].startswith("CT\\M000000000000000\\M")
+            assert by_study[f"{mr.study_uid}.6"] == "OT"
+            assert by_study[f"{mr.study_uid}.7"] == "MR"
     finally:
         for engine in engines:
             engine.dispose()

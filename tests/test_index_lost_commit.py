@@ -126,7 +126,7 @@ def cut_engine(
     cutter.close()
 
 
-@pytest.mark.parametrize("path", ["new series (made in the lookup query)", "known series"])
+@pytest.mark.parametrize("path", ["new series (made in the lookup's transaction)", "known series"])
 def test_a_commit_whose_answer_was_lost_is_stored_not_a_duplicate(
     cut_engine: tuple[Engine, CommitCutter], path: str
 ) -> None:

@@ -61,6 +61,16 @@ _COLUMNS = (
 )
 # Lock order of the count updates, as in ingest._Pending: patients, studies, series.
 _LEVELS = ("patients", "studies", "series")
+# ModalitiesInStudy (0008,0061) of a study recomputed from its series, as
+# ingest.modalities_in_study does (distinct, non-empty, in code point order, backslash
+# joined, 160 characters at most). In a statement of its own after the study's counts
+# UPDATE: it then runs holding the study's row lock, with a snapshot taken after it, so
+# a node adding a series to the same study at once is seen by whichever writes last.
+_MODALITIES = (
+    b"UPDATE studies SET modalities = coalesce((SELECT left(string_agg(m, chr(92) ORDER BY m),"
+    b' 160) FROM (SELECT DISTINCT modality COLLATE "C" AS m FROM series WHERE study_fk = %d'
+    b" AND modality <> '') AS d), '') WHERE id = %d"
+)
 # Series chains a connection keeps at most before starting afresh (FastPath._chains).
 _CHAINS_KEPT = 10_000
 # The (series, study, patient) chains of series, by Series Instance UID (a WHERE follows).
@@ -89,25 +99,24 @@ class _Plan:
     counts: dict[str, list[tuple[int, int]]]
     # (token, rel_path, sop_uid) of the records listed as unsynced.
     listed: list[tuple[str, str, str]]
-    # Per level, row id -> columns to set besides num_instances, for the rows above new
-    # series: num_studies / num_series deltas, the study's ModalitiesInStudy (PostgreSQL).
+    # Per level, row id -> columns to change besides num_instances, for the rows above new
+    # series (PostgreSQL): num_studies / num_series deltas; "modalities" (True) recomputes
+    # the study's ModalitiesInStudy.
     grown: dict[str, dict[int, dict[str, Any]]] = field(default_factory=dict)
 
 
 def _plan(
     records: Sequence[InstanceRecord],
     unsynced: Sequence[str | None],
-    chain_rows: Sequence[tuple[str, int, int, int]],
-) -> _Plan | None:
-    """The rows of a batch of new instances; None if a series is not indexed yet."""
+    chain_rows: Sequence[tuple[Any, ...]],
+    grown: dict[str, dict[int, dict[str, Any]]] | None = None,
+) -> _Plan:
+    """The rows of a batch of new instances, given the chains of all its series."""
     chains = {uid: (series, study, patient) for uid, series, study, patient in chain_rows}
     rows = []
     counts: dict[str, Counter[int]] = {level: Counter() for level in _LEVELS}
     for record in records:
-        chain = chains.get(record.series_uid)
-        if chain is None:
-            return None
-        series, study, patient = chain
+        series, study, patient = chains[record.series_uid]
         rows.append(_values(record, series))
         counts["series"][series] += 1
         counts["studies"][study] += 1
@@ -118,7 +127,7 @@ def _plan(
         if token is not None
     ]
     ordered = {level: sorted(counts[level].items()) for level in _LEVELS}
-    return _Plan(rows, ordered, listed)
+    return _Plan(rows, ordered, listed, grown or {})
 
 
 def _values(record: InstanceRecord, series: int) -> tuple[Any, ...]:
@@ -252,6 +261,11 @@ class FastPath:
         cursor = self._dbapi.cursor()
         try:
             done = run(cursor, _Batch(records, unsynced, settled))
+        except pg_errors.OperationalError as exc:
+            # A deadlock with another node creating the same rows, a serialization
+            # failure, a lost connection: passing trouble, which the ORM path retries.
+            log.info("fast path fell back: %r", exc)
+            done = False
         except Exception as exc:  # the ORM path runs it again and reports what fails
             # Once at WARNING: a fast path that always fails (a bug, say) would otherwise
             # slow every commit unseen.
@@ -277,7 +291,6 @@ class FastPath:
                 cursor.execute("ROLLBACK")
                 return False
             plan = _plan(records, unsynced, _chains_sqlite(cursor, records))
-            assert plan is not None  # every series exists now
             columns = ", ".join(_COLUMNS)
             cursor.executemany(
                 f"INSERT INTO instances ({columns}) VALUES ({_marks(_COLUMNS)})",
@@ -346,9 +359,7 @@ class FastPath:
                 cursor.execute(b"ROLLBACK")
                 return False
             grown = self._create_chains_postgres(cursor, records, chains)
-            plan = _plan(records, unsynced, list(chains.values()))
-            assert plan is not None  # every series exists now
-            plan.grown = grown
+            plan = _plan(records, unsynced, list(chains.values()), grown)
             cursor.execute(b"; ".join([*self._postgres_writes(plan, settled), b"COMMIT"]))
             self._remember(list(chains.values()))
             return True
@@ -389,7 +400,6 @@ class FastPath:
         except KeyError:
             return False
         plan = _plan(batch.records, batch.unsynced, chains)
-        assert plan is not None  # every series is in `chains`
         writes = self._postgres_writes(plan, batch.settled, checked=chains)
         sop_uids = [r.sop_uid for r in batch.records]
         try:
@@ -444,14 +454,17 @@ class FastPath:
                     if row_id in added
                     else []
                 )
-                for column, value in sorted(grown.get(row_id, {}).items()):
-                    if column == "modalities":
-                        sets.append(b"modalities = " + literal(value))
-                    else:
-                        sets.append(b"%s = %s + %d" % (column.encode(), column.encode(), value))
+                changes = grown.get(row_id, {})
+                sets.extend(
+                    b"%s = %s + %d" % (column.encode(), column.encode(), delta)
+                    for column, delta in sorted(changes.items())
+                    if column != "modalities"
+                )
                 statements.append(
                     b"UPDATE %s SET %s WHERE id = %d" % (level.encode(), b", ".join(sets), row_id)
                 )
+                if changes.get("modalities"):
+                    statements.append(_MODALITIES % (row_id, row_id))
         if plan.listed:
             statements.append(
                 b"INSERT INTO unsynced_files (token, rel_path, sop_uid, writer) VALUES "
@@ -481,7 +494,6 @@ class FastPath:
             columns = grown[level].setdefault(row_id, {})
             columns[column] = columns.get(column, 0) + 1
 
-        refreshed: set[int] = set()
         for record in records:
             if record.series_uid in chains:
                 continue
@@ -517,12 +529,8 @@ class FastPath:
                 continue
             add("studies", study, "num_series")
             add("patients", patient, "num_series")
-            refreshed.add(study)
+            grown["studies"][study]["modalities"] = True
             chains[record.series_uid] = (record.series_uid, series, study, patient)
-        for study in sorted(refreshed):
-            cursor.execute(b"SELECT modality FROM series WHERE study_fk = %d" % study)
-            value = modalities_in_study(row[0] for row in cursor.fetchall())
-            grown["studies"].setdefault(study, {})["modalities"] = value
         return grown
 
     def _patient_postgres(self, cursor: Any, record: InstanceRecord) -> int:
