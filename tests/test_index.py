@@ -22,6 +22,7 @@ from minipacs.index import schema
 from minipacs.index import writer as writer_module
 from minipacs.index.db import make_engine, write_engine, write_session
 from minipacs.index.fastpath import FastPath
+from minipacs.index.fastpath_postgres import PostgresCommit
 from minipacs.index.ingest import (
     IngestOutcome,
     InstanceRecord,
@@ -629,14 +630,14 @@ def test_postgresql_fast_path_commits_into_series_it_knows_in_one_query(
     ct, mr = _record(), _record("MR_small.dcm", rel_path="x/mr")
     _apply(engine, [ct, mr], "keep-first")  # two patients, studies and series
     one_query: list[bool] = []
-    real = FastPath._commit_known_postgres
+    real = PostgresCommit._commit_known
 
-    def known(self: FastPath, cursor: object, batch: object) -> bool:
+    def known(self: PostgresCommit, cursor: object, batch: object) -> bool:
         done = real(self, cursor, batch)  # type: ignore[arg-type]
         one_query.append(done)
         return done
 
-    monkeypatch.setattr(FastPath, "_commit_known_postgres", known)
+    monkeypatch.setattr(PostgresCommit, "_commit_known", known)
 
     def more(base: InstanceRecord, n: int) -> InstanceRecord:
         return dataclasses.replace(base, sop_uid=f"{base.sop_uid}.{n}", rel_path=f"x/{n}")
@@ -645,6 +646,8 @@ def test_postgresql_fast_path_commits_into_series_it_knows_in_one_query(
     _apply(engine, [by_orm], "keep-first")
     with write_engine(engine).connect() as connection:
         fast = FastPath(connection, "host~1~run")
+        assert fast.postgres is not None
+        known_chains = fast.postgres._chains
         # The first batch looks its series up; the next ones know them.
         assert fast.commit([more(ct, 1), more(mr, 1)], [None, "s" * 32], []) is not None
         batch = [more(ct, 2), more(mr, 2), more(ct, 3)]
@@ -664,7 +667,7 @@ def test_postgresql_fast_path_commits_into_series_it_knows_in_one_query(
         _consistent(engine)
         # Ids that now name other rows (tables made anew under a running node): the
         # chain check refuses them, and the lookup files the batch where it belongs.
-        fast._chains[ct.series_uid] = fast._chains[mr.series_uid]
+        known_chains[ct.series_uid] = known_chains[mr.series_uid]
         assert fast.commit([more(ct, 5)], [None], []) is not None
         assert one_query[-1] is False
         _consistent(engine)
@@ -672,7 +675,7 @@ def test_postgresql_fast_path_commits_into_series_it_knows_in_one_query(
             assert sorted(session.scalars(select(Series.num_instances))) == [3, 6]
         # Another node pruned the series (its instances withdrawn): the foreign key fails,
         # the chain is forgotten, and the two-query path makes the series anew.
-        stale = fast._chains[ct.series_uid]
+        stale = known_chains[ct.series_uid]
         with write_session(engine) as session, session.begin():
             rows = session.execute(select(Instance.sop_uid, Instance.rel_path)).all()
             for sop_uid, rel_path in rows:
@@ -680,7 +683,7 @@ def test_postgresql_fast_path_commits_into_series_it_knows_in_one_query(
         assert counts(engine)["series"] == 0
         assert fast.commit([more(ct, 6)], [None], []) is not None
         assert one_query[-1] is False
-        assert fast._chains[ct.series_uid] != stale
+        assert known_chains[ct.series_uid] != stale
         assert counts(engine)["series"] == 1
     assert [r for r in caplog.records if r.levelno >= logging.WARNING] == []
     _consistent(engine)
@@ -699,7 +702,7 @@ def test_postgresql_fast_path_takes_rows_another_node_made_meanwhile(
         theirs = dataclasses.replace(theirs, study_uid="1.2.9", series_uid="1.2.9.1")
     elif level == "study":
         theirs = dataclasses.replace(theirs, series_uid="1.2.9.1")
-    hook = {"patient": "_insert_postgres", "study": "_patient_postgres"}.get(level)
+    hook = {"patient": "_insert", "study": "_patient"}.get(level)
     other = make_engine(engine.url.render_as_string(hide_password=False))
 
     def meanwhile() -> None:
@@ -709,21 +712,21 @@ def test_postgresql_fast_path_takes_rows_another_node_made_meanwhile(
 
     other_done: list[bool] = []
     if hook is None:
-        real_create = FastPath._create_chains_postgres
+        real_create = PostgresCommit._create_chains
 
-        def create(self: FastPath, *args: object) -> object:
+        def create(self: PostgresCommit, *args: object) -> object:
             meanwhile()
             return real_create(self, *args)  # type: ignore[arg-type]
 
-        monkeypatch.setattr(FastPath, "_create_chains_postgres", create)
+        monkeypatch.setattr(PostgresCommit, "_create_chains", create)
     else:
-        real = getattr(FastPath, hook)
+        real = getattr(PostgresCommit, hook)
 
-        def hooked(self: FastPath, *args: object) -> object:
+        def hooked(self: PostgresCommit, *args: object) -> object:
             meanwhile()
             return real(self, *args)
 
-        monkeypatch.setattr(FastPath, hook, hooked)
+        monkeypatch.setattr(PostgresCommit, hook, hooked)
     try:
         assert _fast_commit(engine, [ours]) == [IngestOutcome(ours.sop_uid, stored=True)]
         assert other_done
