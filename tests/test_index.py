@@ -738,6 +738,47 @@ def test_postgresql_fast_path_takes_rows_another_node_made_meanwhile(
         other.dispose()
 
 
+@pytest.mark.parametrize("path", ["fast", "orm"])
+def test_modalities_in_study_count_a_series_another_node_adds_at_once(
+    pg_engine: Engine, path: str
+) -> None:
+    # Node B has added an MR series to the study, not yet committed, when node A adds a
+    # PT series: A waits for B's row locks, and what it writes last must hold all three.
+    engine = pg_engine
+    ct = _record()
+    _apply(engine, [ct], "keep-first")
+
+    def series(n: int, modality: str) -> InstanceRecord:
+        return dataclasses.replace(
+            ct,
+            sop_uid=f"{ct.sop_uid}.{n}",
+            rel_path=f"x/{n}",
+            series_uid=f"{ct.series_uid}.{n}",
+            modality=modality,
+        )
+
+    done = threading.Event()
+
+    def node_a() -> None:
+        if path == "fast":
+            assert _fast_commit(engine, [series(2, "PT")]) is not None
+        else:
+            assert _apply(engine, [series(2, "PT")], "keep-first")[0].stored
+        done.set()
+
+    with write_session(engine) as held:
+        with held.begin():
+            apply_records(held, [series(1, "MR")], "keep-first")
+            a = threading.Thread(target=node_a)
+            a.start()
+            assert not done.wait(1.0), "node A did not wait for node B's row locks"
+        a.join(30)
+    assert done.is_set()
+    with Session(engine) as session:
+        assert session.scalar(select(Study.modalities)) == "CT\\MR\\PT"
+    _consistent(engine)
+
+
 def test_fast_path_leaves_duplicates_to_the_orm(engine: Engine) -> None:
     first = _record()
     _apply(engine, [first], "keep-first")

@@ -25,18 +25,9 @@ from minipacs.index.ingest import (
     new_patient_values,
     new_series_values,
     new_study_values,
+    recompute_modalities_sql,
 )
 
-# ModalitiesInStudy (0008,0061) of a study recomputed from its series, as
-# ingest.modalities_in_study does (distinct, non-empty, in code point order, backslash
-# joined, 160 characters at most). In a statement of its own after the study's counts
-# UPDATE: it then runs holding the study's row lock, with a snapshot taken after it, so
-# a node adding a series to the same study at once is seen by whichever writes last.
-_MODALITIES = (
-    b"UPDATE studies SET modalities = coalesce((SELECT left(string_agg(m, chr(92) ORDER BY m),"
-    b' 160) FROM (SELECT DISTINCT modality COLLATE "C" AS m FROM series WHERE study_fk = %d'
-    b" AND modality <> '') AS d), '') WHERE id = %d"
-)
 # Series chains a connection keeps at most before starting afresh (PostgresCommit._chains).
 _CHAINS_KEPT = 10_000
 
@@ -201,7 +192,8 @@ class PostgresCommit:
                     b"UPDATE %s SET %s WHERE id = %d" % (level.encode(), b", ".join(sets), row_id)
                 )
                 if changes.get("modalities"):
-                    statements.append(_MODALITIES % (row_id, row_id))
+                    # After the study's UPDATE, holding its row lock (ingest._Pending.flush).
+                    statements.append(recompute_modalities_sql(row_id).encode())
         if plan.listed:
             statements.append(
                 b"INSERT INTO unsynced_files (token, rel_path, sop_uid, writer) VALUES "

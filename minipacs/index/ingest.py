@@ -159,6 +159,13 @@ class _Pending:
                 )
             if statement is not None:
                 connection.execute(statement, params)
+        if connection.dialect.name == "postgresql":
+            # Computed above before the study's row lock was ours, the value misses a series
+            # another node added meanwhile. Holding the lock now, a statement of its own
+            # sees every series committed before it (READ COMMITTED): whoever writes last
+            # writes them all.
+            for study in sorted(self._modalities):
+                connection.execute(text(recompute_modalities_sql(study)))
         self._deltas.clear()
         self._values.clear()
         self._modalities.clear()
@@ -273,6 +280,20 @@ def _refresh_modalities(session: Session, study: int) -> None:
 def modalities_in_study(modalities: Iterable[str]) -> str:
     """ModalitiesInStudy (0008,0061) as stored: the distinct non-empty ones, sorted."""
     return "\\".join(sorted({m for m in modalities if m}))[:_MODALITIES_MAX]
+
+
+def recompute_modalities_sql(study: int) -> str:
+    """PostgreSQL's UPDATE of a study's ModalitiesInStudy from its series.
+
+    The value modalities_in_study gives: code point order is COLLATE "C", and chr(92) is
+    the backslash whatever standard_conforming_strings says.
+    """
+    study = int(study)
+    return (
+        "UPDATE studies SET modalities = coalesce((SELECT left(string_agg(m, chr(92)"
+        f' ORDER BY m), {_MODALITIES_MAX}) FROM (SELECT DISTINCT modality COLLATE "C" AS m'
+        f" FROM series WHERE study_fk = {study} AND modality <> '') AS d), '') WHERE id = {study}"
+    )
 
 
 # The counts of a patient or study row when created: its series and instances come after.
