@@ -124,12 +124,29 @@ class _Pending:
 
     def flush(self, session: Session) -> None:
         """Write everything gathered, in lock order."""
-        for study in self._modalities:
-            self.set(Study, study, {"modalities": self._modalities_of(session, study)})
         connection = session.connection()
-        if not self._values and connection.dialect.name == "postgresql":
+        postgres = connection.dialect.name == "postgresql"
+        if not postgres:
+            # One writer (SQLite): what the series say now is what they say at commit.
+            for study in self._modalities:
+                self.set(Study, study, {"modalities": self._modalities_of(session, study)})
+        if postgres and not self._values:
             self._flush_counts(connection)
-            return
+        else:
+            self._flush_rows(connection)
+        if postgres:
+            # After the study's own UPDATE (its new series' count), holding its row lock:
+            # a statement of its own sees every series committed before it (READ
+            # COMMITTED), so of two nodes adding series at once, whoever writes last
+            # writes them all. A value read before the lock could miss the other's.
+            for study in sorted(self._modalities):
+                connection.execute(text(recompute_modalities_sql(study)))
+        self._deltas.clear()
+        self._values.clear()
+        self._modalities.clear()
+
+    def _flush_rows(self, connection: Connection) -> None:
+        """Every UPDATE gathered, level by level in lock order."""
         for model in (Patient, Study, Series):
             rows = {r for m, r in self._deltas if m is model} | {
                 r for m, r in self._values if m is model
@@ -159,16 +176,6 @@ class _Pending:
                 )
             if statement is not None:
                 connection.execute(statement, params)
-        if connection.dialect.name == "postgresql":
-            # Computed above before the study's row lock was ours, the value misses a series
-            # another node added meanwhile. Holding the lock now, a statement of its own
-            # sees every series committed before it (READ COMMITTED): whoever writes last
-            # writes them all.
-            for study in sorted(self._modalities):
-                connection.execute(text(recompute_modalities_sql(study)))
-        self._deltas.clear()
-        self._values.clear()
-        self._modalities.clear()
 
     def _flush_counts(self, connection: Connection) -> None:
         """Only counts changed: every UPDATE, in lock order, in one query (PostgreSQL).
@@ -188,7 +195,6 @@ class _Pending:
         if statements:
             # Without parameters psycopg sends a simple query, which may hold several.
             connection.execution_options(no_parameters=True).exec_driver_sql("; ".join(statements))
-        self._deltas.clear()
 
 
 @functools.cache
