@@ -186,13 +186,13 @@ class PostgresCommit:
                 sets.extend(
                     b"%s = %s + %d" % (column.encode(), column.encode(), delta)
                     for column, delta in sorted(changes.items())
-                    if column != "modalities"
                 )
                 statements.append(
                     b"UPDATE %s SET %s WHERE id = %d" % (level.encode(), b", ".join(sets), row_id)
                 )
-                if changes.get("modalities"):
-                    # After the study's UPDATE, holding its row lock (ingest._Pending.flush).
+                if level == "studies" and changes.get("num_series"):
+                    # A study with a new series: after its UPDATE, holding its row lock
+                    # (ingest._Pending.flush).
                     statements.append(recompute_modalities_sql(row_id).encode())
         if plan.listed:
             statements.append(
@@ -209,15 +209,16 @@ class PostgresCommit:
 
     def _create_chains(
         self, cursor: Any, records: Sequence[InstanceRecord], chains: dict[str, tuple[Any, ...]]
-    ) -> dict[str, dict[int, dict[str, Any]]]:
+    ) -> dict[str, dict[int, dict[str, int]]]:
         """Create the series `chains` lacks (with study and patient), as ingest._chain does.
 
         Other nodes may create the same rows meanwhile: each insert is ON CONFLICT DO
         NOTHING, and a row it did not create is read back in a statement of its own, whose
-        snapshot holds the other node's commit. Returns the rows' other changes, written
-        with the counts in lock order (Plan.grown); `chains` gains the new series.
+        snapshot holds the other node's commit. Returns the count changes of the rows
+        above new series, written with the instance counts in lock order (Plan.grown);
+        `chains` gains the new series.
         """
-        grown: dict[str, dict[int, dict[str, Any]]] = {level: {} for level in LEVELS}
+        grown: dict[str, dict[int, dict[str, int]]] = {level: {} for level in LEVELS}
 
         def add(level: str, row_id: int, column: str) -> None:
             columns = grown[level].setdefault(row_id, {})
@@ -256,7 +257,6 @@ class PostgresCommit:
                 continue
             add("studies", study, "num_series")
             add("patients", patient, "num_series")
-            grown["studies"][study]["modalities"] = True
             chains[record.series_uid] = (record.series_uid, series, study, patient)
         return grown
 

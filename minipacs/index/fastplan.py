@@ -58,17 +58,16 @@ class Plan:
     counts: dict[str, list[tuple[int, int]]]
     # (token, rel_path, sop_uid) of the records listed as unsynced.
     listed: list[tuple[str, str, str]]
-    # Per level, row id -> columns to change besides num_instances, for the rows above new
-    # series (PostgreSQL): num_studies / num_series deltas; "modalities" (True) recomputes
-    # the study's ModalitiesInStudy.
-    grown: dict[str, dict[int, dict[str, Any]]] = field(default_factory=dict)
+    # Per level, row id -> count columns (num_studies, num_series) to add to besides
+    # num_instances, for the rows above new series (PostgreSQL).
+    grown: dict[str, dict[int, dict[str, int]]] = field(default_factory=dict)
 
 
 def plan_batch(
     records: Sequence[InstanceRecord],
     unsynced: Sequence[str | None],
     chain_rows: Sequence[tuple[Any, ...]],
-    grown: dict[str, dict[int, dict[str, Any]]] | None = None,
+    grown: dict[str, dict[int, dict[str, int]]] | None = None,
 ) -> Plan:
     """The rows of a batch of new instances, given the chains of all its series."""
     chains = {uid: (series, study, patient) for uid, series, study, patient in chain_rows}
