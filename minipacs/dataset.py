@@ -64,7 +64,6 @@ _KNOWN_VRS = _LONG_VRS | frozenset(
 )
 _UNDEFINED = 0xFFFFFFFF
 _ITEM = (0xFFFE, 0xE000)
-_ITEM_END = (0xFFFE, 0xE00D)
 _SEQUENCE_END = (0xFFFE, 0xE0DD)
 
 
@@ -95,40 +94,45 @@ class _Walker:
     def elements(self, offset: int, end: int, delimited: bool, implicit: bool) -> int:
         """Walk elements in [offset, end); return where they stop."""
         data = self.data
+        # Bound once: this loop runs for every element of every data set received.
+        unpack = (self.implicit_header if implicit else self.explicit_header).unpack_from
+        u32 = self.u32.unpack_from
+        wanted = () if delimited else self.wanted
+        found = self.found
         while offset < end:
             if end - offset < 8:
                 raise DataSetError(f"element header truncated at byte {offset}")
+            start = offset
             if implicit:
-                group, element, length = self.implicit_header.unpack_from(data, offset)
+                group, element, length = unpack(data, offset)
                 vr = b"UN"
-            else:
-                group, element, vr, length = self.explicit_header.unpack_from(data, offset)
-            if group == 0x7FE0 and not delimited and self.pixel_offset is None:
-                # Only the top level walks undelimited: this is where the bulk begins.
-                self.pixel_offset = offset
-            if (group, element) == _ITEM_END:
-                if not delimited:
-                    raise DataSetError(f"stray item delimiter at byte {offset}")
-                return offset + 8
-            if implicit:
-                offset += 8
-            elif group == 0xFFFE:
-                # Items and delimiters are coded like Implicit VR (PS3.5 7.5).
-                vr = b""
-                length = self.u32.unpack_from(data, offset + 4)[0]
                 offset += 8
             else:
-                if vr not in _KNOWN_VRS:
+                group, element, vr, length = unpack(data, offset)
+                if group == 0xFFFE:
+                    # Items and delimiters are coded like Implicit VR (PS3.5 7.5).
+                    vr = b""
+                    length = u32(data, offset + 4)[0]
+                    offset += 8
+                elif vr in _LONG_VRS:
+                    if end - offset < 12:
+                        raise DataSetError(f"element header truncated at byte {offset}")
+                    length = u32(data, offset + 8)[0]
+                    offset += 12
+                elif vr in _KNOWN_VRS:
+                    offset += 8
+                else:
                     raise DataSetError(
                         f"element ({group:04X},{element:04X}) has an unknown VR {vr!r}"
                     )
-                if vr in _LONG_VRS:
-                    if end - offset < 12:
-                        raise DataSetError(f"element header truncated at byte {offset}")
-                    length = self.u32.unpack_from(data, offset + 8)[0]
-                    offset += 12
-                else:
-                    offset += 8
+            if group >= 0x7FE0:
+                if group == 0x7FE0 and not delimited and self.pixel_offset is None:
+                    # Only the top level walks undelimited: this is where the bulk begins.
+                    self.pixel_offset = start
+                if group == 0xFFFE and element == 0xE00D:
+                    if not delimited:
+                        raise DataSetError(f"stray item delimiter at byte {start}")
+                    return offset
             if length == _UNDEFINED:
                 # PS3.5 6.2.2: an UN of undefined length holds Implicit VR LE items.
                 offset = self.items(offset, end, implicit or vr == b"UN")
@@ -139,8 +143,8 @@ class _Walker:
                     f"{end - offset} left: data set truncated"
                 )
             tag = group << 16 | element
-            if not delimited and tag in self.wanted:
-                self.found[tag] = (None if implicit else vr, length, offset)
+            if tag in wanted:
+                found[tag] = (None if implicit else vr, length, offset)
             if vr == b"SQ":
                 self.items(offset, offset + length, implicit, defined=True)
             offset += length
