@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import ssl
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -17,15 +18,17 @@ from minipacs.index.recover import recover
 from minipacs.index.schema import ensure_schema
 from minipacs.index.statistics import StatisticsKeeper
 from minipacs.index.writer import IndexWriter
-from minipacs.logs import log_event
+from minipacs.logs import label_process, log_event
 from minipacs.net import tls
-from minipacs.net.access import AccessPolicy, AeRule, parse_networks
+from minipacs.net.access import AccessPolicy, AeRule, Gate, parse_networks
 from minipacs.net.association import Limits
 from minipacs.net.observer import Observer
 from minipacs.net.server import Server, ServerConfig
 from minipacs.net.session import Timeouts
+from minipacs.ops.control import Channel
 from minipacs.ops.http import OpsServer
 from minipacs.ops.metrics import Metrics
+from minipacs.ops.worker import RemoteGate, worker_handler, worker_place
 from minipacs.services import build_services
 from minipacs.services.find import FindOptions, FindService
 from minipacs.services.get import GetService
@@ -125,19 +128,36 @@ class Archive:
         self.engine.dispose()
 
 
-def open_archive(settings: Settings) -> Archive:
-    """Open store and index (blocking: schema check, temp cleanup); raise SchemaOutOfDate."""
-    engine = make_engine(settings.database.url, settings.database.pool_size)
-    ensure_schema(
-        settings.database.url, settings.database.auto_upgrade, engine, settings.config_path
-    )
-    store = FileStore(
+def _open_store(settings: Settings) -> FileStore:
+    return FileStore(
         settings.store_dir,
         settings.spool_dir,
         settings.storage.min_free_bytes,
         settings.storage.fsync,
         settings.storage.flush,
+        # Worker mode: a sender's retry often reaches another worker than its first try.
+        shared_claims=settings.server.workers > 1,
     )
+
+
+def prepare_archive(settings: Settings) -> None:
+    """What serve does before serving, alone (worker mode's supervisor): then close."""
+    engine = make_engine(settings.database.url, settings.database.pool_size)
+    try:
+        ensure_schema(
+            settings.database.url, settings.database.auto_upgrade, engine, settings.config_path
+        )
+        store = _open_store(settings)
+        try:
+            _settle_store(store, engine)
+        finally:
+            store.close()
+    finally:
+        engine.dispose()
+
+
+def _settle_store(store: FileStore, engine: Engine) -> None:
+    """Recover what dead writers left, then remove their temp files."""
     # Recovery reads the journals of dead writers, so it runs before cleanup may age them out.
     report = recover(store, engine)
     if report.checked:
@@ -154,6 +174,20 @@ def open_archive(settings: Settings) -> Archive:
     removed = store.cleanup_temp()
     if removed:
         log_event(log, "store.temp_cleaned", level=logging.WARNING, files=removed)
+
+
+def open_archive(settings: Settings, settle: bool = True) -> Archive:
+    """Open store and index (blocking: schema check, temp cleanup); raise SchemaOutOfDate.
+
+    settle False (a worker: its supervisor did it): no recovery, no temp cleanup.
+    """
+    engine = make_engine(settings.database.url, settings.database.pool_size)
+    ensure_schema(
+        settings.database.url, settings.database.auto_upgrade, engine, settings.config_path
+    )
+    store = _open_store(settings)
+    if settle:
+        _settle_store(store, engine)
     database = sqlite_path(settings.database.url)
     writer = IndexWriter(
         engine,
@@ -163,6 +197,12 @@ def open_archive(settings: Settings) -> Archive:
         # The store's syncfs, which every C-STORE waits for, flushes the WAL as well.
         durable_commits=database is None
         or not (store.flushes(database) and store.flushes(database.parent)),
+        # Worker processes share one SQLite file: they take turns without polling.
+        lock_path=(
+            database.with_name(database.name + ".writelock")
+            if database is not None and settings.server.workers > 1
+            else None
+        ),
     )
     writer.start()
     # fsync-bound work: more threads than cores keeps the disk queue full.
@@ -193,7 +233,13 @@ def _ping(engine: Engine) -> None:
         connection.execute(text("SELECT 1"))
 
 
-def build_server(settings: Settings, archive: Archive, observer: Observer | None = None) -> Server:
+def build_server(
+    settings: Settings,
+    archive: Archive,
+    observer: Observer | None = None,
+    gate: Gate | None = None,
+    on_closed: Callable[[], None] | None = None,
+) -> Server:
     """The acceptor with every service, on an opened archive."""
     store_service = StoreService(
         archive.store,
@@ -234,43 +280,82 @@ def build_server(settings: Settings, archive: Archive, observer: Observer | None
     move_service = MoveService(*retrieve_args)
     get_service = GetService(*retrieve_args)
     services = build_services(store_service, find_service, move_service, get_service)
-    return Server(server_config(settings), services, observer)
+    return Server(server_config(settings), services, observer, gate, on_closed)
 
 
 async def serve(
     settings: Settings, stop: StopSignals, started: asyncio.Event | None = None
 ) -> None:
-    """Run the server until SIGTERM or SIGINT, then shut down gracefully."""
+    """Run the server until SIGTERM or SIGINT, then shut down gracefully.
+
+    As a worker (ops.worker, started by ops.supervisor) it serves the supervisor's sockets,
+    its admission and ops requests go through the supervisor, and it stops with it.
+    """
     loop = asyncio.get_running_loop()
     # Signals first: one that arrives while the archive opens must stop us, not kill us.
     requested, hurried = stop.attach(loop)
+    place = worker_place()
+    if place is not None:
+        # The workers share one log stream: each line says whose it is.
+        label_process(worker=place.index)
     try:
-        archive = await loop.run_in_executor(None, open_archive, settings)
-        metrics = Metrics(archive.engine, settings.store_dir)
+        archive = await loop.run_in_executor(None, open_archive, settings, place is None)
+        # Index size and free space are the node's: one worker reports them.
+        archive_wide = place is None or place.index == 0
+        metrics = Metrics(archive.engine, settings.store_dir) if archive_wide else Metrics()
         statistics = StatisticsKeeper(archive.engine, archive.query_executor)
         ops: OpsServer | None = None
+        control: Channel | None = None
         try:
-            server = build_server(settings, archive, metrics)
+            if place is not None:
+                control = await Channel.over(place.control)
+            server = build_server(
+                settings,
+                archive,
+                metrics,
+                RemoteGate(control) if control else None,
+                (lambda: control.notify("closed")) if control else None,
+            )
+
+            async def exposition() -> bytes:
+                return await loop.run_in_executor(archive.query_executor, metrics.exposition)
+
             # Asked to stop during start-up: the port is never opened.
             if not requested.is_set():
-                statistics.start()
-                await server.start()
-                if settings.metrics.port:
-                    ops = OpsServer(
-                        metrics, archive.query_executor, lambda: _not_ready(server, archive)
-                    )
+                if archive_wide:
+                    statistics.start()
+                # The ops endpoint first: once the DICOM port answers, /readyz does too.
+                if place is None and settings.metrics.port:
+                    ops = OpsServer(exposition, lambda: _not_ready(server, archive))
                     await ops.start(settings.metrics.host, settings.metrics.port)
+                if place is not None and control is not None:
+                    await server.start(place.handoff)
+                    handler = worker_handler(
+                        exposition, lambda: _not_ready(server, archive), requested, hurried
+                    )
+                    # The supervisor gone (its end of the line closed): stop as if told.
+                    listening = asyncio.create_task(control.run(handler))
+                    listening.add_done_callback(lambda _: requested.set())
+                    control.notify("started")
+                else:
+                    await server.start()
                 if started is not None:
                     started.set()
             await requested.wait()
             log_event(
-                log, "server.signal", signal=stop.received[0].name, active=len(server.sessions)
+                log,
+                "server.signal",
+                # A worker is told to stop by its supervisor, or stops when it is gone.
+                signal=stop.received[0].name if stop.received else "supervisor",
+                active=len(server.sessions),
             )
             # A second signal cuts the grace period short (PS3.8 7.3: A-ABORT the rest).
             await server.shutdown(settings.server.shutdown_grace, hurry=hurried)
         finally:
             if ops is not None:
                 await ops.stop()
+            if control is not None:
+                control.close()
             await statistics.stop()
             await archive.close()
     finally:

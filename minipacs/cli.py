@@ -30,6 +30,7 @@ from minipacs.index.stats import counts
 from minipacs.logs import configure_logging
 from minipacs.net.client import AssociationLost, AssociationRefused
 from minipacs.ops import smoke
+from minipacs.ops.worker import WORKER_ENV
 from minipacs.shutdown import stop_signals
 from minipacs.storage.filestore import FileStore
 
@@ -72,6 +73,10 @@ def _serve(args: argparse.Namespace) -> int:
     # Usually done already by minipacs.__main__, before this module's slow imports.
     stop_signals.install()
     settings = _settings_and_logging(args)
+    if settings.server.workers > 1 and WORKER_ENV not in os.environ:
+        from minipacs.ops.supervisor import supervise
+
+        return supervise(settings, stop_signals, sys.argv[1:])
     from minipacs.app import run
 
     return run(settings, stop_signals)

@@ -121,6 +121,7 @@ class ServerSettings:
     max_pending_connections: int = _key(512, low=1, high=100_000)
     max_dataset_size: int = _key(4_294_967_296, low=65_536, high=1 << 40)
     use_uvloop: bool = _key(True)
+    workers: int = _key(1, low=1, high=64)
 
 
 @dataclass(frozen=True)

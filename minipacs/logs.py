@@ -14,6 +14,8 @@ from minipacs.config import LogSettings
 # field may be called `name`, `module` or `process` without clashing with LogRecord's own.
 _FIELDS = "minipacs_fields"
 _CORE = ("time", "level", "logger", "event")
+# Fields every record of this process carries (a worker's number in worker mode).
+_PROCESS_FIELDS: dict[str, Any] = {}
 
 
 def log_event(logger: logging.Logger, event: str, level: int = logging.INFO, **fields: Any) -> None:
@@ -23,8 +25,13 @@ def log_event(logger: logging.Logger, event: str, level: int = logging.INFO, **f
         logger.log(level, event, extra={_FIELDS: present}, stacklevel=2)
 
 
+def label_process(**fields: Any) -> None:
+    """Add fields to every record this process logs from now on."""
+    _PROCESS_FIELDS.update(fields)
+
+
 def _fields(record: logging.LogRecord) -> dict[str, Any]:
-    fields = getattr(record, _FIELDS, {})
+    fields = {**_PROCESS_FIELDS, **getattr(record, _FIELDS, {})}
     # A field named like a core key must not overwrite it, nor be lost.
     return {f"{key}_" if key in _CORE else key: value for key, value in fields.items()}
 

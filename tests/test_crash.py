@@ -35,8 +35,10 @@ def _template() -> Dataset:
     return Dataset({tag: elem for tag, elem in ds.items() if tag.group != 0x0002})
 
 
-async def _client(port: int, template: Dataset, acknowledged: list[str]) -> None:
-    """Store new instances until the association dies; record the ones acknowledged."""
+async def _client(
+    port: int, template: Dataset, acknowledged: list[str], stop: asyncio.Event | None = None
+) -> None:
+    """Store new instances until the association dies (or `stop`); record the ones acknowledged."""
     try:
         async with asyncio.timeout(60):
             assoc = await ClientAssociation.connect(
@@ -49,7 +51,7 @@ async def _client(port: int, template: Dataset, acknowledged: list[str]) -> None
             )
             context_id = assoc.context_for(CT_IMAGE)
             template.SeriesInstanceUID = generate_uid()
-            while True:
+            while stop is None or not stop.is_set():
                 template.SOPInstanceUID = generate_uid()
                 data = dicom.encode(template, ExplicitVRLittleEndian)
                 async with asyncio.timeout(STORE_TIMEOUT):
@@ -58,6 +60,7 @@ async def _client(port: int, template: Dataset, acknowledged: list[str]) -> None
                     )
                 if int(response["Status"]) == 0:  # type: ignore[call-overload]
                     acknowledged.append(str(template.SOPInstanceUID))
+            await assoc.release()
     except (AssociationLost, AssociationRefused, ConnectionError, OSError, TimeoutError):
         return
 

@@ -83,7 +83,10 @@ def test_not_ready_is_503_with_the_reason() -> None:
         async def not_ready() -> str:
             return "not accepting associations"
 
-        ops = OpsServer(Metrics(), None, not_ready)  # type: ignore[arg-type]
+        async def exposition() -> bytes:
+            return Metrics().exposition()
+
+        ops = OpsServer(exposition, not_ready)
         port = await ops.start("127.0.0.1", 0)
         try:
             return await asyncio.to_thread(_get, port, "/readyz")

@@ -15,7 +15,9 @@ read and is reported) but no C-STORE was acknowledged for it. It is indexed unde
 "keep-first" (a retry of the same store by the sender then finds it stored); if the
 index already holds that SOP Instance UID at another path (a "replace" that never
 committed), the file is removed instead. Run at start, before accepting associations,
-on each node: a node recovers the journals of its own host.
+on each node: a node recovers the journals of its own host. In worker mode it also runs
+while the other workers serve, after one died: each path is held (FileStore.claim) while
+it is settled, as a live worker holds it while storing.
 """
 
 from __future__ import annotations
@@ -103,13 +105,40 @@ def _recover_unsynced(store: FileStore, engine: Engine, report: RecoveryReport) 
         session.expunge_all()
     for row in rows:
         report.checked += 1
-        with write_session(engine) as session, session.begin():
-            remove = _settle_unsynced(session, store, row)
+        # Live workers of this node may be storing the same instance (a sender's retry).
+        with store.claim(row.rel_path):
+            with write_session(engine) as session, session.begin():
+                remove = _settle_unsynced(session, store, row)
+            if remove:
+                store.remove(row.rel_path)
         if remove is None:
             report.failed.append((row.rel_path, "unreadable; its unsynced listing is kept"))
         elif remove:
-            store.remove(row.rel_path)
             report.withdrawn.append(row.rel_path)
+
+
+def _recover_journalled(
+    store: FileStore, engine: Engine, rel_path: str, journalled: float, report: RecoveryReport
+) -> None:
+    """Index a dead writer's journalled file, or remove it (see the module docstring)."""
+    try:
+        stat = store.path(rel_path).stat()
+    except (FileNotFoundError, ValueError):
+        return  # never renamed into place, or removed after a failed commit
+    if stat.st_mtime > journalled + _MTIME_MARGIN:
+        return
+    try:
+        record = read_record(store, rel_path, stat)
+    except Exception as exc:  # a damaged file is reported and left for inspection
+        report.failed.append((rel_path, str(exc)))
+        return
+    with write_session(engine) as session, session.begin():
+        (outcome,) = apply_records(session, [record], "keep-first")
+    if outcome.stored:
+        report.indexed.append(rel_path)
+    elif outcome.existing_path != rel_path:
+        store.remove(rel_path)
+        report.removed.append(rel_path)
 
 
 def recover(store: FileStore, engine: Engine) -> RecoveryReport:
@@ -122,25 +151,8 @@ def recover(store: FileStore, engine: Engine) -> RecoveryReport:
         for start in range(0, len(journal.rel_paths), 500):
             known |= _indexed_paths(engine, journal.rel_paths[start : start + 500])
         for rel_path in journal.rel_paths:
-            if rel_path in known:
-                continue
-            try:
-                stat = store.path(rel_path).stat()
-            except (FileNotFoundError, ValueError):
-                continue  # never renamed into place, or removed after a failed commit
-            if stat.st_mtime > journal.mtime + _MTIME_MARGIN:
-                continue
-            try:
-                record = read_record(store, rel_path, stat)
-            except Exception as exc:  # a damaged file is reported and left for inspection
-                report.failed.append((rel_path, str(exc)))
-                continue
-            with write_session(engine) as session, session.begin():
-                (outcome,) = apply_records(session, [record], "keep-first")
-            if outcome.stored:
-                report.indexed.append(rel_path)
-            elif outcome.existing_path != rel_path:
-                store.remove(rel_path)
-                report.removed.append(rel_path)
+            if rel_path not in known:
+                with store.claim(rel_path):
+                    _recover_journalled(store, engine, rel_path, journal.mtime, report)
         journal.path.unlink(missing_ok=True)
     return report

@@ -19,19 +19,26 @@ other goes through the ORM (ingest.apply_records).
 A caller that knows it is alone (one association storing) may commit its record in its
 own thread instead (commit_alone), when the queue is empty and no commit is running: a
 lock marks whoever commits on the writer's connection.
+
+Several processes writing one SQLite file (worker mode) take turns on a lock file
+(flock, `lock_path`) around each transaction: SQLite's own busy handler polls with sleeps
+of up to 100 ms, which two writers at full speed would hit on many commits.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import logging
+import os
 import queue
 import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass
+from pathlib import Path
 
 from sqlalchemy import Connection, Engine, insert, select
 from sqlalchemy.exc import OperationalError
@@ -84,12 +91,14 @@ class IndexWriter:
         batch_max: int = 64,
         batch_wait_ms: float = 0.0,
         durable_commits: bool = True,
+        lock_path: Path | None = None,
     ) -> None:
         """Prepare the writer; nothing runs before start().
 
         durable_commits False (SQLite only): commits are not fsynced (synchronous=NORMAL on
         the writer's own connection); the caller makes them durable with a flush of the
         filesystem holding the database, after the commit and before any answer.
+        lock_path: a file the writers of several processes lock around each transaction.
         """
         if duplicate_policy not in DUPLICATE_POLICIES:
             raise ValueError(f"duplicate policy must be one of {', '.join(DUPLICATE_POLICIES)}")
@@ -112,6 +121,9 @@ class IndexWriter:
         # Held by whichever thread commits on the writer's connection (see commit_alone).
         self._busy = threading.Lock()
         self._thread = threading.Thread(target=self._run, name="index-writer", daemon=True)
+        self._lock_fd: int | None = None
+        if lock_path is not None:
+            self._lock_fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
 
     def start(self) -> None:
         """Start the writer thread."""
@@ -220,6 +232,21 @@ class IndexWriter:
         with self._busy:
             self._commit_settled()
             self._drop_connection()
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+
+    @contextlib.contextmanager
+    def _turn(self) -> Iterator[None]:
+        """This process's turn to write, among those sharing lock_path (else at once)."""
+        if self._lock_fd is None:
+            yield
+            return
+        # flock lets the GIL go while it waits; the kernel wakes the next in line.
+        fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
 
     @contextlib.contextmanager
     def _writing(self) -> Iterator[Session]:
@@ -294,7 +321,7 @@ class IndexWriter:
         if not tokens:
             return
         try:
-            with self._writing() as session:
+            with self._turn(), self._writing() as session:
                 drop_unsynced(session, tokens)
         except Exception as exc:
             # The listings stay; recovery finds their files whole and drops them.
@@ -308,14 +335,15 @@ class IndexWriter:
         # Taken once: every attempt below carries them, until one commits.
         settled = self._take_settled(riding=True)
         if fast is not None:
-            outcomes = fast.commit(records, [job.unsynced for job in jobs], settled)
+            with self._turn():
+                outcomes = fast.commit(records, [job.unsynced for job in jobs], settled)
             if outcomes is not None:
                 self.commits += 1
                 return outcomes
         attempt = 0
         while True:
             try:
-                with self._writing() as session:
+                with self._turn(), self._writing() as session:
                     outcomes = apply_records(session, records, self.duplicate_policy)
                     outcomes = _list_unsynced(session, jobs, outcomes)
                     drop_unsynced(session, settled)

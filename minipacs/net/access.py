@@ -14,7 +14,7 @@ import ipaddress
 import secrets
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Final
+from typing import Final, Protocol
 
 from pynetdicom.pdu_primitives import UserIdentityNegotiation
 
@@ -250,3 +250,52 @@ class Admission:
             self._active[calling_ae] = left
         else:
             self._active.pop(calling_ae, None)
+
+
+class Gate(Protocol):
+    """Admission as the acceptor asks for it: in this process, or for several (workers)."""
+
+    async def rate_refusal(self, host: str) -> Refusal | None:
+        """Take one A-ASSOCIATE-RQ from host off its rate; a Refusal if none is left."""
+        ...
+
+    async def admit(self, calling_ae: str) -> Refusal | None:
+        """Count one more association of calling_ae, or say why it may not have one."""
+        ...
+
+    def release(self, calling_ae: str) -> None:
+        """Forget an association admit() counted."""
+        ...
+
+
+@dataclass
+class LocalGate:
+    """The Gate of one process: the association limit and Admission's, counted here."""
+
+    admission: Admission
+    max_associations: int
+    active: int = 0
+
+    async def rate_refusal(self, host: str) -> Refusal | None:
+        """Admission.rate_refusal."""
+        return self.admission.rate_refusal(host)
+
+    async def admit(self, calling_ae: str) -> Refusal | None:
+        """admit_now: it never suspends, so the counts read are the counts updated."""
+        return self.admit_now(calling_ae)
+
+    def admit_now(self, calling_ae: str) -> Refusal | None:
+        """Check the total and calling_ae's limits, and count the association if it fits."""
+        if self.active >= self.max_associations:
+            return Refusal("association limit", neg.REJECT_LOCAL_LIMIT)
+        refusal = self.admission.limit_refusal(calling_ae)
+        if refusal is not None:
+            return refusal
+        self.admission.opened(calling_ae)
+        self.active += 1
+        return None
+
+    def release(self, calling_ae: str) -> None:
+        """Forget one association of calling_ae."""
+        self.admission.closed(calling_ae)
+        self.active -= 1

@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 import ssl
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,7 +20,9 @@ from minipacs.net import tls
 from minipacs.net.access import (
     AccessPolicy,
     Admission,
+    Gate,
     Identity,
+    LocalGate,
     Refusal,
     peer_host,
     peer_identity,
@@ -65,15 +68,24 @@ class Server:
         config: ServerConfig,
         services: Mapping[int, Service],
         observer: Observer | None = None,
+        gate: Gate | None = None,
+        on_closed: Callable[[], None] | None = None,
     ) -> None:
+        """`gate` counts associations for several processes (worker mode); else this one.
+
+        on_closed is called as each connection ends (worker mode: its supervisor balances).
+        """
         self.config = config
         self.services = guard_services(services, config.access, config.limits.max_dataset_size)
         self.observer = observer or Observer()
-        self.admission = Admission(
-            config.access,
-            config.max_associations_per_ae,
-            config.associations_per_minute,
-            time.monotonic,
+        self.gate = gate or LocalGate(
+            Admission(
+                config.access,
+                config.max_associations_per_ae,
+                config.associations_per_minute,
+                time.monotonic,
+            ),
+            config.max_associations,
         )
         self.policy = neg.AcceptorPolicy()
         self.sessions: set[Session] = set()
@@ -88,11 +100,15 @@ class Server:
         self._draining = False
         self._tasks: set[asyncio.Task[None]] = set()
         self._ac_cache: dict[bytes, bytes] = {}
+        self._on_closed = on_closed
+        # Worker mode: where the supervisor's accepted connections arrive (see adopt).
+        self._handoff: socket.socket | None = None
 
     @property
     def accepting(self) -> bool:
         """True while the listener is up and not draining for shutdown."""
-        return self._server is not None and self._server.is_serving() and not self._draining
+        listening = self._server is not None and self._server.is_serving()
+        return (listening or self._handoff is not None) and not self._draining
 
     @property
     def port(self) -> int:
@@ -105,16 +121,26 @@ class Server:
         """The bound TLS port (0: no TLS listener)."""
         return self._tls.port if self._tls is not None else 0
 
-    async def start(self) -> None:
-        """Bind and start accepting, on the TLS port too when configured."""
+    async def start(self, handoff: socket.socket | None = None) -> None:
+        """Bind and start accepting, on the TLS port too when configured.
+
+        With `handoff` (worker mode) nothing is bound: connections the supervisor accepted
+        arrive on it, each a descriptor with b"dicom" or b"tls" (see adopt).
+        """
         config = self.config
-        self._server = await asyncio.get_running_loop().create_server(
-            lambda: Connection(self._on_connection),
-            config.host,
-            config.port,
-            reuse_address=True,
-            backlog=1024,
-        )
+        loop = asyncio.get_running_loop()
+        if handoff is None:
+            self._server = await loop.create_server(
+                lambda: Connection(self._on_connection),
+                config.host,
+                config.port,
+                reuse_address=True,
+                backlog=1024,
+            )
+        else:
+            self._handoff = handoff
+            handoff.setblocking(False)
+            loop.add_reader(handoff.fileno(), self._receive_handoffs)
         if config.tls_port and config.ssl_context is not None:
             self._tls = tls.TlsListener(
                 self._on_connection,
@@ -124,15 +150,74 @@ class Server:
                 handshake_timeout=config.timeouts.artim,
                 max_handshakes=config.max_pending_connections,
             )
-            await self._tls.start(config.host, config.tls_port)
+            if handoff is None:
+                await self._tls.start(config.host, config.tls_port)
         log_event(
             log,
             "server.listening",
             ae_title=self.config.ae_title,
             host=self.config.host,
-            port=self.port,
+            port=self.port if handoff is None else "supervisor",
             tls_port=self.tls_port or None,
         )
+
+    def _receive_handoffs(self) -> None:
+        """Adopt every connection waiting on the handoff socket."""
+        assert self._handoff is not None
+        while True:
+            try:
+                kind, fds, _flags, _address = socket.recv_fds(self._handoff, 16, 4)
+            except BlockingIOError:
+                return
+            except OSError as exc:
+                log.error("handoff socket failed: %s", exc)
+                self._stop_handoffs()
+                return
+            for fd in fds:
+                self.adopt(socket.socket(fileno=fd), tls=kind == b"tls")
+
+    def adopt(self, sock: socket.socket, tls: bool = False) -> None:
+        """Serve a connection accepted elsewhere (by the supervisor, in worker mode)."""
+        if self._draining or (tls and self._tls is None):
+            sock.close()
+            self._ended()
+            return
+        sock.setblocking(False)
+        try:
+            address = sock.getpeername()
+        except OSError:
+            sock.close()
+            self._ended()
+            return
+        peer = f"{address[0]}:{address[1]}"
+        if tls:
+            assert self._tls is not None
+            self._tls.adopt(sock, peer)
+            return
+        loop = asyncio.get_running_loop()
+        task = asyncio.create_task(
+            loop.connect_accepted_socket(lambda: Connection(self._on_connection), sock)
+        )
+        # Kept until the transport exists; _on_connection then tracks the session.
+        self._tasks.add(task)
+        task.add_done_callback(self._adopted)
+
+    def _adopted(self, task: asyncio.Task[object]) -> None:
+        """A connection's transport is made, or failed (then it never reaches a session)."""
+        self._tasks.discard(task)
+        if task.cancelled() or task.exception() is not None:
+            self._ended()
+
+    def _ended(self) -> None:
+        """A handed-over connection ended (worker mode: its supervisor balances on it)."""
+        if self._on_closed is not None:
+            self._on_closed()
+
+    def _stop_handoffs(self) -> None:
+        if self._handoff is not None:
+            asyncio.get_running_loop().remove_reader(self._handoff.fileno())
+            self._handoff.close()
+            self._handoff = None
 
     async def shutdown(self, grace: float, hurry: asyncio.Event | None = None) -> None:
         """Stop accepting, let associations finish for `grace` seconds, abort the rest.
@@ -140,6 +225,7 @@ class Server:
         Setting `hurry` (a second stop signal) ends the grace period at once.
         """
         self._draining = True
+        self._stop_handoffs()
         listeners = [s for s in (self._server, self._tls) if s is not None]
         for listener in listeners:
             listener.close()
@@ -202,9 +288,10 @@ class Server:
         finally:
             self.sessions.discard(session)
             self._pending.pop(session, None)
+            self._ended()
             if session in self._established:
                 self._established.discard(session)
-                self.admission.closed(session.calling_ae)
+                self.gate.release(session.calling_ae)
                 self.observer.association_ended(session.bytes_received, session.bytes_sent)
             level = logging.INFO if session.outcome == "released" else logging.WARNING
             if log.isEnabledFor(level):
@@ -224,6 +311,7 @@ class Server:
     def _tls_failed(self, peer: str, detail: str) -> None:
         """A TLS handshake failed (PS3.15 B.10): no certificate, unknown CA, not TLS..."""
         self._count_drop(peer, "TLS handshake", detail)
+        self._ended()
 
     def _admit_pending(self, session: Session) -> None:
         """Count a new connection; past the cap, close the one that waited longest."""
@@ -279,7 +367,7 @@ class Server:
         host = peer_host(session.peer)
         refusal = config.access.association_refusal(
             session.calling_ae, host
-        ) or self.admission.rate_refusal(host)
+        ) or await self.gate.rate_refusal(host)
         if refusal is not None:
             return self._refuse(session, refusal.why, refusal.result)
         # After the rate (a flood of passcodes costs scrypt time), before the limits (the
@@ -290,14 +378,18 @@ class Server:
             return self._refuse(session, refusal.why, refusal.result)
         if self._draining:
             return self._refuse(session, "shutting down", neg.REJECT_LOCAL_LIMIT)
-        if len(self._established) >= config.max_associations:
-            return self._refuse(session, "association limit", neg.REJECT_LOCAL_LIMIT)
-        refusal = self.admission.limit_refusal(session.calling_ae)
+        # From the gate's answer on, the association is counted: it is accepted or
+        # released with no await in between.
+        refusal = await self.gate.admit(session.calling_ae)
         if refusal is not None:
             return self._refuse(session, refusal.why, refusal.result)
         roles = neg.role_proposals(request.user_information)
         negotiated = self.policy.negotiate(request.presentation_context_definition_list, roles)
-        if not negotiated.accepted:
+        if self._draining or not negotiated.accepted:
+            # Shutdown may have begun while another process's gate answered.
+            self.gate.release(session.calling_ae)
+            if self._draining:
+                return self._refuse(session, "shutting down", neg.REJECT_LOCAL_LIMIT)
             return self._refuse(session, "no acceptable presentation context", neg.REJECT_NO_REASON)
         session.association.accept(
             self._accept_pdu(event.raw, request, negotiated, identity),
@@ -306,7 +398,6 @@ class Server:
         )
         self.accepted_total += 1
         self._established.add(session)
-        self.admission.opened(session.calling_ae)
         self.observer.association_accepted()
         if not log.isEnabledFor(logging.INFO):
             return None

@@ -98,9 +98,8 @@ class TlsListener:
 
     @property
     def port(self) -> int:
-        """The bound port."""
-        assert self.sock is not None
-        return int(self.sock.getsockname()[1])
+        """The bound port (0: connections come from a supervisor, see adopt)."""
+        return int(self.sock.getsockname()[1]) if self.sock is not None else 0
 
     async def start(self, host: str, port: int) -> None:
         """Bind and start accepting."""
@@ -117,11 +116,15 @@ class TlsListener:
                 # EMFILE and the like: the next accept may succeed once some close.
                 await asyncio.sleep(0.1)
                 continue
-            task = asyncio.create_task(self._handshake(connection, f"{address[0]}:{address[1]}"))
-            self._handshakes[task] = None
-            task.add_done_callback(self._handshakes.pop)
-            if len(self._handshakes) > self.max_handshakes:
-                next(iter(self._handshakes)).cancel()
+            self.adopt(connection, f"{address[0]}:{address[1]}")
+
+    def adopt(self, connection: socket.socket, peer: str) -> None:
+        """Start the handshake of an accepted connection (here, or by a supervisor)."""
+        task = asyncio.create_task(self._handshake(connection, peer))
+        self._handshakes[task] = None
+        task.add_done_callback(self._handshakes.pop)
+        if len(self._handshakes) > self.max_handshakes:
+            next(iter(self._handshakes)).cancel()
 
     async def _handshake(self, connection: socket.socket, peer: str) -> None:
         loop = asyncio.get_running_loop()

@@ -12,11 +12,9 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Awaitable, Callable
-from concurrent.futures import Executor
 from typing import Final
 
 from minipacs.logs import log_event
-from minipacs.ops.metrics import Metrics
 
 log = logging.getLogger("minipacs.ops")
 
@@ -30,12 +28,11 @@ class OpsServer:
 
     def __init__(
         self,
-        metrics: Metrics,
-        executor: Executor,
+        exposition: Callable[[], Awaitable[bytes]],
         ready: Callable[[], Awaitable[str | None]],
     ) -> None:
-        self.metrics = metrics
-        self.executor = executor
+        """exposition: the Prometheus text, produced off the event loop."""
+        self.exposition = exposition
         # Returns None when ready, else why not.
         self.ready = ready
         self._server: asyncio.Server | None = None
@@ -76,9 +73,7 @@ class OpsServer:
         if method != "GET":
             return "405 Method Not Allowed", _TEXT, b"only GET\n"
         if path == "/metrics":
-            loop = asyncio.get_running_loop()
-            body = await loop.run_in_executor(self.executor, self.metrics.exposition)
-            return "200 OK", _PROMETHEUS, body
+            return "200 OK", _PROMETHEUS, await self.exposition()
         if path == "/healthz":
             return "200 OK", _TEXT, b"alive\n"
         if path == "/readyz":

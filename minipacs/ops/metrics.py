@@ -14,7 +14,7 @@ import shutil
 import threading
 import time
 from bisect import bisect_left
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Final
 
@@ -25,7 +25,13 @@ from prometheus_client import (
     disable_created_metrics,
     generate_latest,
 )
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 from sqlalchemy import Engine
@@ -171,3 +177,46 @@ class Metrics(Observer):
     def exposition(self) -> bytes:
         """The Prometheus text exposition of every metric (blocking: reads the index)."""
         return generate_latest(self.registry)
+
+
+def merge_expositions(parts: Sequence[tuple[str, str]], running: int, restarts: int) -> bytes:
+    """Workers' expositions as one, each sample labelled worker="<its number>".
+
+    Families of the same name are joined (the text format wants each once), so a query
+    sums over workers with sum without (worker) (...). The supervisor adds its own
+    minipacs_workers_running and minipacs_worker_restarts.
+    """
+    families: dict[str, Metric] = {}
+    for worker, text in parts:
+        for family in text_string_to_metric_families(text):
+            merged = families.get(family.name)
+            if merged is None:
+                merged = families[family.name] = Metric(
+                    family.name, family.documentation, family.type, family.unit
+                )
+            merged.samples.extend(
+                sample._replace(labels={**sample.labels, "worker": worker})
+                for sample in family.samples
+            )
+    running_family = GaugeMetricFamily(
+        "minipacs_workers_running", "Worker processes running (server.workers)"
+    )
+    running_family.add_metric([], running)
+    restarts_family = CounterMetricFamily(
+        "minipacs_worker_restarts", "Worker processes restarted after dying"
+    )
+    restarts_family.add_metric([], restarts)
+    registry = CollectorRegistry()
+    registry.register(_Families([*families.values(), running_family, restarts_family]))
+    return generate_latest(registry)
+
+
+class _Families(Collector):
+    """Collects metric families made elsewhere (merge_expositions)."""
+
+    def __init__(self, families: Sequence[Metric]) -> None:
+        self.families = families
+
+    def collect(self) -> Iterator[Metric]:
+        """The families given."""
+        return iter(self.families)

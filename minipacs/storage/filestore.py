@@ -24,6 +24,7 @@ reindex picks up.
 import contextlib
 import dataclasses
 import errno
+import fcntl
 import itertools
 import logging
 import os
@@ -34,6 +35,7 @@ import socket
 import stat
 import threading
 import time
+import zlib
 from collections.abc import Iterator
 from contextlib import suppress
 from dataclasses import dataclass
@@ -48,6 +50,9 @@ log = logging.getLogger("minipacs.store")
 
 _TMP = ".tmp"
 _JOURNALS = ".journals"
+# Worker mode: claims are also flocks on one of this many lock files (see claim).
+_LOCKS = ".locks"
+_CLAIM_SLOTS = 64
 _PART = ".part"
 # Numbers the temp files of this process (of all its stores).
 _TEMP_COUNT = itertools.count()
@@ -232,11 +237,14 @@ class FileStore:
         min_free_bytes: int,
         fsync: bool = True,
         flush: str = "file",
+        shared_claims: bool = False,
     ) -> None:
         """Open the store at root, creating root, its temp folder and the spool if needed.
 
         flush "filesystem" makes staged files durable by group syncfs (storage.groupflush)
         where the system has it; "file" fsyncs each file and its folders.
+        shared_claims (worker mode): claim() holds a path against the other processes
+        of this host too.
         """
         self.root = Path(root).absolute()
         self.spool_dir = Path(spool_dir).absolute()
@@ -256,6 +264,16 @@ class FileStore:
         # Paths being stored by a thread of this process, and who waits for them.
         self._claims: set[str] = set()
         self._claims_cond = threading.Condition()
+        self._claim_fds: list[int] = []
+        self._slot_locks: list[threading.Lock] = []
+        if shared_claims:
+            locks = self.root / _LOCKS
+            locks.mkdir(exist_ok=True)
+            flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC
+            self._claim_fds = [
+                os.open(locks / f"{i:02x}", flags, 0o666) for i in range(_CLAIM_SLOTS)
+            ]
+            self._slot_locks = [threading.Lock() for _ in range(_CLAIM_SLOTS)]
         # False once link(2) failed for want of hard links on this filesystem.
         self._links = True
         # Monotonic time until which the last passing free-space check stands.
@@ -384,18 +402,37 @@ class FileStore:
 
         Two stores of one instance at once (a sender retrying on a new association while
         its first try is still flushing) would otherwise see each other's unflushed file
-        as stored, or put one file over the other under the other's index row.
+        as stored, or put one file over the other under the other's index row. With
+        shared_claims the other worker processes wait too, where such a retry usually
+        lands, and so does recovery after a worker died.
         """
         with self._claims_cond:
             while rel_path in self._claims:
                 self._claims_cond.wait()
             self._claims.add(rel_path)
         try:
-            yield
+            if self._claim_fds:
+                with self._shared_claim(rel_path):
+                    yield
+            else:
+                yield
         finally:
             with self._claims_cond:
                 self._claims.remove(rel_path)
                 self._claims_cond.notify_all()
+
+    @contextlib.contextmanager
+    def _shared_claim(self, rel_path: str) -> Iterator[None]:
+        """flock the lock file of rel_path's slot, which other processes take for it too."""
+        slot = zlib.crc32(rel_path.encode()) % _CLAIM_SLOTS
+        fd = self._claim_fds[slot]
+        # One flock per open file: this process's threads take the slot in turn first.
+        with self._slot_locks[slot]:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(fd, fcntl.LOCK_UN)
 
     def make_durable(self, rel_path: str) -> None:
         """Flush a file already in place (perhaps another node's, still unflushed)."""
@@ -602,6 +639,9 @@ class FileStore:
             for seq in (self._journal_seq - 1, self._journal_seq):
                 if seq > 0:
                     self._journal_path(seq).unlink(missing_ok=True)
+        for fd in self._claim_fds:
+            os.close(fd)
+        self._claim_fds = []
 
     def dead_journals(self) -> list[DeadJournal]:
         """Journals of writers that are no longer running, for the index to recover."""
