@@ -13,7 +13,7 @@ from sqlalchemy import Engine, text
 from sqlalchemy.exc import SQLAlchemyError
 
 from minipacs.config import ConfigError, Settings
-from minipacs.index.db import make_engine, read_engine, sqlite_path
+from minipacs.index.db import make_engine, read_engine, share_writes, sqlite_path
 from minipacs.index.recover import recover
 from minipacs.index.schema import ensure_schema
 from minipacs.index.statistics import StatisticsKeeper
@@ -140,9 +140,17 @@ def _open_store(settings: Settings) -> FileStore:
     )
 
 
+def _index_engine(settings: Settings) -> Engine:
+    engine = make_engine(settings.database.url, settings.database.pool_size)
+    if settings.server.workers > 1:
+        # Worker processes share one SQLite file: they take turns without polling.
+        share_writes(engine)
+    return engine
+
+
 def prepare_archive(settings: Settings) -> None:
     """What serve does before serving, alone (worker mode's supervisor): then close."""
-    engine = make_engine(settings.database.url, settings.database.pool_size)
+    engine = _index_engine(settings)
     try:
         ensure_schema(
             settings.database.url, settings.database.auto_upgrade, engine, settings.config_path
@@ -181,7 +189,7 @@ def open_archive(settings: Settings, settle: bool = True) -> Archive:
 
     settle False (a worker: its supervisor did it): no recovery, no temp cleanup.
     """
-    engine = make_engine(settings.database.url, settings.database.pool_size)
+    engine = _index_engine(settings)
     ensure_schema(
         settings.database.url, settings.database.auto_upgrade, engine, settings.config_path
     )
@@ -197,12 +205,6 @@ def open_archive(settings: Settings, settle: bool = True) -> Archive:
         # The store's syncfs, which every C-STORE waits for, flushes the WAL as well.
         durable_commits=database is None
         or not (store.flushes(database) and store.flushes(database.parent)),
-        # Worker processes share one SQLite file: they take turns without polling.
-        lock_path=(
-            database.with_name(database.name + ".writelock")
-            if database is not None and settings.server.workers > 1
-            else None
-        ),
     )
     writer.start()
     # fsync-bound work: more threads than cores keeps the disk queue full.

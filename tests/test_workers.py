@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -20,6 +21,7 @@ from pynetdicom import AE
 from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind
 
 from minipacs.index import schema
+from minipacs.index.db import make_engine, share_writes, write_lock_path, write_turn
 from minipacs.net import negotiation as neg
 from minipacs.net.client import ClientAssociation
 from minipacs.storage.filestore import FileStore
@@ -348,15 +350,16 @@ def test_failed_tls_handshakes_do_not_skew_which_worker_gets_connections(
         assert process.stop() == 0
 
 
-def test_shared_claims_hold_a_path_against_another_process(tmp_path: Path) -> None:
-    # Two stores on one folder, each with its own lock files open, like two workers.
-    first = FileStore(tmp_path / "store", tmp_path / "spool", 0, shared_claims=True)
-    second = FileStore(tmp_path / "store", tmp_path / "spool", 0, shared_claims=True)
+def _order(
+    first: contextlib.AbstractContextManager[object],
+    second: contextlib.AbstractContextManager[object],
+) -> list[str]:
+    """Enter `first` in a thread and hold it a moment, then `second` here: who ran when."""
     order: list[str] = []
     held = threading.Event()
 
     def hold() -> None:
-        with first.claim("a/b.dcm"):
+        with first:
             held.set()
             time.sleep(0.3)
             order.append("first done")
@@ -364,11 +367,67 @@ def test_shared_claims_hold_a_path_against_another_process(tmp_path: Path) -> No
     thread = threading.Thread(target=hold)
     thread.start()
     held.wait(TIMEOUT)
-    with second.claim("a/b.dcm"):
+    with second:
         order.append("second in")
-    with second.claim("c/d.dcm"):
-        order.append("other path")
     thread.join(TIMEOUT)
-    first.close()
-    second.close()
-    assert order == ["first done", "second in", "other path"]
+    return order
+
+
+def test_shared_claims_hold_a_path_against_another_process(tmp_path: Path) -> None:
+    # Two stores on one folder, each with its own lock files open, like two workers.
+    first = FileStore(tmp_path / "store", tmp_path / "spool", 0, shared_claims=True)
+    second = FileStore(tmp_path / "store", tmp_path / "spool", 0, shared_claims=True)
+    try:
+        assert _order(first.claim("a/b.dcm"), second.claim("a/b.dcm")) == [
+            "first done",
+            "second in",
+        ]
+        assert _order(first.claim("a/b.dcm"), second.claim("c/d.dcm")) == [
+            "second in",
+            "first done",
+        ]
+    finally:
+        first.close()
+        second.close()
+
+
+def test_every_writer_of_a_shared_sqlite_index_takes_its_turn(tmp_path: Path) -> None:
+    # Two engines on one file, like two workers: recovery, ANALYZE and a withdrawal take
+    # the same turn (db.write_turn) as the index writers.
+    url = f"sqlite:///{tmp_path / 'index.sqlite'}"
+    engines = [make_engine(url), make_engine(url)]
+    for engine in engines:
+        share_writes(engine)
+    try:
+        assert write_lock_path(engines[0]) == tmp_path / "index.sqlite.writelock"
+        assert _order(write_turn(engines[0]), write_turn(engines[1])) == [
+            "first done",
+            "second in",
+        ]
+        single = make_engine(url)
+        assert write_lock_path(single) is None
+        assert _order(write_turn(engines[0]), write_turn(single)) == ["second in", "first done"]
+        single.dispose()
+    finally:
+        for engine in engines:
+            engine.dispose()
+
+
+def test_a_stopped_worker_is_killed_and_replaced(tmp_path: Path) -> None:
+    env = {"MINIPACS_SERVER_WORKERS": "2", "MINIPACS_SERVER_WORKER_TIMEOUT": "2"}
+    process = start_minipacs(tmp_path, env)
+    try:
+        victim = _worker_pids(process)[1]
+        os.kill(victim, signal.SIGSTOP)
+        deadline = time.monotonic() + TIMEOUT
+        while len(_serving(process, 1)) < 2 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert [r["pid"] for r in _events(process, "worker.hung")] == [victim]
+        assert not _alive(victim)
+        before = len(_events(process, "association.accepted"))
+        for _ in range(4):
+            assert echoscu(process.port) == 0
+        served_by = [r["worker"] for r in _events(process, "association.accepted")[before:]]
+        assert sorted(served_by) == [0, 0, 1, 1]
+    finally:
+        assert process.stop() == 0

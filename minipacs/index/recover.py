@@ -29,7 +29,7 @@ from sqlalchemy.orm import Session
 
 from minipacs import dataset as dicom
 from minipacs.dataset import read_part10
-from minipacs.index.db import write_session
+from minipacs.index.db import write_session, write_turn
 from minipacs.index.ingest import apply_records, drop_unsynced, withdraw
 from minipacs.index.models import Instance, UnsyncedFile
 from minipacs.index.reindex import read_record
@@ -107,7 +107,7 @@ def _recover_unsynced(store: FileStore, engine: Engine, report: RecoveryReport) 
         report.checked += 1
         # Live workers of this node may be storing the same instance (a sender's retry).
         with store.claim(row.rel_path):
-            with write_session(engine) as session, session.begin():
+            with write_turn(engine), write_session(engine) as session, session.begin():
                 remove = _settle_unsynced(session, store, row)
             if remove:
                 store.remove(row.rel_path)
@@ -132,7 +132,7 @@ def _recover_journalled(
     except Exception as exc:  # a damaged file is reported and left for inspection
         report.failed.append((rel_path, str(exc)))
         return
-    with write_session(engine) as session, session.begin():
+    with write_turn(engine), write_session(engine) as session, session.begin():
         (outcome,) = apply_records(session, [record], "keep-first")
     if outcome.stored:
         report.indexed.append(rel_path)

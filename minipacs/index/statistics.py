@@ -20,7 +20,7 @@ from typing import Final
 
 from sqlalchemy import Engine, func, select
 
-from minipacs.index.db import is_sqlite
+from minipacs.index.db import is_sqlite, write_turn
 from minipacs.index.models import Instance, Patient, Series, Study
 from minipacs.logs import log_event
 
@@ -33,7 +33,8 @@ _ANALYSIS_LIMIT: Final = 1_000
 
 def analyze(engine: Engine) -> None:
     """Recompute the planner statistics of a SQLite index (blocking)."""
-    with engine.connect() as connection:
+    # ANALYZE writes sqlite_stat1: it takes its turn as the index writers do.
+    with write_turn(engine), engine.connect() as connection:
         connection.exec_driver_sql("PRAGMA analysis_limit=0")
         for table in (Patient, Study, Series):
             connection.exec_driver_sql(f"ANALYZE {table.__tablename__}")

@@ -21,8 +21,7 @@ own thread instead (commit_alone), when the queue is empty and no commit is runn
 lock marks whoever commits on the writer's connection.
 
 Several processes writing one SQLite file (worker mode) take turns on a lock file
-(flock, `lock_path`) around each transaction: SQLite's own busy handler polls with sleeps
-of up to 100 ms, which two writers at full speed would hit on many commits.
+(db.share_writes) around each transaction, as every other writer of the index does.
 """
 
 from __future__ import annotations
@@ -38,13 +37,12 @@ import time
 from collections.abc import Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass
-from pathlib import Path
 
 from sqlalchemy import Connection, Engine, insert, select
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
-from minipacs.index.db import write_engine
+from minipacs.index.db import write_engine, write_lock_path
 from minipacs.index.fastpath import FastPath
 from minipacs.index.ingest import (
     DUPLICATE_POLICIES,
@@ -91,14 +89,13 @@ class IndexWriter:
         batch_max: int = 64,
         batch_wait_ms: float = 0.0,
         durable_commits: bool = True,
-        lock_path: Path | None = None,
     ) -> None:
         """Prepare the writer; nothing runs before start().
 
         durable_commits False (SQLite only): commits are not fsynced (synchronous=NORMAL on
         the writer's own connection); the caller makes them durable with a flush of the
         filesystem holding the database, after the commit and before any answer.
-        lock_path: a file the writers of several processes lock around each transaction.
+        An engine given db.share_writes takes turns with other processes' writers.
         """
         if duplicate_policy not in DUPLICATE_POLICIES:
             raise ValueError(f"duplicate policy must be one of {', '.join(DUPLICATE_POLICIES)}")
@@ -121,6 +118,8 @@ class IndexWriter:
         # Held by whichever thread commits on the writer's connection (see commit_alone).
         self._busy = threading.Lock()
         self._thread = threading.Thread(target=self._run, name="index-writer", daemon=True)
+        # Kept open: the hot path's turns cost a flock each, not an open and a close.
+        lock_path = write_lock_path(engine)
         self._lock_fd: int | None = None
         if lock_path is not None:
             self._lock_fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
@@ -237,7 +236,7 @@ class IndexWriter:
 
     @contextlib.contextmanager
     def _turn(self) -> Iterator[None]:
-        """This process's turn to write, among those sharing lock_path (else at once)."""
+        """This process's turn to write, among those sharing the index (else at once)."""
         if self._lock_fd is None:
             yield
             return

@@ -20,7 +20,8 @@ have their own. The supervisor:
   when every worker is);
 - passes a stop on (the first graceful, a second hurried) and exits once all have;
 - restarts a worker that died, after recovering what it left (its unsynced listings
-  and journal, minipacs.index.recover), waiting longer each time one dies young.
+  and journal, minipacs.index.recover), waiting longer each time one dies young, and
+  kills one that stops answering its pings for server.worker_timeout (then restarts it).
 
 Workers run in sessions of their own: a terminal's Ctrl-C reaches the supervisor only,
 which stops them gracefully; a worker whose supervisor is gone stops by itself.
@@ -286,6 +287,7 @@ class Supervisor:
                 self.gate.release(ae_held)
             return None
         if op == "started":
+            worker.tasks.append(asyncio.create_task(self._watchdog(worker)))
             worker.serving.set()
             self._failed_starts.pop(worker.index, None)
             self._available.set()
@@ -365,6 +367,35 @@ class Supervisor:
                 continue
             self.restarts += 1
             return
+
+    async def _watchdog(self, worker: _Worker) -> None:
+        """Kill a serving worker that stops answering pings; _watch then restarts it.
+
+        A worker stopped (SIGSTOP) or stuck would keep its connections unserved, and one
+        holding the SQLite write lock would stall every other worker's writes.
+        """
+        timeout = self.settings.server.worker_timeout
+        while not self._stopping:
+            await asyncio.sleep(min(5.0, timeout / 2))
+            try:
+                async with asyncio.timeout(timeout):
+                    await worker.channel.request("ping")
+            except ChannelClosed:
+                return
+            except TimeoutError:
+                if self._stopping:
+                    return
+                log_event(
+                    log,
+                    "worker.hung",
+                    level=logging.ERROR,
+                    worker=worker.index,
+                    pid=worker.process.pid,
+                    silent_s=timeout,
+                )
+                with contextlib.suppress(ProcessLookupError):
+                    worker.process.send_signal(signal.SIGKILL)
+                return
 
     async def _stop(self, hurried: asyncio.Event) -> int:
         """Stop every worker (hurried on a second signal); the exit code."""

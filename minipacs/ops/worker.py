@@ -120,6 +120,9 @@ def worker_handler(
         op = message.get("op")
         if op == "metrics":
             return {"text": (await exposition()).decode()}
+        if op == "ping":
+            # Answered by the event loop itself: it runs (ops.supervisor's watchdog).
+            return {}
         if op == "ready":
             return {"problem": await ready()}
         if op == "stop":

@@ -37,7 +37,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from minipacs import dataset as dicom
-from minipacs.index.db import write_session
+from minipacs.index.db import write_session, write_turn
 from minipacs.index.ingest import (
     IngestError,
     IngestOutcome,
@@ -228,7 +228,7 @@ class StoreService:
         file stays: recovery at the next start settles it one way or the other.
         """
         try:
-            with write_session(self.engine) as session, session.begin():
+            with write_turn(self.engine), write_session(self.engine) as session, session.begin():
                 withdraw(session, written.record.sop_uid, written.rel_path)
                 drop_unsynced(session, [token])
         except SQLAlchemyError as exc:
