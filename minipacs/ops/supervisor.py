@@ -330,16 +330,7 @@ class Supervisor:
         if lived < _YOUNG:
             pause = min(_MAX_PAUSE, max(1.0, 2 * self._pauses.get(worker.index, 0.5)))
         self._pauses[worker.index] = pause
-        log_event(
-            log,
-            "worker.died",
-            level=logging.ERROR,
-            worker=worker.index,
-            pid=worker.process.pid,
-            exit_code=code,
-            lived_s=round(lived, 1),
-            restart_in_s=pause,
-        )
+        _report(worker, "worker.died", exit_code=code, lived_s=round(lived, 1), restart_in_s=pause)
         while True:
             await asyncio.sleep(pause)
             if self._stopping:
@@ -385,14 +376,7 @@ class Supervisor:
             except TimeoutError:
                 if self._stopping:
                     return
-                log_event(
-                    log,
-                    "worker.hung",
-                    level=logging.ERROR,
-                    worker=worker.index,
-                    pid=worker.process.pid,
-                    silent_s=timeout,
-                )
+                _report(worker, "worker.hung", silent_s=timeout)
                 with contextlib.suppress(ProcessLookupError):
                     worker.process.send_signal(signal.SIGKILL)
                 return
@@ -472,6 +456,11 @@ class Supervisor:
             if answer.get("problem"):
                 return f"worker {index}: {answer['problem']}"
         return None
+
+
+def _report(worker: _Worker, event: str, **fields: object) -> None:
+    """Log an ERROR event about one worker process."""
+    log_event(log, event, logging.ERROR, worker=worker.index, pid=worker.process.pid, **fields)
 
 
 async def _first(*events: asyncio.Event) -> None:
