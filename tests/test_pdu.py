@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from pynetdicom.pdu import A_ABORT_RQ, A_ASSOCIATE_RJ, A_RELEASE_RP, A_RELEASE_RQ, P_DATA_TF
 from pynetdicom.pdu_primitives import A_ASSOCIATE, A_P_ABORT, A_RELEASE, P_DATA
 
@@ -110,3 +112,27 @@ def test_associate_rq_with_overrunning_item_is_refused() -> None:
     raw = b"\x01\x00" + len(body).to_bytes(4, "big") + body
     with pytest.raises(pdu.PduError):
         pdu.decode_associate_rq(raw)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    sizes=st.lists(st.integers(min_value=0, max_value=300), min_size=1, max_size=6),
+    cuts=st.lists(st.integers(min_value=1, max_value=400), min_size=1, max_size=40),
+)
+def test_reader_returns_each_pdu_whole_however_the_stream_is_cut(
+    sizes: list[int], cuts: list[int]
+) -> None:
+    pdus = [pdu.pdata_header(1, False, True, n) + bytes([n % 256]) * n for n in sizes]
+    pdus.insert(len(pdus) // 2, pdu.RELEASE_RQ_PDU)
+    stream = b"".join(pdus)
+    reader = _reader()
+    returned: list[bytes] = []
+    position = 0
+    for cut in [*cuts, len(stream)]:
+        reader.feed(stream[position : position + cut])
+        position += cut
+        while (item := reader.next_pdu()) is not None:
+            returned.append(item[1])
+        assert reader.buffered == min(position, len(stream)) - sum(map(len, returned))
+    assert returned == pdus
+    assert reader.buffered == 0

@@ -28,7 +28,9 @@ class DataSet:
         self.spool_path: Path | None = None
         # Past the size cap: the rest is counted, not kept, and the request refused.
         self.oversized = False
-        self._chunks: list[bytes] = []
+        # Views into the received PDUs (immutable bytes): kept as they are, not copied,
+        # until the data set is joined or spilled.
+        self._chunks: list[memoryview] = []
         self._pending = 0
 
     @property
@@ -37,8 +39,8 @@ class DataSet:
         return self._pending
 
     def append(self, data: memoryview) -> None:
-        """Add one fragment."""
-        self._chunks.append(bytes(data))
+        """Add one fragment (a view into a received PDU, which stays unchanged)."""
+        self._chunks.append(data)
         self.size += len(data)
         self._pending += len(data)
 
@@ -67,10 +69,6 @@ class DataSet:
             return b"".join(self._chunks)
         self.spill(self.spool_path.parent)
         return self.spool_path.read_bytes()
-
-    def chunks(self) -> list[bytes]:
-        """The in-memory chunks (the whole data set when nothing was spooled)."""
-        return self._chunks
 
     def discard(self) -> None:
         """Forget the data and delete any spool file (blocking unlink)."""

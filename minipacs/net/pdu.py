@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import struct
+from collections import deque
 from dataclasses import dataclass
 from typing import Final
 
@@ -77,43 +78,82 @@ class PduReader:
     """Cuts a byte stream into whole PDUs, refusing any that announce more than a limit.
 
     Memory use is bounded by what actually arrives, never by what a header announces:
-    the buffer only holds received bytes and a PDU over the limit fails on its header.
+    only received bytes are held and a PDU over the limit fails on its header.
     """
 
     def __init__(self, max_pdata_length: int, max_associate_length: int) -> None:
         self.max_pdata_length = max_pdata_length
         self.max_associate_length = max_associate_length
-        self._buffer = bytearray()
+        # The transport's reads as they came, not copied into one buffer: a PDU that is
+        # one read is returned as it is and one across reads is joined once, where
+        # appending to a bytearray and cutting the PDU out of it copied every byte twice
+        # (a CT image's 512 KiB, four times over with what follows).
+        self._chunks: deque[bytes] = deque()
+        # Bytes of the first chunk already returned, and bytes held after them.
+        self._offset = 0
+        self._size = 0
 
     @property
     def buffered(self) -> int:
         """Bytes received but not yet returned as a PDU."""
-        return len(self._buffer)
+        return self._size
 
     def feed(self, data: bytes) -> None:
-        """Append bytes received from the transport."""
-        self._buffer += data
+        """Append bytes received from the transport (kept: the caller must not reuse them)."""
+        if data:
+            self._chunks.append(data)
+            self._size += len(data)
 
     def next_pdu(self) -> tuple[int, bytes] | None:
         """Return (type, whole PDU including header) when one is complete, else None."""
-        buffer = self._buffer
-        if len(buffer) < 6:
+        if self._size < 6:
             return None
-        pdu_type, length = _HEADER.unpack_from(buffer)
+        first = self._chunks[0]
+        offset = self._offset
+        if len(first) - offset >= 6:
+            pdu_type, length = _HEADER.unpack_from(first, offset)
+        else:
+            pdu_type, length = _HEADER.unpack(self._take(6, consume=False))
         self._check_header(pdu_type, length)
         end = 6 + length
-        if len(buffer) < end:
+        if self._size < end:
             return None
-        if end == len(buffer):
-            # The usual case, one read = one PDU: one copy instead of a slice and a copy.
-            pdu = bytes(buffer)
-            buffer.clear()
-        else:
-            # Through a view, the PDU is copied once (a bytearray slice would copy it twice).
-            with memoryview(buffer) as view:
-                pdu = bytes(view[:end])
-            del buffer[:end]
-        return pdu_type, pdu
+        if offset == 0 and len(first) == end:
+            # The usual case, one read = one PDU: no copy at all.
+            self._chunks.popleft()
+            self._size -= end
+            return pdu_type, first
+        return pdu_type, self._take(end)
+
+    def _take(self, count: int, consume: bool = True) -> bytes:
+        """The next `count` held bytes (there are that many), copied once; consumed if asked."""
+        chunks = self._chunks
+        offset = self._offset
+        parts: list[bytes | memoryview] = []
+        needed = count
+        index = 0
+        while True:
+            chunk = chunks[index]
+            available = len(chunk) - offset
+            if available >= needed:
+                end = offset + needed
+                # Within one chunk a slice is the one copy; across chunks the join is.
+                parts.append(memoryview(chunk)[offset:end] if parts else chunk[offset:end])
+                break
+            parts.append(memoryview(chunk)[offset:])
+            needed -= available
+            offset = 0
+            index += 1
+        data = b"".join(parts) if index else bytes(parts[0])
+        if consume:
+            for _ in range(index):
+                chunks.popleft()
+            if end == len(chunks[0]):
+                chunks.popleft()
+                end = 0
+            self._offset = end
+            self._size -= count
+        return data
 
     def _check_header(self, pdu_type: int, length: int) -> None:
         if pdu_type not in PDU_NAMES:
