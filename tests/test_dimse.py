@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import tracemalloc
 from pathlib import Path
 
 import pytest
 
 from minipacs.net import pdu
 from minipacs.net.commands import encode_command
-from minipacs.net.dimse import MessageAssembler, encode_fragments, fragment_size, frame_dataset
+from minipacs.net.dimse import (
+    DataSet,
+    MessageAssembler,
+    encode_fragments,
+    fragment_size,
+    frame_dataset,
+)
 
 STORE = encode_command(
     {
@@ -100,3 +107,21 @@ def test_framed_dataset_is_what_send_message_would_send(size: int) -> None:
     assert [bytes(pdu) for pdu in framed.pdus] == [
         bytes(pdu) for pdu in encode_fragments(3, data, False, 16378)
     ]
+
+
+def test_small_fragments_of_big_pdus_do_not_keep_the_pdus_alive() -> None:
+    dataset = DataSet()
+    tracemalloc.start()
+    try:
+        for _ in range(100):
+            big = bytes(64 * 1024)
+            dataset.append(memoryview(big)[:1])
+            dataset.append(memoryview(big)[:0])
+            del big
+        held, _ = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    # Views would pin 100 PDUs of 64 KiB; copies hold 100 bytes and their objects.
+    assert held < 64 * 1024
+    assert dataset.size == 100
+    assert dataset.getvalue() == bytes(100)

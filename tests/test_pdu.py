@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import tracemalloc
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -136,3 +138,21 @@ def test_reader_returns_each_pdu_whole_however_the_stream_is_cut(
         assert reader.buffered == min(position, len(stream)) - sum(map(len, returned))
     assert returned == pdus
     assert reader.buffered == 0
+
+
+def test_a_peer_trickling_bytes_costs_no_object_per_read() -> None:
+    body = bytes(256 * 1024)
+    stream = pdu.pdata_header(1, False, True, len(body)) + body
+    reader = pdu.PduReader(max_pdata_length=1 << 20, max_associate_length=65536)
+    tracemalloc.start()
+    try:
+        for index in range(len(stream) - 1):
+            reader.feed(stream[index : index + 1])
+        held, _ = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    # One object per byte would be ~55 bytes each; merged reads cost about what they hold.
+    assert held < 3 * len(stream)
+    assert reader.buffered == len(stream) - 1
+    reader.feed(stream[-1:])
+    assert reader.next_pdu() == (pdu.P_DATA_TF, stream)

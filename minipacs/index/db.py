@@ -128,9 +128,12 @@ def write_turn(engine: Engine) -> Iterator[None]:
         return
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
     try:
-        # Waits with the GIL released; closing the descriptor releases the lock.
+        # Waits with the GIL released.
         fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
+        try:
+            yield
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
     finally:
         os.close(fd)
 

@@ -30,7 +30,7 @@ class DataSet:
         self.oversized = False
         # Views into the received PDUs (immutable bytes): kept as they are, not copied,
         # until the data set is joined or spilled.
-        self._chunks: list[memoryview] = []
+        self._chunks: list[memoryview | bytes] = []
         self._pending = 0
 
     @property
@@ -40,7 +40,11 @@ class DataSet:
 
     def append(self, data: memoryview) -> None:
         """Add one fragment (a view into a received PDU, which stays unchanged)."""
-        self._chunks.append(data)
+        if not data:
+            return
+        # A view keeps its whole PDU alive: only one that is most of it is kept as it is,
+        # so what is held stays within twice what size and the spill threshold count.
+        self._chunks.append(data if 2 * len(data) >= len(data.obj) else bytes(data))
         self.size += len(data)
         self._pending += len(data)
 

@@ -37,6 +37,8 @@ PDU_NAMES: Final = {
 }
 
 _HEADER = struct.Struct(">BxL")
+# Reads shorter than this, after the first held, are merged into one chunk (PduReader).
+_SMALL_READ = 65536
 _PDV_HEADER = struct.Struct(">LBB")
 _PDATA_HEADER = struct.Struct(">BxLLBB")
 _FIXED_LENGTH_PDUS: Final = {ASSOCIATE_RJ, RELEASE_RQ, RELEASE_RP, ABORT}
@@ -78,7 +80,9 @@ class PduReader:
     """Cuts a byte stream into whole PDUs, refusing any that announce more than a limit.
 
     Memory use is bounded by what actually arrives, never by what a header announces:
-    only received bytes are held and a PDU over the limit fails on its header.
+    only received bytes are held (small reads after the first merged into one chunk, so
+    a peer trickling bytes costs no object per read) and a PDU over the limit fails on
+    its header.
     """
 
     def __init__(self, max_pdata_length: int, max_associate_length: int) -> None:
@@ -88,7 +92,7 @@ class PduReader:
         # one read is returned as it is and one across reads is joined once, where
         # appending to a bytearray and cutting the PDU out of it copied every byte twice
         # (a CT image's 512 KiB, four times over with what follows).
-        self._chunks: deque[bytes] = deque()
+        self._chunks: deque[bytes | bytearray] = deque()
         # Bytes of the first chunk already returned, and bytes held after them.
         self._offset = 0
         self._size = 0
@@ -99,10 +103,20 @@ class PduReader:
         return self._size
 
     def feed(self, data: bytes) -> None:
-        """Append bytes received from the transport (kept: the caller must not reuse them)."""
-        if data:
-            self._chunks.append(data)
-            self._size += len(data)
+        """Append bytes received from the transport."""
+        if not data:
+            return
+        chunks = self._chunks
+        if chunks and len(data) < _SMALL_READ:
+            last = chunks[-1]
+            if type(last) is bytearray:
+                last += data
+            else:
+                chunks.append(bytearray(data))
+        else:
+            # Kept as it is: a buffer the transport might reuse is copied first.
+            chunks.append(data if type(data) is bytes else bytes(data))
+        self._size += len(data)
 
     def next_pdu(self) -> tuple[int, bytes] | None:
         """Return (type, whole PDU including header) when one is complete, else None."""
@@ -118,7 +132,7 @@ class PduReader:
         end = 6 + length
         if self._size < end:
             return None
-        if offset == 0 and len(first) == end:
+        if offset == 0 and len(first) == end and type(first) is bytes:
             # The usual case, one read = one PDU: no copy at all.
             self._chunks.popleft()
             self._size -= end
@@ -129,7 +143,7 @@ class PduReader:
         """The next `count` held bytes (there are that many), copied once; consumed if asked."""
         chunks = self._chunks
         offset = self._offset
-        parts: list[bytes | memoryview] = []
+        parts: list[memoryview] = []
         needed = count
         index = 0
         while True:
@@ -137,14 +151,17 @@ class PduReader:
             available = len(chunk) - offset
             if available >= needed:
                 end = offset + needed
-                # Within one chunk a slice is the one copy; across chunks the join is.
-                parts.append(memoryview(chunk)[offset:end] if parts else chunk[offset:end])
+                parts.append(memoryview(chunk)[offset:end])
                 break
             parts.append(memoryview(chunk)[offset:])
             needed -= available
             offset = 0
             index += 1
+        # The one copy: a slice within one chunk, the join across several.
         data = b"".join(parts) if index else bytes(parts[0])
+        for part in parts:
+            # A bytearray chunk still being appended to must not stay exported.
+            part.release()
         if consume:
             for _ in range(index):
                 chunks.popleft()
