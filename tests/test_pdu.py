@@ -156,3 +156,25 @@ def test_a_peer_trickling_bytes_costs_no_object_per_read() -> None:
     assert reader.buffered == len(stream) - 1
     reader.feed(stream[-1:])
     assert reader.next_pdu() == (pdu.P_DATA_TF, stream)
+
+
+def test_a_stream_of_small_reads_that_never_ends_on_a_pdu_holds_only_the_rest() -> None:
+    one = pdu.pdata_header(1, False, True, 94) + bytes(94)
+    stream = one * 3000
+    reader = _reader()
+    returned = 0
+    tracemalloc.start()
+    try:
+        # Each read ends one byte into the next PDU, so no read ever ends on a PDU.
+        reader.feed(stream[:1])
+        for start in range(1, len(stream), len(one)):
+            reader.feed(stream[start : start + len(one)])
+            while reader.next_pdu() is not None:
+                returned += 1
+            assert reader.buffered < len(one)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert returned == 3000
+    # What was taken from the merged chunk is let go, not kept in front of the rest.
+    assert peak < 16 * 1024

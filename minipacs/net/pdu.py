@@ -165,8 +165,13 @@ class PduReader:
         if consume:
             for _ in range(index):
                 chunks.popleft()
-            if end == len(chunks[0]):
+            first = chunks[0]
+            if end == len(first):
                 chunks.popleft()
+                end = 0
+            elif type(first) is bytearray:
+                # Still growing: what was taken must not stay held in front of it.
+                del first[:end]
                 end = 0
             self._offset = end
             self._size -= count
