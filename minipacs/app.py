@@ -320,6 +320,7 @@ async def serve(
             )
 
             async def exposition() -> bytes:
+                """The metrics text, made off the event loop."""
                 return await loop.run_in_executor(archive.query_executor, metrics.exposition)
 
             # Asked to stop during start-up: the port is never opened.

@@ -425,6 +425,7 @@ class Supervisor:
         """Ask every worker; None for one that is gone or does not answer in time."""
 
         async def one(worker: _Worker) -> Message | None:
+            """One worker's answer, or None."""
             try:
                 async with asyncio.timeout(_ASK_TIMEOUT):
                     return await worker.channel.request(op)

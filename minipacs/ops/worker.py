@@ -114,9 +114,10 @@ def worker_handler(
     requested: asyncio.Event,
     hurried: asyncio.Event,
 ) -> Callable[[Message], Awaitable[Message | None]]:
-    """How a worker answers the supervisor: metrics, readiness, stop."""
+    """How a worker answers the supervisor: ping, metrics, readiness, stop."""
 
     async def handle(message: Message) -> Message | None:
+        """The reply to one request from the supervisor (None for a notice)."""
         op = message.get("op")
         if op == "metrics":
             return {"text": (await exposition()).decode()}
