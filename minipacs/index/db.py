@@ -7,8 +7,7 @@ store's flush covers the database file (IndexWriter.durable_commits).
 from __future__ import annotations
 
 import contextlib
-import fcntl
-import os
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -17,11 +16,13 @@ from sqlalchemy import Connection, Engine, create_engine, event
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session
 
+from minipacs.lockfile import LockFile
+
 # Execution option that makes a SQLite transaction take the write lock when it begins.
 _IMMEDIATE = "minipacs_immediate"
 # Where write_engine keeps an engine's write engine.
 _WRITE_ENGINE = "_minipacs_write_engine"
-# Where share_writes keeps the lock file of an engine shared by several processes.
+# Where share_writes keeps the write lock of an engine shared by several processes.
 _WRITE_LOCK = "_minipacs_write_lock"
 
 
@@ -101,6 +102,11 @@ def write_engine(engine: Engine) -> Engine:
     return cached
 
 
+# One per database file and process, whatever the number of engines on it.
+_WRITE_LOCKS: dict[Path, LockFile] = {}
+_WRITE_LOCKS_GUARD = threading.Lock()
+
+
 def share_writes(engine: Engine) -> None:
     """Make this SQLite index's writers take turns with other processes' (worker mode).
 
@@ -110,32 +116,29 @@ def share_writes(engine: Engine) -> None:
     """
     database = make_url(engine.url).database
     if engine.dialect.name == "sqlite" and database and database != ":memory:":
-        engine.__dict__[_WRITE_LOCK] = Path(database + ".writelock")
+        path = Path(database + ".writelock")
+        with _WRITE_LOCKS_GUARD:
+            lock = _WRITE_LOCKS.get(path)
+            if lock is None:
+                lock = _WRITE_LOCKS[path] = LockFile(path)
+        engine.__dict__[_WRITE_LOCK] = lock
 
 
 def write_lock_path(engine: Engine) -> Path | None:
     """The lock file share_writes gave the engine, or None."""
-    path: Path | None = engine.__dict__.get(_WRITE_LOCK)
-    return path
+    lock: LockFile | None = engine.__dict__.get(_WRITE_LOCK)
+    return None if lock is None else lock.path
 
 
 @contextlib.contextmanager
 def write_turn(engine: Engine) -> Iterator[None]:
-    """Hold the engine's cross-process write lock (share_writes) around a transaction."""
-    path = write_lock_path(engine)
-    if path is None:
+    """Hold the engine's write lock (share_writes) around a transaction; else nothing."""
+    lock: LockFile | None = engine.__dict__.get(_WRITE_LOCK)
+    if lock is None:
         yield
         return
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
-    try:
-        # Waits with the GIL released.
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fd, fcntl.LOCK_UN)
-    finally:
-        os.close(fd)
+    with lock.held():
+        yield
 
 
 def write_session(engine: Engine) -> Session:

@@ -28,9 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import fcntl
 import logging
-import os
 import queue
 import threading
 import time
@@ -42,7 +40,7 @@ from sqlalchemy import Connection, Engine, insert, select
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
-from minipacs.index.db import write_engine, write_lock_path
+from minipacs.index.db import write_engine, write_turn
 from minipacs.index.fastpath import FastPath
 from minipacs.index.ingest import (
     DUPLICATE_POLICIES,
@@ -118,11 +116,6 @@ class IndexWriter:
         # Held by whichever thread commits on the writer's connection (see commit_alone).
         self._busy = threading.Lock()
         self._thread = threading.Thread(target=self._run, name="index-writer", daemon=True)
-        # Kept open: the hot path's turns cost a flock each, not an open and a close.
-        lock_path = write_lock_path(engine)
-        self._lock_fd: int | None = None
-        if lock_path is not None:
-            self._lock_fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
 
     def start(self) -> None:
         """Start the writer thread."""
@@ -231,21 +224,6 @@ class IndexWriter:
         with self._busy:
             self._commit_settled()
             self._drop_connection()
-        if self._lock_fd is not None:
-            os.close(self._lock_fd)
-
-    @contextlib.contextmanager
-    def _turn(self) -> Iterator[None]:
-        """This process's turn to write, among those sharing the index (else at once)."""
-        if self._lock_fd is None:
-            yield
-            return
-        # flock lets the GIL go while it waits; the kernel wakes the next in line.
-        fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
 
     @contextlib.contextmanager
     def _writing(self) -> Iterator[Session]:
@@ -320,7 +298,7 @@ class IndexWriter:
         if not tokens:
             return
         try:
-            with self._turn(), self._writing() as session:
+            with write_turn(self.engine), self._writing() as session:
                 drop_unsynced(session, tokens)
         except Exception as exc:
             # The listings stay; recovery finds their files whole and drops them.
@@ -334,7 +312,7 @@ class IndexWriter:
         # Taken once: every attempt below carries them, until one commits.
         settled = self._take_settled(riding=True)
         if fast is not None:
-            with self._turn():
+            with write_turn(self.engine):
                 outcomes = fast.commit(records, [job.unsynced for job in jobs], settled)
             if outcomes is not None:
                 self.commits += 1
@@ -342,7 +320,7 @@ class IndexWriter:
         attempt = 0
         while True:
             try:
-                with self._turn(), self._writing() as session:
+                with write_turn(self.engine), self._writing() as session:
                     outcomes = apply_records(session, records, self.duplicate_policy)
                     outcomes = _list_unsynced(session, jobs, outcomes)
                     drop_unsynced(session, settled)

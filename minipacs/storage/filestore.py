@@ -24,7 +24,6 @@ reindex picks up.
 import contextlib
 import dataclasses
 import errno
-import fcntl
 import itertools
 import logging
 import os
@@ -42,6 +41,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import BinaryIO
 
+from minipacs.lockfile import LockFile
 from minipacs.storage import groupflush
 from minipacs.storage.groupflush import GroupFlush
 from minipacs.storage.layout import SUFFIX
@@ -264,16 +264,11 @@ class FileStore:
         # Paths being stored by a thread of this process, and who waits for them.
         self._claims: set[str] = set()
         self._claims_cond = threading.Condition()
-        self._claim_fds: list[int] = []
-        self._slot_locks: list[threading.Lock] = []
+        self._claim_locks: list[LockFile] = []
         if shared_claims:
             locks = self.root / _LOCKS
             locks.mkdir(exist_ok=True)
-            flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC
-            self._claim_fds = [
-                os.open(locks / f"{i:02x}", flags, 0o666) for i in range(_CLAIM_SLOTS)
-            ]
-            self._slot_locks = [threading.Lock() for _ in range(_CLAIM_SLOTS)]
+            self._claim_locks = [LockFile(locks / f"{i:02x}") for i in range(_CLAIM_SLOTS)]
         # False once link(2) failed for want of hard links on this filesystem.
         self._links = True
         # Monotonic time until which the last passing free-space check stands.
@@ -411,8 +406,9 @@ class FileStore:
                 self._claims_cond.wait()
             self._claims.add(rel_path)
         try:
-            if self._claim_fds:
-                with self._shared_claim(rel_path):
+            if self._claim_locks:
+                slot = zlib.crc32(rel_path.encode()) % _CLAIM_SLOTS
+                with self._claim_locks[slot].held():
                     yield
             else:
                 yield
@@ -420,19 +416,6 @@ class FileStore:
             with self._claims_cond:
                 self._claims.remove(rel_path)
                 self._claims_cond.notify_all()
-
-    @contextlib.contextmanager
-    def _shared_claim(self, rel_path: str) -> Iterator[None]:
-        """flock the lock file of rel_path's slot, which other processes take for it too."""
-        slot = zlib.crc32(rel_path.encode()) % _CLAIM_SLOTS
-        fd = self._claim_fds[slot]
-        # One flock per open file: this process's threads take the slot in turn first.
-        with self._slot_locks[slot]:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(fd, fcntl.LOCK_UN)
 
     def make_durable(self, rel_path: str) -> None:
         """Flush a file already in place (perhaps another node's, still unflushed)."""
@@ -639,9 +622,9 @@ class FileStore:
             for seq in (self._journal_seq - 1, self._journal_seq):
                 if seq > 0:
                     self._journal_path(seq).unlink(missing_ok=True)
-        for fd in self._claim_fds:
-            os.close(fd)
-        self._claim_fds = []
+        for lock in self._claim_locks:
+            lock.close()
+        self._claim_locks = []
 
     def dead_journals(self) -> list[DeadJournal]:
         """Journals of writers that are no longer running, for the index to recover."""
