@@ -137,25 +137,24 @@ class Supervisor:
                 await ops.start(self.settings.metrics.host, self.settings.metrics.port)
             for index in range(self.settings.server.workers):
                 await self._start(index)
-            if not await self._first_start(requested):
-                return max(await self._stop(hurried), int(self._given_up.is_set()))
-            for sock in self._sockets:
-                sock.listen(1024)
-            self._accepting = [asyncio.create_task(self._accept(dicom, b"dicom"))]
-            if tls_sock is not None:
-                self._accepting.append(asyncio.create_task(self._accept(tls_sock, b"tls")))
-            log_event(
-                log,
-                "supervisor.started",
-                workers=len(self.workers),
-                pids=[w.process.pid for w in self.workers.values()],
-                port=dicom.getsockname()[1],
-            )
-            await _first(requested, self._given_up)
-            if self._given_up.is_set():
-                return max(await self._stop(hurried), 1)
-            log_event(log, "supervisor.signal", signal=stop.received[0].name)
-            return await self._stop(hurried)
+            if await self._first_start(requested):
+                for sock in self._sockets:
+                    sock.listen(1024)
+                self._accepting = [asyncio.create_task(self._accept(dicom, b"dicom"))]
+                if tls_sock is not None:
+                    self._accepting.append(asyncio.create_task(self._accept(tls_sock, b"tls")))
+                log_event(
+                    log,
+                    "supervisor.started",
+                    workers=len(self.workers),
+                    pids=[w.process.pid for w in self.workers.values()],
+                    port=dicom.getsockname()[1],
+                )
+                await _first(requested, self._given_up)
+                if not self._given_up.is_set():
+                    log_event(log, "supervisor.signal", signal=stop.received[0].name)
+            # A worker that could not be started makes the exit code 1 however they stop.
+            return max(await self._stop(hurried), int(self._given_up.is_set()))
         finally:
             for task in self._accepting:
                 task.cancel()
@@ -328,7 +327,7 @@ class Supervisor:
                 return
         pause = 0.0
         if lived < _YOUNG:
-            pause = min(_MAX_PAUSE, max(1.0, 2 * self._pauses.get(worker.index, 0.5)))
+            pause = _longer(self._pauses.get(worker.index, 0.5))
         self._pauses[worker.index] = pause
         _report(worker, "worker.died", exit_code=code, lived_s=round(lived, 1), restart_in_s=pause)
         while True:
@@ -346,7 +345,7 @@ class Supervisor:
                     return
                 await self._start(worker.index)
             except Exception as exc:  # the database or the store may be back in a while
-                pause = min(_MAX_PAUSE, max(1.0, 2 * pause))
+                pause = _longer(pause)
                 log_event(
                     log,
                     "worker.restart_failed",
@@ -457,6 +456,11 @@ class Supervisor:
             if answer.get("problem"):
                 return f"worker {index}: {answer['problem']}"
         return None
+
+
+def _longer(pause: float) -> float:
+    """The pause before the next restart: twice the last, from 1 s up to _MAX_PAUSE."""
+    return min(_MAX_PAUSE, max(1.0, 2 * pause))
 
 
 def _report(worker: _Worker, event: str, **fields: object) -> None:
