@@ -22,7 +22,7 @@ from minipacs.index import schema
 from minipacs.index import writer as writer_module
 from minipacs.index.db import make_engine, write_engine, write_session
 from minipacs.index.fastpath import FastPath
-from minipacs.index.fastpath_postgres import PostgresCommit
+from minipacs.index.fastpath_postgres import _PREPARED, PostgresCommit
 from minipacs.index.ingest import (
     IngestOutcome,
     InstanceRecord,
@@ -685,6 +685,22 @@ def test_postgresql_fast_path_commits_into_series_it_knows_in_one_query(
         assert one_query[-1] is False
         assert known_chains[ct.series_uid] != stale
         assert counts(engine)["series"] == 1
+        # The batches ran the statements prepared on the connection, not their text.
+        dbapi = connection.connection.dbapi_connection
+        held = dbapi.execute(
+            "SELECT name, generic_plans + custom_plans FROM pg_prepared_statements"
+            " WHERE name LIKE 'minipacs%'"
+        ).fetchall()
+        dbapi.rollback()
+        assert sorted(dict(held)) == sorted(_PREPARED)
+        assert dict(held)["minipacs_instances"] >= 5  # one per batch written, or more
+        # A session that lost them (DISCARD ALL) has them prepared again.
+        dbapi.autocommit = True
+        dbapi.execute("DISCARD ALL")
+        dbapi.autocommit = False
+        assert fast.commit([more(ct, 7)], [None], []) is not None
+        assert one_query[-1] is True
+        assert counts(engine)["instances"] == 2
     assert [r for r in caplog.records if r.levelno >= logging.WARNING] == []
     _consistent(engine)
 
