@@ -48,11 +48,19 @@ _COUNTS = {
 }
 
 
-def _prepared() -> dict[str, str]:
-    """The statements every batch runs, by prepared statement name: "(types) AS query"."""
+def _column_types() -> list[bytes]:
+    """The PostgreSQL array type of each instances column, in COLUMNS order."""
     table = Instance.__table__
     dialect = postgresql.dialect()
-    types = [f"{table.c[name].type.compile(dialect=dialect)}[]" for name in COLUMNS]
+    return [f"{table.c[name].type.compile(dialect=dialect)}[]".encode() for name in COLUMNS]
+
+
+_COLUMN_TYPES = _column_types()
+
+
+def _prepared() -> dict[str, str]:
+    """The statements every batch runs, by prepared statement name: "(types) AS query"."""
+    types = [t.decode() for t in _COLUMN_TYPES]
     n = len(COLUMNS)
     arrays = ", ".join(f"${i}" for i in range(1, n + 1))
     chains = ", ".join(f"${i}" for i in range(n + 1, n + 5))
@@ -177,9 +185,18 @@ class PostgresCommit:
             cursor.execute("; ".join(missing).encode())
         self._prepared = True
 
-    def _execute(self, name: str, *arguments: Any) -> bytes:
-        """EXECUTE of a prepared statement, its arguments quoted in."""
-        return b"EXECUTE %s(%s)" % (name.encode(), b", ".join(map(self._literal, arguments)))
+    @staticmethod
+    def _execute(name: str, *arguments: bytes) -> bytes:
+        """EXECUTE of a prepared statement with arguments already quoted."""
+        return b"EXECUTE %s(%s)" % (name.encode(), b", ".join(arguments))
+
+    def _array(self, values: Sequence[Any], array_type: bytes) -> bytes:
+        """An ARRAY constructor of quoted values, cast to `array_type`.
+
+        psycopg quotes a list as one array literal, escaped twice (array, then string):
+        ~10 times the cost of quoting its values, 35 us for a 3 KB header alone.
+        """
+        return b"ARRAY[%s]::%s" % (b", ".join(map(self._literal, values)), array_type)
 
     def _lock_statement(self, sop_uids: Sequence[str]) -> bytes:
         """BEGIN, then the advisory locks of the batch's instances in a statement of its own.
@@ -187,7 +204,8 @@ class PostgresCommit:
         First, as in ingest._lock_instances: the statements after it then see what a writer
         of the same instances committed before.
         """
-        return b"BEGIN; " + self._execute("minipacs_lock", sorted({lock_key(u) for u in sop_uids}))
+        keys = sorted({lock_key(uid) for uid in sop_uids})
+        return b"BEGIN; " + self._execute("minipacs_lock", self._array(keys, b"bigint[]"))
 
     def _remember(self, chain_rows: Sequence[tuple[Any, ...]]) -> None:
         """Keep the chains a lookup found, for later batches into the same series."""
@@ -229,26 +247,30 @@ class PostgresCommit:
         `chains` are (series UID, series, study, patient): the insert raises
         division_by_zero unless every row went in and every chain is in the index.
         """
-        columns = [list(values) for values in zip(*plan.rows, strict=True)]
-        uids, series, studies, patients = ([*values] for values in zip(*chains, strict=True))
-        execute = self._execute
-        statements = [execute("minipacs_instances", *columns, series, uids, studies, patients)]
+        array, execute, literal = self._array, self._execute, self._literal
+        columns = map(array, zip(*plan.rows, strict=True), _COLUMN_TYPES)
+        uids, series, studies, patients = zip(*chains, strict=True)
+        ids = [array(series, b"bigint[]"), array(uids, b"text[]")]
+        ids += [array(studies, b"bigint[]"), array(patients, b"bigint[]")]
+        statements = [execute("minipacs_instances", *columns, *ids)]
         for level in LEVELS:
             added = dict(plan.counts[level])
             grown = plan.grown.get(level, {})
             for row_id in sorted(added.keys() | grown.keys()):
                 changes = grown.get(row_id, {})
                 deltas = [added.get(row_id, 0), *(changes.get(c, 0) for c in _COUNTS[level][1:])]
-                statements.append(execute(f"minipacs_count_{level}", row_id, *deltas))
+                statements.append(
+                    execute(f"minipacs_count_{level}", *map(literal, [row_id, *deltas]))
+                )
                 if level == "studies" and changes.get("num_series"):
                     # A study with a new series: after its UPDATE, holding its row lock
                     # (ingest._Pending.flush).
                     statements.append(recompute_modalities_sql(row_id).encode())
         if plan.listed:
-            tokens, paths, sop_uids = ([*values] for values in zip(*plan.listed, strict=True))
-            statements.append(execute("minipacs_list", tokens, paths, sop_uids, self._writer))
+            listed = [array(values, b"text[]") for values in zip(*plan.listed, strict=True)]
+            statements.append(execute("minipacs_list", *listed, literal(self._writer)))
         if settled:
-            statements.append(execute("minipacs_settle", list(settled)))
+            statements.append(execute("minipacs_settle", array(settled, b"text[]")))
         return statements
 
     def _create_chains(
