@@ -50,6 +50,23 @@ def test_pattern_indexes_exist_on_postgresql(db_url: str) -> None:
     assert "varchar_pattern_ops" in definition
 
 
+def test_postgresql_compresses_headers_with_lz4(db_url: str) -> None:
+    if not db_url.startswith("postgresql"):
+        pytest.skip("SQLite compresses nothing")
+    engine = make_engine(db_url)
+    try:
+        with engine.connect() as connection:
+            method = connection.scalar(
+                text(
+                    "SELECT attcompression FROM pg_attribute"
+                    " WHERE attrelid = 'instances'::regclass AND attname = 'header'"
+                )
+            )
+    finally:
+        engine.dispose()
+    assert method == "l"
+
+
 def test_sqlite_engine_is_durable_and_strict(tmp_path: Path) -> None:
     engine = make_engine(f"sqlite:///{tmp_path / 'sub' / 'index.sqlite'}")
     try:
