@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 from sqlalchemy import inspect, text
+from sqlalchemy.exc import DBAPIError
 
 from minipacs.index import schema
 from minipacs.index.db import make_engine, normalise_url
@@ -56,6 +57,11 @@ def test_postgresql_compresses_headers_with_lz4(db_url: str) -> None:
     engine = make_engine(db_url)
     try:
         with engine.connect() as connection:
+            try:
+                with connection.begin():
+                    connection.execute(text("SET LOCAL default_toast_compression = 'lz4'"))
+            except DBAPIError:
+                pytest.skip("this PostgreSQL has no lz4: the migration leaves pglz")
             method = connection.scalar(
                 text(
                     "SELECT attcompression FROM pg_attribute"

@@ -25,17 +25,29 @@ def upgrade() -> None:
     """Set lz4 on instances.header (PostgreSQL 14+ built with lz4; elsewhere nothing)."""
     if op.get_bind().dialect.name != "postgresql":
         return
-    # A server without lz4 refuses with feature_not_supported: pglz stays, as before.
+    # The ALTER locks the table for a moment, but waits behind any long reader, and
+    # everything else would queue behind it: better to fail and be run again.
+    op.execute("SET LOCAL lock_timeout = '10s'")
+    # Before 14 there is no SET COMPRESSION; a server without lz4 refuses with
+    # feature_not_supported. Either way pglz stays, as before.
     op.execute(
         "DO $$ BEGIN"
+        " IF current_setting('server_version_num')::int >= 140000 THEN"
         " ALTER TABLE instances ALTER COLUMN header SET COMPRESSION lz4;"
+        " END IF;"
         " EXCEPTION WHEN feature_not_supported THEN"
         " RAISE NOTICE 'no lz4 in this PostgreSQL: instance headers stay pglz';"
         " END $$"
     )
+    op.execute("SET LOCAL lock_timeout = DEFAULT")
 
 
 def downgrade() -> None:
-    """Back to the server's default compression (PostgreSQL)."""
+    """Back to the server's default compression (PostgreSQL 14+)."""
     if op.get_bind().dialect.name == "postgresql":
-        op.execute("ALTER TABLE instances ALTER COLUMN header SET COMPRESSION DEFAULT")
+        op.execute(
+            "DO $$ BEGIN"
+            " IF current_setting('server_version_num')::int >= 140000 THEN"
+            " ALTER TABLE instances ALTER COLUMN header SET COMPRESSION DEFAULT;"
+            " END IF; END $$"
+        )

@@ -12,19 +12,23 @@ The statements every batch runs are prepared once per connection (PREPARE, then 
 with literal arguments in the same simple queries), a batch's rows as one array per
 column: PostgreSQL then parses and plans each once, not once per commit. Planning alone
 was ~0.2 ms of the ~0.5 ms PostgreSQL spent per one-instance commit (pg_stat_statements).
-A server that forgets them (DISCARD ALL) has them prepared again and the batch retried;
-psycopg's own automatic prepares, which would DEALLOCATE ALL at every rollback, are off
-on this connection.
+A session that lost them (DISCARD ALL; psycopg's DEALLOCATE ALL at a rollback, once it
+has prepared statements of its own) has them prepared again and the batch retried.
+Behind a transaction-mode pooler, where PREPARE and EXECUTE may reach different server
+sessions, every batch falls back to the ORM path: connect minipacs to PostgreSQL or to
+a session-mode pool.
 """
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable, Sequence
 from typing import Any
 
 from psycopg import errors as pg_errors
 from psycopg.adapt import Transformer
 from psycopg.pq import TransactionStatus
+from sqlalchemy import String
 from sqlalchemy.dialects import postgresql
 
 from minipacs.index.fastplan import CHAINS, COLUMNS, LEVELS, Batch, Plan, plan_batch
@@ -52,45 +56,53 @@ def _column_types() -> list[bytes]:
     """The PostgreSQL array type of each instances column, in COLUMNS order."""
     table = Instance.__table__
     dialect = postgresql.dialect()
-    return [f"{table.c[name].type.compile(dialect=dialect)}[]".encode() for name in COLUMNS]
+    # Strings unbounded: a cast to varchar(n)[] would cut a longer value short, where
+    # the column refuses it (value too long), as on the ORM path.
+    types = [String() if isinstance(c.type, String) else c.type for c in table.c]
+    by_name = dict(zip(table.c.keys(), types, strict=True))
+    return [f"{by_name[name].compile(dialect=dialect)}[]".encode() for name in COLUMNS]
 
 
 _COLUMN_TYPES = _column_types()
 
 
-def _prepared() -> dict[str, str]:
-    """The statements every batch runs, by prepared statement name: "(types) AS query"."""
+def _statements() -> dict[str, str]:
+    """The statements every batch runs, by what they do: "(types) AS query"."""
     types = [t.decode() for t in _COLUMN_TYPES]
     n = len(COLUMNS)
     arrays = ", ".join(f"${i}" for i in range(1, n + 1))
     chains = ", ".join(f"${i}" for i in range(n + 1, n + 5))
     statements = {
-        "minipacs_lock": "(bigint[]) AS SELECT pg_advisory_xact_lock(k)"
-        " FROM unnest($1) AS t(k) ORDER BY k",
+        "lock": "(bigint[]) AS SELECT pg_advisory_xact_lock(k) FROM unnest($1) AS t(k) ORDER BY k",
         # Every row goes in and every (series, series UID, study, patient) chain is the
         # index's, or a division by zero aborts the transaction (_commit_known).
-        "minipacs_instances": f"({', '.join(types)}, bigint[], text[], bigint[], bigint[]) AS"
+        "instances": f"({', '.join(types)}, bigint[], text[], bigint[], bigint[]) AS"
         f" WITH ins AS (INSERT INTO instances ({', '.join(COLUMNS)}) SELECT * FROM"
         f" unnest({arrays}) ON CONFLICT (sop_uid) DO NOTHING RETURNING 1)"
         " SELECT 1 / (count(*) / cardinality($1)) / ((SELECT count(*) FROM series"
         " JOIN studies ON studies.id = series.study_fk WHERE (series.id, series.series_uid,"
         f" series.study_fk, studies.patient_fk) IN (SELECT * FROM unnest({chains})))"
         f" / cardinality(${n + 1})) FROM ins",
-        "minipacs_list": "(text[], text[], text[], text) AS INSERT INTO unsynced_files"
+        "list": "(text[], text[], text[], text) AS INSERT INTO unsynced_files"
         " (token, rel_path, sop_uid, writer) SELECT token, rel_path, sop_uid, $4"
         " FROM unnest($1, $2, $3) AS u(token, rel_path, sop_uid)",
-        "minipacs_settle": "(text[]) AS DELETE FROM unsynced_files WHERE token = ANY($1)",
+        "settle": "(text[]) AS DELETE FROM unsynced_files WHERE token = ANY($1)",
     }
     for level, columns in _COUNTS.items():
         sets = ", ".join(f"{c} = {c} + ${i}" for i, c in enumerate(columns, start=2))
         arguments = ", ".join(["bigint", *["integer"] * len(columns)])
-        statements[f"minipacs_count_{level}"] = (
-            f"({arguments}) AS UPDATE {level} SET {sets} WHERE id = $1"
-        )
+        statements[f"count_{level}"] = f"({arguments}) AS UPDATE {level} SET {sets} WHERE id = $1"
     return statements
 
 
-_PREPARED = _prepared()
+# Named after their text too: a session holding another version's statement of the same
+# kind (a pooled session that outlived an upgrade) prepares this one beside it.
+_STATEMENTS = _statements()
+_NAMES = {
+    kind: f"minipacs_{kind}_{hashlib.sha1(text.encode()).hexdigest()[:10]}"
+    for kind, text in _STATEMENTS.items()
+}
+_PREPARED = {_NAMES[kind]: text for kind, text in _STATEMENTS.items()}
 
 
 def _next_result(cursor: Any) -> None:
@@ -105,9 +117,6 @@ class PostgresCommit:
     def __init__(self, dbapi: Any, writer: str) -> None:
         """Use a psycopg connection; `writer` names unsynced rows."""
         self._dbapi = dbapi
-        # psycopg's own prepared statements (made after 5 runs of an ORM query) would have
-        # it send DEALLOCATE ALL at the next ROLLBACK, and ours would go with them.
-        dbapi.prepare_threshold = None
         self._writer = writer
         # psycopg's own dumpers quote every value, for the connection's encoding.
         self._literal: Callable[[Any], bytes] = Transformer(dbapi).as_literal
@@ -186,9 +195,9 @@ class PostgresCommit:
         self._prepared = True
 
     @staticmethod
-    def _execute(name: str, *arguments: bytes) -> bytes:
-        """EXECUTE of a prepared statement with arguments already quoted."""
-        return b"EXECUTE %s(%s)" % (name.encode(), b", ".join(arguments))
+    def _execute(kind: str, *arguments: bytes) -> bytes:
+        """EXECUTE of a prepared statement (by _NAMES kind) with arguments already quoted."""
+        return b"EXECUTE %s(%s)" % (_NAMES[kind].encode(), b", ".join(arguments))
 
     def _array(self, values: Sequence[Any], array_type: bytes) -> bytes:
         """An ARRAY constructor of quoted values, cast to `array_type`.
@@ -205,7 +214,7 @@ class PostgresCommit:
         of the same instances committed before.
         """
         keys = sorted({lock_key(uid) for uid in sop_uids})
-        return b"BEGIN; " + self._execute("minipacs_lock", self._array(keys, b"bigint[]"))
+        return b"BEGIN; " + self._execute("lock", self._array(keys, b"bigint[]"))
 
     def _remember(self, chain_rows: Sequence[tuple[Any, ...]]) -> None:
         """Keep the chains a lookup found, for later batches into the same series."""
@@ -252,25 +261,23 @@ class PostgresCommit:
         uids, series, studies, patients = zip(*chains, strict=True)
         ids = [array(series, b"bigint[]"), array(uids, b"text[]")]
         ids += [array(studies, b"bigint[]"), array(patients, b"bigint[]")]
-        statements = [execute("minipacs_instances", *columns, *ids)]
+        statements = [execute("instances", *columns, *ids)]
         for level in LEVELS:
             added = dict(plan.counts[level])
             grown = plan.grown.get(level, {})
             for row_id in sorted(added.keys() | grown.keys()):
                 changes = grown.get(row_id, {})
                 deltas = [added.get(row_id, 0), *(changes.get(c, 0) for c in _COUNTS[level][1:])]
-                statements.append(
-                    execute(f"minipacs_count_{level}", *map(literal, [row_id, *deltas]))
-                )
+                statements.append(execute(f"count_{level}", *map(literal, [row_id, *deltas])))
                 if level == "studies" and changes.get("num_series"):
                     # A study with a new series: after its UPDATE, holding its row lock
                     # (ingest._Pending.flush).
                     statements.append(recompute_modalities_sql(row_id).encode())
         if plan.listed:
             listed = [array(values, b"text[]") for values in zip(*plan.listed, strict=True)]
-            statements.append(execute("minipacs_list", *listed, literal(self._writer)))
+            statements.append(execute("list", *listed, literal(self._writer)))
         if settled:
-            statements.append(execute("minipacs_settle", array(settled, b"text[]")))
+            statements.append(execute("settle", array(settled, b"text[]")))
         return statements
 
     def _create_chains(

@@ -146,7 +146,7 @@ class Instance(Base):
     # Specific Character Set (0008,0005) as sent; the text columns are already decoded.
     charset: Mapped[str] = mapped_column(String(128), default="")
     # None when the header was too long to copy (records.HEADER_MAX): the file has it.
-    # PostgreSQL compresses it with lz4 (migration 0003).
+    # PostgreSQL compresses it with lz4 where the server has it (migration 0003).
     header: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)
 
 
