@@ -94,7 +94,9 @@ def server_config(settings: Settings) -> ServerConfig:
         max_associations=server.max_associations,
         max_associations_per_ae=server.max_associations_per_ae,
         associations_per_minute=server.associations_per_minute,
-        max_pending_connections=server.max_pending_connections,
+        # Each worker holds its share: the supervisor spreads connections evenly, so the
+        # node as a whole holds about max_pending_connections, as one process would.
+        max_pending_connections=-(-server.max_pending_connections // server.workers),
         tls_port=settings.tls.port,
         ssl_context=tls_server_context(settings),
         limits=Limits(

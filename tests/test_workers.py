@@ -192,6 +192,30 @@ def test_association_limit_counts_the_associations_of_every_worker(tmp_path: Pat
         assert process.stop() == 0
 
 
+def test_the_pending_connection_limit_holds_for_the_node(tmp_path: Path) -> None:
+    # Six silent connections against a node-wide limit of four, over two workers: each
+    # worker closes the oldest beyond its share, so two are closed, not none.
+    env = {"MINIPACS_SERVER_WORKERS": "2", "MINIPACS_SERVER_MAX_PENDING_CONNECTIONS": "4"}
+    process = start_minipacs(tmp_path, env)
+    silent = []
+    try:
+        for _ in range(6):
+            silent.append(socket.create_connection(("127.0.0.1", process.port), TIMEOUT))
+            time.sleep(0.05)  # the supervisor hands each on before the next
+        closed = 0
+        for connection in silent:
+            connection.settimeout(1.0)
+            with contextlib.suppress(TimeoutError):
+                closed += connection.recv(1) == b""
+        assert closed == 2
+        assert len(_events(process, "connection.dropped")) == 2
+        assert echoscu(process.port) == 0
+    finally:
+        for connection in silent:
+            connection.close()
+        assert process.stop() == 0
+
+
 def test_a_killed_worker_is_restarted_and_nothing_acknowledged_is_lost(tmp_path: Path) -> None:
     env = {"MINIPACS_SERVER_WORKERS": "2", "MINIPACS_STORAGE_MIN_FREE_BYTES": "0"}
     process = start_minipacs(tmp_path, env)
