@@ -10,12 +10,15 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import errno
+import fcntl
+import os
 import subprocess
 import sys
 import textwrap
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import pydicom
 import pytest
@@ -26,8 +29,9 @@ from sqlalchemy.orm import Session
 
 from minipacs.app import build_server, open_archive
 from minipacs.config import Settings, load_settings
+from minipacs.index import recover as recover_module
 from minipacs.index import schema
-from minipacs.index.db import make_engine
+from minipacs.index.db import make_engine, share_writes, write_lock_path
 from minipacs.index.fastpath import FastPath
 from minipacs.index.models import Instance, Series, Study, UnsyncedFile
 from minipacs.index.records import InstanceRecord
@@ -52,6 +56,7 @@ WRITER = """
 import asyncio, os, sys, secrets
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 from minipacs.dataset import read_part10
 from minipacs.index.db import make_engine
 from minipacs.index.records import INDEXED_TAGS, record_from_dataset
@@ -132,6 +137,42 @@ def test_power_loss_before_the_flush_withdraws_rows_whose_file_is_short_or_gone(
         assert session.scalar(select(func.count()).select_from(Series)) == 1
     assert list(store.iter_files()) == [whole]
     assert recover(store, engine).withdrawn == []
+
+
+def test_recovery_reads_a_file_outside_the_shared_write_turn(
+    tmp_path: Path, db_url: str, engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Worker mode: other workers commit while one recovers what a dead one left, and
+    # their turns must not wait for a walk of the file.
+    if not db_url.startswith("sqlite"):
+        pytest.skip("only SQLite writers take turns")
+    share_writes(engine)
+    store = FileStore(tmp_path / "store", tmp_path / "spool", 0, fsync=False)
+    _store_and_die(tmp_path, db_url, CT)
+    lock_path = write_lock_path(engine)
+    assert lock_path is not None
+    probe = os.open(lock_path, os.O_RDWR)
+    turn_free: list[bool] = []
+    real = recover_module._is_whole
+
+    def is_whole(*args: Any) -> bool | None:
+        try:
+            fcntl.flock(probe, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            turn_free.append(False)
+        else:
+            fcntl.flock(probe, fcntl.LOCK_UN)
+            turn_free.append(True)
+        return real(*args)
+
+    monkeypatch.setattr(recover_module, "_is_whole", is_whole)
+    try:
+        report = recover(store, engine)
+    finally:
+        os.close(probe)
+    assert report.withdrawn == []
+    assert turn_free == [True]
+    assert _counts(engine) == (1, 1, 0)
 
 
 def test_listings_of_live_writers_and_other_hosts_are_left_alone(

@@ -78,17 +78,31 @@ def _is_whole(store: FileStore, rel_path: str, size: int) -> bool | None:
     return True
 
 
-def _settle_unsynced(session: Session, store: FileStore, row: UnsyncedFile) -> bool | None:
-    """Keep or withdraw one unsynced row in the session; True if its file must go.
-
-    None leaves the listing for a later start: its file could not be read.
-    """
-    size = session.scalar(
+def _recorded_size(session: Session, row: UnsyncedFile) -> int | None:
+    """The size the index records for an unsynced row's instance; None if it has none."""
+    return session.scalar(
         select(Instance.size).where(
             Instance.sop_uid == row.sop_uid, Instance.rel_path == row.rel_path
         )
     )
-    whole = True if size is None else _is_whole(store, row.rel_path, size)
+
+
+def _whole(store: FileStore, row: UnsyncedFile, size: int | None) -> bool | None:
+    """_is_whole for a row's file; True when the index holds no row for it any more."""
+    return True if size is None else _is_whole(store, row.rel_path, size)
+
+
+def _settle_unsynced(
+    session: Session, store: FileStore, row: UnsyncedFile, checked: tuple[int | None, bool | None]
+) -> bool | None:
+    """Keep or withdraw one unsynced row in the session; True if its file must go.
+
+    `checked` is (size, whole) as read before the write turn; the file is read again only
+    if the recorded size changed since. None leaves the listing for a later start: its
+    file could not be read.
+    """
+    size = _recorded_size(session, row)
+    whole = checked[1] if size == checked[0] else _whole(store, row, size)
     if whole is None:
         return None
     drop_unsynced(session, [row.token])
@@ -107,8 +121,13 @@ def _recover_unsynced(store: FileStore, engine: Engine, report: RecoveryReport) 
         report.checked += 1
         # Live workers of this node may be storing the same instance (a sender's retry).
         with store.claim(row.rel_path):
+            # The file is read before the write turn: the other workers' commits wait for
+            # the turn, and should not wait for a walk of the file too.
+            with Session(engine) as session:
+                size = _recorded_size(session, row)
+            checked = (size, _whole(store, row, size))
             with write_turn(engine), write_session(engine) as session, session.begin():
-                remove = _settle_unsynced(session, store, row)
+                remove = _settle_unsynced(session, store, row, checked)
             if remove:
                 store.remove(row.rel_path)
         if remove is None:
