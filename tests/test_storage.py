@@ -21,6 +21,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, JPEGBaseline8Bit
 
 from minipacs.storage import filestore
+from minipacs.storage import spares as spares_module
 from minipacs.storage.filestore import FileStore, OutOfSpace
 from minipacs.storage.layout import instance_path
 from minipacs.storage.meta import (
@@ -291,6 +292,79 @@ def test_cleanup_temp_spares_live_writers(tmp_path: Path) -> None:
     assert store.cleanup_temp() == 3
     assert sorted(p.name for p in tmp.iterdir()) == sorted([own.name, other_node.name])
     assert [p.name for p in (tmp_path / "spool").iterdir()] == [new_spool.name]
+
+
+def _write_ct(store: FileStore) -> str:
+    """Write CT_small.dcm into the store; its relative path."""
+    source = Path(get_testdata_file("CT_small.dcm"))
+    ds = pydicom.dcmread(source)
+    raw = source.read_bytes()
+    body = raw[132 + 12 + int.from_bytes(raw[140:144], "little") :]
+    rel = instance_path(ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID)
+    meta = encode_file_meta(ds.SOPClassUID, ds.SOPInstanceUID, ds.file_meta.TransferSyntaxUID, "")
+    store.write_instance(rel, meta, body)
+    return rel
+
+
+def test_stores_write_into_spares_made_ahead(tmp_path: Path) -> None:
+    store = FileStore(tmp_path / "store", tmp_path / "spool", 0, spares=16)
+    spares = tmp_path / "store" / ".spare"
+    assert store.wants_spares()
+    store.refill_spares()
+    assert not store.wants_spares()
+    made = {p.stat().st_ino for p in spares.iterdir()}
+    assert len(made) == 16
+    rel = _write_ct(store)
+    # The instance is one of the spares, renamed into place; nothing else was made.
+    assert store.path(rel).stat().st_ino in made
+    assert pydicom.dcmread(store.path(rel)).Modality == "CT"
+    assert len(list(spares.iterdir())) == 15
+    assert list((tmp_path / "store" / ".tmp").iterdir()) == []
+    # Fewer than an eighth left: a batch is wanted again.
+    assert store._spares is not None
+    for _ in range(14):
+        taken = store._spares.take()
+        assert taken is not None
+        os.close(taken[1])
+        os.unlink(taken[0])
+    assert store.wants_spares()
+    store.close()
+    assert list(spares.iterdir()) == []
+
+
+def test_a_spare_gone_or_left_too_long_is_not_taken(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Another node's cleanup may remove a spare that waited long (its age limit).
+    numbers = iter(range(100))
+
+    def make() -> str:
+        path = tmp_path / f"{next(numbers)}.part"
+        path.write_bytes(b"")
+        return str(path)
+
+    spares = spares_module.Spares(make, keep=3)
+    spares.refill()
+    (tmp_path / "0.part").unlink()
+    taken = spares.take()
+    assert taken is not None and taken[0].endswith("1.part")
+    os.write(taken[1], b"written")
+    os.close(taken[1])
+    monkeypatch.setattr(spares_module, "MAX_AGE", 0.0)
+    assert spares.take() is None
+    assert [p.name for p in tmp_path.iterdir()] == ["1.part"]
+    assert (tmp_path / "1.part").read_bytes() == b"written"
+
+
+def test_cleanup_removes_the_spares_of_dead_writers(tmp_path: Path) -> None:
+    spares = tmp_path / "store" / ".spare"
+    store = _store(tmp_path)
+    own = spares / f"{filestore.WRITER_ID}~1.part"
+    dead = spares / f"{filestore.HOST}~{os.getpid()}~00000000~2.part"
+    for path in (own, dead):
+        path.write_bytes(b"")
+    assert store.cleanup_temp() == 1
+    assert [p.name for p in spares.iterdir()] == [own.name]
 
 
 def test_ensure_free_space(tmp_path: Path) -> None:

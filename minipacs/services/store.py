@@ -126,6 +126,9 @@ class StoreService:
         finally:
             self._in_flight -= 1
         await operation.respond(status, error_comment=comment)
+        if self._in_flight == 0 and self.store.wants_spares():
+            # While the sender sends its next: not while a store's flush waits for it.
+            self.executor.submit(self.store.refill_spares)
 
     def _store(self, operation: Operation) -> tuple[int, str | None]:
         """Write, flush and index one instance (blocking); return (status, Error Comment)."""
