@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import ssl
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -96,9 +97,10 @@ def server_config(settings: Settings) -> ServerConfig:
         max_associations=server.max_associations,
         max_associations_per_ae=server.max_associations_per_ae,
         associations_per_minute=server.associations_per_minute,
-        # Each worker holds its share: the supervisor spreads connections evenly, so the
-        # node as a whole holds about max_pending_connections, as one process would.
-        max_pending_connections=-(-server.max_pending_connections // server.workers),
+        # Each worker holds its share, at least one: with its workers evenly loaded the node
+        # holds about max_pending_connections, as one process would, and fewer otherwise
+        # (the supervisor hands connections to the worker with the fewest open).
+        max_pending_connections=math.ceil(server.max_pending_connections / server.workers),
         tls_port=settings.tls.port,
         ssl_context=tls_server_context(settings),
         limits=Limits(

@@ -56,7 +56,6 @@ WRITER = """
 import asyncio, os, sys, secrets
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
 from minipacs.dataset import read_part10
 from minipacs.index.db import make_engine
 from minipacs.index.records import INDEXED_TAGS, record_from_dataset

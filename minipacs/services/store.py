@@ -126,8 +126,8 @@ class StoreService:
         finally:
             self._in_flight -= 1
         await operation.respond(status, error_comment=comment)
-        if self._in_flight == 0 and self.store.wants_spares():
-            # While the sender sends its next: not while a store's flush waits for it.
+        if self._in_flight == 0 and self.store.spares_due():
+            # Started while the sender sends its next store, not during a store's flush.
             self.executor.submit(self.store.refill_spares)
 
     def _store(self, operation: Operation) -> tuple[int, str | None]:

@@ -563,7 +563,7 @@ class FileStore:
     def _write_temp(
         self, preamble_and_meta: bytes, dataset_source: DatasetSource
     ) -> tuple[str, int, int]:
-        """Write a new temp file; return its path, its open descriptor and its size."""
+        """Write a temp file (a spare, or one made now); return path, open descriptor, size."""
         spare = None if self._spares is None else self._spares.take()
         tmp, fd = spare or _new_temp(self._tmp_prefix)
         try:
@@ -579,9 +579,9 @@ class FileStore:
             raise
         return tmp, fd, size
 
-    def wants_spares(self) -> bool:
-        """Whether refill_spares has files to make."""
-        return self._spares is not None and self._spares.wanted()
+    def spares_due(self) -> bool:
+        """Whether refill_spares should run now: True once, until it has (storage.spares)."""
+        return self._spares is not None and self._spares.batch_due()
 
     def refill_spares(self) -> None:
         """Make the empty files stores write into (storage.spares; blocking)."""
@@ -641,7 +641,7 @@ class FileStore:
             self._journal_path(self._journal_seq - 2).unlink(missing_ok=True)
 
     def close(self) -> None:
-        """Release the journal at a clean stop: everything written has been settled."""
+        """Release the journal and remove the spares at a clean stop (all is settled)."""
         if self._spares is not None:
             self._spares.close()
             self._spares = None

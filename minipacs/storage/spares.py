@@ -9,24 +9,30 @@ One association of small instances right after such deletions stored 1000 instan
 
 Made one at a time, between stores or by a thread of their own, spares gained nothing:
 each store's flush (a syncfs, which waits for every open journal handle) then met a file
-being made. So they are made many at once, when few are left and no store is in flight
-(StoreService): one batch meets a few flushes, the stores after it none. Only names are
-kept, not descriptors: opening an existing file allocates nothing. A spare left unused
-for long is not used: another node's cleanup may have taken it for a dead writer's
-leftover (filestore.STALE_SECONDS).
+being made. So they are made many at once, in a batch started when few are left and no
+store is in flight (StoreService), one batch at a time: it meets a few flushes, the
+stores after it none. Only names are kept, not descriptors: opening an existing file
+allocates nothing. Another node's cleanup takes temp files untouched for an hour for a
+dead writer's (filestore.STALE_SECONDS), so a spare that waited long is touched before
+it is written into rather than removed, which would free inodes again.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import threading
 import time
 from collections import deque
 from collections.abc import Callable
 
-# Seconds a spare may wait to be taken; older ones are removed instead.
-MAX_AGE = 600.0
+log = logging.getLogger("minipacs.store")
+
+# Seconds after which a spare is touched before it is used (well below STALE_SECONDS).
+TOUCH_AFTER = 600.0
+# Seconds without a batch after one failed (a full disk, an unwritable folder).
+_FAILED_PAUSE = 60.0
 
 
 class Spares:
@@ -37,9 +43,13 @@ class Spares:
         self._make = make
         self._keep = keep
         self._low = max(1, keep // 8)
-        # (made at, path), oldest first; deque ends are thread-safe.
+        # (made or touched at, path), oldest first; deque ends are thread-safe.
         self._ready: deque[tuple[float, str]] = deque()
-        self._refilling = threading.Lock()
+        self._lock = threading.Lock()
+        # A batch is due or being made; then no other is asked for.
+        self._queued = False
+        self._closed = False
+        self._failed_at = -_FAILED_PAUSE
 
     def take(self) -> tuple[str, int] | None:
         """A spare's path and a descriptor open for writing; None when none is ready."""
@@ -48,29 +58,47 @@ class Spares:
                 made, path = self._ready.popleft()
             except IndexError:
                 return None
-            if time.monotonic() - made < MAX_AGE:
-                try:
-                    return path, os.open(path, os.O_WRONLY | os.O_CLOEXEC)
-                except OSError:
-                    continue  # gone after all: the store makes its own file
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(path)
+            try:
+                if time.time() - made >= TOUCH_AFTER:
+                    os.utime(path)
+                return path, os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+            except FileNotFoundError:
+                continue  # removed after all: the next one
+            except OSError:
+                # Out of descriptors, say: the store's own file would fail the same way.
+                self._ready.appendleft((made, path))
+                return None
 
-    def wanted(self) -> bool:
-        """Whether refill() would make a batch now."""
-        return len(self._ready) < self._low
+    def batch_due(self) -> bool:
+        """Whether a refill should be run now; True once, until that refill has run."""
+        with self._lock:
+            due = (
+                not self._queued
+                and not self._closed
+                and len(self._ready) < self._low
+                and time.monotonic() - self._failed_at >= _FAILED_PAUSE
+            )
+            self._queued = self._queued or due
+            return due
 
     def refill(self) -> None:
-        """Make spares until `keep` are ready (blocking); an OSError stops it, unraised."""
-        # A failure (full disk, say) is the next store's to report, for itself.
-        with self._refilling, contextlib.suppress(OSError):
-            while len(self._ready) < self._keep:
-                self._ready.append((time.monotonic(), self._make()))
+        """Make spares until `keep` are ready (blocking); a failure is logged, not raised."""
+        try:
+            while len(self._ready) < self._keep and not self._closed:
+                self._ready.append((time.time(), self._make()))
+        except OSError as exc:
+            # The stores make their own files meanwhile, and report what fails for them.
+            self._failed_at = time.monotonic()
+            log.warning("cannot make spare files for the stores: %s", exc)
+        finally:
+            with self._lock:
+                self._queued = False
 
     def close(self) -> None:
-        """Remove the spares not taken."""
-        with self._refilling:
-            while self._ready:
-                _, path = self._ready.popleft()
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(path)
+        """Remove the spares not taken; no batch is made after this."""
+        with self._lock:
+            self._closed = True
+        while self._ready:
+            _, path = self._ready.popleft()
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
