@@ -42,8 +42,6 @@ from minipacs.storage.filestore import FileStore
 log = logging.getLogger("minipacs.app")
 
 _READY_TIMEOUT = 2.0
-# Empty files made ahead in batches for C-STOREs to write into (storage.spares).
-SPARE_FILES = 256
 
 
 def access_policy(settings: Settings) -> AccessPolicy:
@@ -134,7 +132,7 @@ class Archive:
         self.engine.dispose()
 
 
-def _open_store(settings: Settings, spares: int = 0) -> FileStore:
+def _open_store(settings: Settings) -> FileStore:
     return FileStore(
         settings.store_dir,
         settings.spool_dir,
@@ -143,7 +141,6 @@ def _open_store(settings: Settings, spares: int = 0) -> FileStore:
         settings.storage.flush,
         # Worker mode: a sender's retry often reaches another worker than its first try.
         shared_claims=settings.server.workers > 1,
-        spares=spares,
     )
 
 
@@ -200,7 +197,7 @@ def open_archive(settings: Settings, settle: bool = True) -> Archive:
     ensure_schema(
         settings.database.url, settings.database.auto_upgrade, engine, settings.config_path
     )
-    store = _open_store(settings, spares=SPARE_FILES)
+    store = _open_store(settings)
     if settle:
         _settle_store(store, engine)
     database = sqlite_path(settings.database.url)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import errno
 import os
 import shutil
@@ -10,10 +9,8 @@ import subprocess
 import sys
 import textwrap
 import time
-from concurrent.futures import ThreadPoolExecutor
 from io import BytesIO
 from pathlib import Path, PurePosixPath
-from typing import Any
 
 import pydicom
 import pytest
@@ -23,9 +20,7 @@ from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, JPEGBaseline8Bit
 
-from minipacs.services.store import StoreService
 from minipacs.storage import filestore
-from minipacs.storage import spares as spares_module
 from minipacs.storage.filestore import FileStore, OutOfSpace
 from minipacs.storage.layout import instance_path
 from minipacs.storage.meta import (
@@ -296,145 +291,6 @@ def test_cleanup_temp_spares_live_writers(tmp_path: Path) -> None:
     assert store.cleanup_temp() == 3
     assert sorted(p.name for p in tmp.iterdir()) == sorted([own.name, other_node.name])
     assert [p.name for p in (tmp_path / "spool").iterdir()] == [new_spool.name]
-
-
-def _write_ct(store: FileStore) -> str:
-    """Write CT_small.dcm into the store; its relative path."""
-    source = Path(get_testdata_file("CT_small.dcm"))
-    ds = pydicom.dcmread(source)
-    raw = source.read_bytes()
-    body = raw[132 + 12 + int.from_bytes(raw[140:144], "little") :]
-    rel = instance_path(ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID)
-    meta = encode_file_meta(ds.SOPClassUID, ds.SOPInstanceUID, ds.file_meta.TransferSyntaxUID, "")
-    store.write_instance(rel, meta, body)
-    return rel
-
-
-def test_stores_write_into_spares_made_ahead(tmp_path: Path) -> None:
-    store = FileStore(tmp_path / "store", tmp_path / "spool", 0, spares=16)
-    spares = tmp_path / "store" / ".spare"
-    assert store.spares_due()
-    assert not store.spares_due()  # one batch at a time
-    store.refill_spares()
-    assert not store.spares_due()
-    made = {p.stat().st_ino for p in spares.iterdir()}
-    assert len(made) == 16
-    rel = _write_ct(store)
-    # The instance is one of the spares, renamed into place; nothing else was made.
-    assert store.path(rel).stat().st_ino in made
-    assert pydicom.dcmread(store.path(rel)).Modality == "CT"
-    assert len(list(spares.iterdir())) == 15
-    assert list((tmp_path / "store" / ".tmp").iterdir()) == []
-    # Fewer than an eighth left: a batch is wanted again.
-    assert store._spares is not None
-    for _ in range(14):
-        taken = store._spares.take()
-        assert taken is not None
-        os.close(taken[1])
-        os.unlink(taken[0])
-    assert store.spares_due()
-    store.close()
-    assert list(spares.iterdir()) == []
-
-
-def test_a_spare_gone_is_skipped_and_one_left_long_is_touched(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    # Another node's cleanup takes temp files untouched for an hour for a dead writer's.
-    numbers = iter(range(100))
-
-    def make() -> str:
-        path = tmp_path / f"{next(numbers)}.part"
-        path.write_bytes(b"")
-        return str(path)
-
-    spares = spares_module.Spares(make, keep=3)
-    spares.refill()
-    (tmp_path / "0.part").unlink()
-    long_ago = time.time() - 2 * filestore.STALE_SECONDS
-    os.utime(tmp_path / "2.part", (long_ago, long_ago))
-    taken = spares.take()
-    assert taken is not None and taken[0].endswith("1.part")
-    os.close(taken[1])
-    monkeypatch.setattr(spares_module, "TOUCH_AFTER", 0.0)
-    taken = spares.take()
-    assert taken is not None and taken[0].endswith("2.part")
-    os.close(taken[1])
-    assert time.time() - (tmp_path / "2.part").stat().st_mtime < 60
-    assert spares.take() is None
-
-
-def test_a_spare_that_fails_to_open_for_another_reason_is_kept(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    # EMFILE is not "gone": the spare stays for a later store, and close removes it.
-    store = FileStore(tmp_path / "store", tmp_path / "spool", 0, fsync=False, spares=16)
-    store.refill_spares()
-    real_open = os.open
-    failed: list[str] = []
-
-    def open_(path: Any, flags: int, *args: Any) -> int:
-        if "/.spare/" in str(path) and not failed:
-            failed.append(str(path))
-            raise OSError(errno.EMFILE, "Too many open files")
-        return real_open(path, flags, *args)
-
-    monkeypatch.setattr(os, "open", open_)
-    _write_ct(store)
-    monkeypatch.undo()
-    assert len(list((tmp_path / "store" / ".spare").iterdir())) == 16
-    store.close()
-    assert list((tmp_path / "store" / ".spare").iterdir()) == []
-
-
-def test_one_batch_of_spares_is_asked_for_at_a_time(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    # Responses with no store in flight, while the first batch is still being made.
-    store = FileStore(tmp_path / "store", tmp_path / "spool", 0, fsync=False, spares=256)
-    assert store._spares is not None
-    make = store._spares._make
-
-    def slow_make() -> str:
-        time.sleep(0.001)  # ext4 after deletions: ~0.3 ms and more per file
-        return make()
-
-    store._spares._make = slow_make
-    started: list[int] = []
-    real_refill = store.refill_spares
-
-    def counting_refill() -> None:
-        started.append(1)
-        real_refill()
-
-    monkeypatch.setattr(store, "refill_spares", counting_refill)
-    executor = ThreadPoolExecutor(16)
-    service = StoreService(store, None, None, executor, "keep-first")  # type: ignore[arg-type]
-    monkeypatch.setattr(service, "_store", lambda operation: (time.sleep(0.002), (0, None))[1])
-
-    class Operation:
-        async def respond(self, status: int, error_comment: str | None = None) -> None:
-            await asyncio.sleep(0)
-
-    async def send() -> None:
-        for _ in range(40):
-            await service.handle(Operation())  # type: ignore[arg-type]
-
-    asyncio.run(send())
-    executor.shutdown(wait=True)
-    store.close()
-    assert len(started) == 1
-
-
-def test_cleanup_removes_the_spares_of_dead_writers(tmp_path: Path) -> None:
-    spares = tmp_path / "store" / ".spare"
-    store = _store(tmp_path)
-    own = spares / f"{filestore.WRITER_ID}~1.part"
-    dead = spares / f"{filestore.HOST}~{os.getpid()}~00000000~2.part"
-    for path in (own, dead):
-        path.write_bytes(b"")
-    assert store.cleanup_temp() == 1
-    assert [p.name for p in spares.iterdir()] == [own.name]
 
 
 def test_ensure_free_space(tmp_path: Path) -> None:

@@ -126,9 +126,6 @@ class StoreService:
         finally:
             self._in_flight -= 1
         await operation.respond(status, error_comment=comment)
-        if self._in_flight == 0 and self.store.spares_due():
-            # Started while the sender sends its next store, not during a store's flush.
-            self.executor.submit(self.store.refill_spares)
 
     def _store(self, operation: Operation) -> tuple[int, str | None]:
         """Write, flush and index one instance (blocking); return (status, Error Comment)."""

@@ -45,13 +45,10 @@ from minipacs.lockfile import LockFile
 from minipacs.storage import groupflush
 from minipacs.storage.groupflush import GroupFlush
 from minipacs.storage.layout import SUFFIX
-from minipacs.storage.spares import Spares
 
 log = logging.getLogger("minipacs.store")
 
 _TMP = ".tmp"
-# Empty files made ahead for stores to write into (storage.spares).
-_SPARE = ".spare"
 _JOURNALS = ".journals"
 # Worker mode: claims are also flocks on one of this many lock files (see claim).
 _LOCKS = ".locks"
@@ -179,13 +176,6 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def _new_temp(prefix: str) -> tuple[str, int]:
-    """A new empty temp file named after `prefix`, open for writing: (path, descriptor)."""
-    # WRITER_ID is this process's own: a count makes the name unique, no random needed.
-    path = f"{prefix}{next(_TEMP_COUNT):x}{_PART}"
-    return path, os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
-
-
 def _discard_temp(tmp: str | Path, fd: int) -> None:
     """Close and remove a temp file that will not be put in place."""
     os.close(fd)
@@ -248,15 +238,13 @@ class FileStore:
         fsync: bool = True,
         flush: str = "file",
         shared_claims: bool = False,
-        spares: int = 0,
     ) -> None:
         """Open the store at root, creating root, its temp folder and the spool if needed.
 
         flush "filesystem" makes staged files durable by group syncfs (storage.groupflush)
         where the system has it; "file" fsyncs each file and its folders.
         shared_claims (worker mode): claim() holds a path against the other processes
-        of this host too. spares: how many empty files refill_spares keeps made ahead for
-        the stores to write into (storage.spares); 0 makes each when it is needed.
+        of this host too.
         """
         self.root = Path(root).absolute()
         self.spool_dir = Path(spool_dir).absolute()
@@ -267,14 +255,11 @@ class FileStore:
         self._tmp.mkdir(parents=True, exist_ok=True)
         self._journals = self.root / _JOURNALS
         self._journals.mkdir(exist_ok=True)
-        self._spare_dir = self.root / _SPARE
-        self._spare_dir.mkdir(exist_ok=True)
         self.spool_dir.mkdir(parents=True, exist_ok=True)
         # Folders as strings: pathlib's joins and hashes cost more than the syscalls here.
         self._root_str = str(self.root)
         self._root_prefix = os.path.join(self._root_str, "")
         self._tmp_prefix = f"{self._tmp}/{WRITER_ID}~"
-        self._spare_prefix = f"{self._spare_dir}/{WRITER_ID}~"
         self._durable_dirs: set[str] = set()
         # Paths being stored by a thread of this process, and who waits for them.
         self._claims: set[str] = set()
@@ -297,7 +282,6 @@ class FileStore:
         if fsync:
             _fsync_dir(self.root.parent)
             _fsync_dir(self.root)
-        self._spares = Spares(self._new_spare, spares) if spares > 0 else None
         self._group: GroupFlush | None = None
         if fsync and flush == "filesystem":
             reason = groupflush.unsupported(self.root)
@@ -369,7 +353,7 @@ class FileStore:
         """
         removed = 0
         cutoff = time.time() - stale_seconds
-        for entry in [*self._tmp.iterdir(), *self._spare_dir.iterdir()]:
+        for entry in self._tmp.iterdir():
             if self._orphan_temp(entry, cutoff):
                 removed += _delete(entry)
         for entry in self._journals.iterdir():
@@ -563,9 +547,10 @@ class FileStore:
     def _write_temp(
         self, preamble_and_meta: bytes, dataset_source: DatasetSource
     ) -> tuple[str, int, int]:
-        """Write a temp file (a spare, or one made now); return path, open descriptor, size."""
-        spare = None if self._spares is None else self._spares.take()
-        tmp, fd = spare or _new_temp(self._tmp_prefix)
+        """Write a new temp file; return its path, its open descriptor and its size."""
+        # WRITER_ID is this process's own: a count makes the name unique, no random needed.
+        tmp = f"{self._tmp_prefix}{next(_TEMP_COUNT):x}{_PART}"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
         try:
             if isinstance(dataset_source, Path):
                 _write_all(fd, [preamble_and_meta])
@@ -578,21 +563,6 @@ class FileStore:
             _discard_temp(tmp, fd)
             raise
         return tmp, fd, size
-
-    def spares_due(self) -> bool:
-        """Whether refill_spares should run now: True once, until it has (storage.spares)."""
-        return self._spares is not None and self._spares.batch_due()
-
-    def refill_spares(self) -> None:
-        """Make the empty files stores write into (storage.spares; blocking)."""
-        if self._spares is not None:
-            self._spares.refill()
-
-    def _new_spare(self) -> str:
-        """A new empty file in the spare folder; its path."""
-        path, fd = _new_temp(self._spare_prefix)
-        os.close(fd)
-        return path
 
     def _rename_into_place(self, tmp: str, dest: str, link: bool = False) -> None:
         """rename(2) (or link(2)) tmp to dest, creating dest's folder unless known to exist."""
@@ -641,10 +611,7 @@ class FileStore:
             self._journal_path(self._journal_seq - 2).unlink(missing_ok=True)
 
     def close(self) -> None:
-        """Release the journal and remove the spares at a clean stop (all is settled)."""
-        if self._spares is not None:
-            self._spares.close()
-            self._spares = None
+        """Release the journal at a clean stop: everything written has been settled."""
         if self._group is not None:
             self._group.close()
             self._group = None
