@@ -4,7 +4,8 @@ Run: .venv/bin/python -m bench.ab A B [--rounds 6] [--scenarios small:1,small:8]
          [--db sqlite|pg] [--small 3000] [--ct 300]
 A side is a git revision, optionally with settings: "HEAD", "main~2",
 "HEAD,MINIPACS_STORAGE_FLUSH=file". Each revision is checked out in a temporary worktree
-and served from it (PYTHONPATH); the PostgreSQL schema comes from this tree's migrations.
+and served from it (PYTHONPATH); each PostgreSQL database is upgraded by the revision
+that serves it, so the two sides may differ by a migration.
 
 The same code reads ±10% from one run to the next on these machines, so one run each
 decides nothing: the sides alternate (A, B, A, B...) with the system's dirty pages

@@ -168,11 +168,17 @@ def storescp(*extra: str) -> Iterator[Peer]:
 
 @contextlib.contextmanager
 def minipacs_pg(server: PostgresServer, **env: str) -> Iterator[Peer]:
-    """Run minipacs on a fresh, upgraded database of a running PostgreSQL server."""
-    from minipacs.index.schema import upgrade
-
+    """Run minipacs on a fresh database of a running PostgreSQL server, upgraded by it."""
     url = server.create_database()
-    upgrade(url)
+    # By the minipacs that serves it (env may name another tree, bench.ab): a revision
+    # refuses a schema newer than its own.
+    subprocess.run(
+        [sys.executable, "-m", "minipacs", "db", "upgrade"],
+        env={**os.environ, **env, "MINIPACS_DATABASE_URL": url, "MINIPACS_LOG_LEVEL": "WARNING"},
+        stdout=subprocess.DEVNULL,
+        check=True,
+        timeout=120,
+    )
     with minipacs(MINIPACS_DATABASE_URL=url, **env) as peer:
         peer.name = "minipacs-pg"
         yield peer
