@@ -171,10 +171,12 @@ def minipacs_pg(server: PostgresServer, **env: str) -> Iterator[Peer]:
     """Run minipacs on a fresh database of a running PostgreSQL server, upgraded by it."""
     url = server.create_database()
     # By the minipacs that serves it (env may name another tree, bench.ab): a revision
-    # refuses a schema newer than its own.
+    # refuses a schema newer than its own. Not from this folder, which `-m` would put
+    # before PYTHONPATH.
     subprocess.run(
         [sys.executable, "-m", "minipacs", "db", "upgrade"],
         env={**os.environ, **env, "MINIPACS_DATABASE_URL": url, "MINIPACS_LOG_LEVEL": "WARNING"},
+        cwd=tempfile.gettempdir(),
         stdout=subprocess.DEVNULL,
         check=True,
         timeout=120,
