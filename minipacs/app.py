@@ -144,21 +144,26 @@ def _open_store(settings: Settings) -> FileStore:
     )
 
 
-def _index_engine(settings: Settings) -> Engine:
+def _open_index(settings: Settings) -> Engine:
+    """The index engine, its schema checked (upgraded where allowed); raise SchemaOutOfDate."""
     engine = make_engine(settings.database.url, settings.database.pool_size)
     if settings.server.workers > 1:
         # Worker processes share one SQLite file: they take turns without polling.
         share_writes(engine)
+    try:
+        ensure_schema(
+            settings.database.url, settings.database.auto_upgrade, engine, settings.config_path
+        )
+    except BaseException:
+        engine.dispose()
+        raise
     return engine
 
 
 def prepare_archive(settings: Settings) -> None:
     """What serve does before serving, alone (worker mode's supervisor): then close."""
-    engine = _index_engine(settings)
+    engine = _open_index(settings)
     try:
-        ensure_schema(
-            settings.database.url, settings.database.auto_upgrade, engine, settings.config_path
-        )
         store = _open_store(settings)
         try:
             _settle_store(store, engine)
@@ -193,10 +198,7 @@ def open_archive(settings: Settings, settle: bool = True) -> Archive:
 
     settle False (a worker: its supervisor did it): no recovery, no temp cleanup.
     """
-    engine = _index_engine(settings)
-    ensure_schema(
-        settings.database.url, settings.database.auto_upgrade, engine, settings.config_path
-    )
+    engine = _open_index(settings)
     store = _open_store(settings)
     if settle:
         _settle_store(store, engine)
