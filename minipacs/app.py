@@ -26,7 +26,7 @@ from minipacs.net.association import Limits
 from minipacs.net.observer import Observer
 from minipacs.net.server import Server, ServerConfig
 from minipacs.net.session import Timeouts
-from minipacs.ops.affinity import pin_worker
+from minipacs.ops.affinity import pin_process
 from minipacs.ops.control import Channel
 from minipacs.ops.http import OpsServer
 from minipacs.ops.metrics import Metrics
@@ -307,9 +307,9 @@ async def serve(
     if place is not None:
         # The workers share one log stream: each line says whose it is.
         label_process(worker=place.index)
-        if settings.server.pin_workers:
-            # Before the archive's threads start: they inherit the main thread's CPU.
-            log_event(log, "worker.pinned", cpu=pin_worker(place.index))
+    if settings.server.pin_cpu:
+        # Before the archive's threads start: they inherit the main thread's CPU.
+        log_event(log, "server.pinned", cpu=pin_process(0 if place is None else place.index))
     try:
         archive = await loop.run_in_executor(None, open_archive, settings, place is None)
         # Index size and free space are the node's: one worker reports them.

@@ -122,7 +122,7 @@ class ServerSettings:
     max_dataset_size: int = _key(4_294_967_296, low=65_536, high=1 << 40)
     use_uvloop: bool = _key(True)
     workers: int = _key(1, low=1, high=64)
-    pin_workers: bool = _key(False)
+    pin_cpu: bool = _key(False)
     worker_timeout: float = _key(30.0, low=1, high=3600)
 
 

@@ -24,7 +24,6 @@ from minipacs.index import schema
 from minipacs.index.db import make_engine, share_writes, write_lock_path, write_turn
 from minipacs.net import negotiation as neg
 from minipacs.net.client import ClientAssociation
-from minipacs.ops.affinity import worker_cpu
 from minipacs.storage.filestore import FileStore
 from tests.certs import make_certificates
 from tests.dicom_tools import dcmtk, echoscu
@@ -154,67 +153,6 @@ def test_two_workers_store_eight_associations_into_one_study(
     finally:
         assert process.stop() == 0
     assert not [pid for pid in pids.values() if _alive(pid)]
-
-
-def _cpus_of_threads(pid: int) -> set[str]:
-    """The Cpus_allowed_list of every thread of a process."""
-    found = set()
-    for tid in os.listdir(f"/proc/{pid}/task"):
-        with contextlib.suppress(FileNotFoundError):
-            status = Path(f"/proc/{pid}/task/{tid}/status").read_text()
-            found.add(status.split("Cpus_allowed_list:")[1].split()[0])
-    return found
-
-
-def test_worker_cpus_are_taken_in_turn() -> None:
-    assert [worker_cpu(i, {2, 0, 5}) for i in range(4)] == [0, 2, 5, 0]
-
-
-@pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="no CPU affinity here")
-def test_pinned_workers_keep_every_thread_to_one_cpu(tmp_path: Path) -> None:
-    env = {
-        "MINIPACS_SERVER_WORKERS": "2",
-        "MINIPACS_SERVER_PIN_WORKERS": "true",
-        "MINIPACS_STORAGE_MIN_FREE_BYTES": "0",
-    }
-    study_uid = generate_uid()
-    (tmp_path / "data").mkdir()
-    folders = _write_series(tmp_path / "data", study_uid)[:2]
-    workdir = tmp_path / "server"
-    workdir.mkdir()
-    process = start_minipacs(workdir, env)
-    try:
-
-        async def send_two() -> list[int]:
-            runs = [
-                asyncio.to_thread(
-                    dcmtk,
-                    "storescu",
-                    "-aec",
-                    "MINIPACS",
-                    "127.0.0.1",
-                    str(process.port),
-                    "+sd",
-                    str(folder),
-                    timeout=TIMEOUT * 2,
-                )
-                for folder in folders
-            ]
-            return [r.returncode for r in await asyncio.gather(*runs)]
-
-        # The stores start the store threads and the index writer: they must follow too.
-        assert asyncio.run(send_two()) == [0, 0]
-        assert _study_counts(process.port, study_uid) == (2, 2 * PER_CLIENT)
-        allowed = os.sched_getaffinity(0)
-        pinned = {int(r["worker"]): r["cpu"] for r in _events(process, "worker.pinned")}  # type: ignore[call-overload]
-        assert pinned == {0: worker_cpu(0, allowed), 1: worker_cpu(1, allowed)}
-        for worker, pid in _worker_pids(process).items():
-            assert len(os.listdir(f"/proc/{pid}/task")) > 3
-            assert _cpus_of_threads(pid) == {str(pinned[worker])}
-        # The supervisor itself is left where it was.
-        assert os.sched_getaffinity(process.process.pid) == allowed
-    finally:
-        assert process.stop() == 0
 
 
 def test_association_limit_counts_the_associations_of_every_worker(tmp_path: Path) -> None:

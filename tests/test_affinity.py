@@ -1,0 +1,109 @@
+"""server.pin_cpu: every thread of a serving process stays on one CPU, the stores work."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+from pathlib import Path
+
+import pytest
+from pydicom.uid import generate_uid
+
+from minipacs.ops.affinity import process_cpu
+from tests.dicom_tools import dcmtk
+from tests.servers import MinipacsProcess, start_minipacs
+from tests.test_workers import PER_CLIENT, _events, _study_counts, _worker_pids, _write_series
+
+TIMEOUT = 60.0
+
+pytestmark = pytest.mark.skipif(
+    not hasattr(os, "sched_setaffinity"), reason="no CPU affinity on this system"
+)
+
+
+def _cpus_of_threads(pid: int) -> set[str]:
+    """The Cpus_allowed_list of every thread of a process."""
+    found = set()
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        with contextlib.suppress(FileNotFoundError):
+            status = Path(f"/proc/{pid}/task/{tid}/status").read_text()
+            found.add(status.split("Cpus_allowed_list:")[1].split()[0])
+    return found
+
+
+def _store_two_series(tmp_path: Path, env: dict[str, str]) -> tuple[MinipacsProcess, str]:
+    """A server started with `env` that has stored two series over two associations."""
+    study_uid = generate_uid()
+    (tmp_path / "data").mkdir()
+    folders = _write_series(tmp_path / "data", study_uid)[:2]
+    workdir = tmp_path / "server"
+    workdir.mkdir()
+    process = start_minipacs(workdir, {**env, "MINIPACS_STORAGE_MIN_FREE_BYTES": "0"})
+
+    async def send_two() -> list[int]:
+        runs = [
+            asyncio.to_thread(
+                dcmtk,
+                "storescu",
+                "-aec",
+                "MINIPACS",
+                "127.0.0.1",
+                str(process.port),
+                "+sd",
+                str(folder),
+                timeout=TIMEOUT,
+            )
+            for folder in folders
+        ]
+        return [r.returncode for r in await asyncio.gather(*runs)]
+
+    try:
+        assert asyncio.run(send_two()) == [0, 0]
+    except BaseException:
+        process.stop()
+        raise
+    return process, study_uid
+
+
+def test_serving_processes_are_given_the_cpus_in_turn() -> None:
+    assert [process_cpu(i, {2, 0, 5}) for i in range(4)] == [0, 2, 5, 0]
+
+
+def test_one_pinned_process_keeps_every_thread_to_one_cpu(tmp_path: Path) -> None:
+    process, study_uid = _store_two_series(tmp_path, {"MINIPACS_SERVER_PIN_CPU": "true"})
+    try:
+        # The stores started the store threads and the index writer: they follow too.
+        assert _study_counts(process.port, study_uid) == (2, 2 * PER_CLIENT)
+        expected = process_cpu(0, os.sched_getaffinity(0))
+        assert [r["cpu"] for r in _events(process, "server.pinned")] == [expected]
+        assert len(os.listdir(f"/proc/{process.process.pid}/task")) > 3
+        assert _cpus_of_threads(process.process.pid) == {str(expected)}
+    finally:
+        assert process.stop() == 0
+
+
+def test_pinned_workers_spread_over_the_cpus(tmp_path: Path) -> None:
+    env = {"MINIPACS_SERVER_WORKERS": "2", "MINIPACS_SERVER_PIN_CPU": "true"}
+    process, study_uid = _store_two_series(tmp_path, env)
+    try:
+        assert _study_counts(process.port, study_uid) == (2, 2 * PER_CLIENT)
+        allowed = os.sched_getaffinity(0)
+        pinned = {int(r["worker"]): r["cpu"] for r in _events(process, "server.pinned")}  # type: ignore[call-overload]
+        assert pinned == {0: process_cpu(0, allowed), 1: process_cpu(1, allowed)}
+        for worker, pid in _worker_pids(process).items():
+            assert len(os.listdir(f"/proc/{pid}/task")) > 3
+            assert _cpus_of_threads(pid) == {str(pinned[worker])}
+        # The supervisor only hands connections on: it stays where it was.
+        assert os.sched_getaffinity(process.process.pid) == allowed
+    finally:
+        assert process.stop() == 0
+
+
+def test_without_the_setting_nothing_is_pinned(tmp_path: Path) -> None:
+    process, _ = _store_two_series(tmp_path, {})
+    try:
+        assert not _events(process, "server.pinned")
+        assert os.sched_getaffinity(process.process.pid) == os.sched_getaffinity(0)
+    finally:
+        assert process.stop() == 0
