@@ -26,7 +26,7 @@ from minipacs.net.association import Limits
 from minipacs.net.observer import Observer
 from minipacs.net.server import Server, ServerConfig
 from minipacs.net.session import Timeouts
-from minipacs.ops.affinity import pin_process
+from minipacs.ops.affinity import pin_process, unpin_thread
 from minipacs.ops.control import Channel
 from minipacs.ops.http import OpsServer
 from minipacs.ops.metrics import Metrics
@@ -217,7 +217,7 @@ def open_archive(settings: Settings, settle: bool = True) -> Archive:
     # fsync-bound work: more threads than cores keeps the disk queue full.
     executor = ThreadPoolExecutor(max_workers=16, thread_name_prefix="store")
     query_executor = ThreadPoolExecutor(
-        max_workers=settings.query.threads, thread_name_prefix="query"
+        max_workers=settings.query.threads, thread_name_prefix="query", initializer=unpin_thread
     )
     return Archive(store, engine, writer, executor, query_executor)
 
@@ -309,7 +309,13 @@ async def serve(
         label_process(worker=place.index)
     if settings.server.pin_cpu:
         # Before the archive's threads start: they inherit the main thread's CPU.
-        log_event(log, "server.pinned", cpu=pin_process(0 if place is None else place.index))
+        try:
+            cpu = pin_process(0 if place is None else place.index)
+        except OSError as exc:
+            # A placement refused costs speed, not service: serve unpinned, and say so.
+            log_event(log, "server.pin_failed", level=logging.WARNING, error=str(exc))
+        else:
+            log_event(log, "server.pinned", cpu=cpu)
     try:
         archive = await loop.run_in_executor(None, open_archive, settings, place is None)
         # Index size and free space are the node's: one worker reports them.

@@ -5,12 +5,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+from collections import Counter
 from pathlib import Path
 
 import pytest
 from pydicom.uid import generate_uid
 
-from minipacs.ops.affinity import process_cpu
+from minipacs.ops.affinity import pin_process, process_cpu
 from tests.dicom_tools import dcmtk
 from tests.servers import MinipacsProcess, start_minipacs
 from tests.test_workers import PER_CLIENT, _events, _study_counts, _worker_pids, _write_series
@@ -22,14 +23,31 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-def _cpus_of_threads(pid: int) -> set[str]:
-    """The Cpus_allowed_list of every thread of a process."""
-    found = set()
+def _allowed_list(status_path: str) -> str:
+    """The Cpus_allowed_list of a /proc status file."""
+    return Path(status_path).read_text().split("Cpus_allowed_list:")[1].split()[0]
+
+
+def _cpus_of_threads(pid: int) -> Counter[str]:
+    """How many threads of a process have each Cpus_allowed_list."""
+    found: Counter[str] = Counter()
     for tid in os.listdir(f"/proc/{pid}/task"):
         with contextlib.suppress(FileNotFoundError):
-            status = Path(f"/proc/{pid}/task/{tid}/status").read_text()
-            found.add(status.split("Cpus_allowed_list:")[1].split()[0])
+            found[_allowed_list(f"/proc/{pid}/task/{tid}/status")] += 1
     return found
+
+
+def _check_pinned(pid: int, cpu: int, queried: bool) -> None:
+    """Every thread of `pid` is on `cpu`, but the query threads, which run anywhere.
+
+    `queried`: the process has answered a C-FIND, so it has a query thread.
+    """
+    placed = _cpus_of_threads(pid)
+    everywhere = _allowed_list("/proc/self/status")
+    if everywhere != str(cpu):
+        assert int(queried) <= placed.pop(everywhere, 0) <= 4  # query.threads
+    assert set(placed) == {str(cpu)}
+    assert placed[str(cpu)] > 3  # the event loop, store threads, the index writer
 
 
 def _store_two_series(tmp_path: Path, env: dict[str, str]) -> tuple[MinipacsProcess, str]:
@@ -70,6 +88,12 @@ def test_serving_processes_are_given_the_cpus_in_turn() -> None:
     assert [process_cpu(i, {2, 0, 5}) for i in range(4)] == [0, 2, 5, 0]
 
 
+def test_pinning_without_cpu_affinity_says_so(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delattr(os, "sched_setaffinity")
+    with pytest.raises(OSError, match="no CPU affinity"):
+        pin_process(0)
+
+
 def test_one_pinned_process_keeps_every_thread_to_one_cpu(tmp_path: Path) -> None:
     process, study_uid = _store_two_series(tmp_path, {"MINIPACS_SERVER_PIN_CPU": "true"})
     try:
@@ -77,8 +101,7 @@ def test_one_pinned_process_keeps_every_thread_to_one_cpu(tmp_path: Path) -> Non
         assert _study_counts(process.port, study_uid) == (2, 2 * PER_CLIENT)
         expected = process_cpu(0, os.sched_getaffinity(0))
         assert [r["cpu"] for r in _events(process, "server.pinned")] == [expected]
-        assert len(os.listdir(f"/proc/{process.process.pid}/task")) > 3
-        assert _cpus_of_threads(process.process.pid) == {str(expected)}
+        _check_pinned(process.process.pid, expected, queried=True)
     finally:
         assert process.stop() == 0
 
@@ -92,8 +115,8 @@ def test_pinned_workers_spread_over_the_cpus(tmp_path: Path) -> None:
         pinned = {int(r["worker"]): r["cpu"] for r in _events(process, "server.pinned")}  # type: ignore[call-overload]
         assert pinned == {0: process_cpu(0, allowed), 1: process_cpu(1, allowed)}
         for worker, pid in _worker_pids(process).items():
-            assert len(os.listdir(f"/proc/{pid}/task")) > 3
-            assert _cpus_of_threads(pid) == {str(pinned[worker])}
+            # The C-FIND went to one of them.
+            _check_pinned(pid, pinned[worker], queried=False)
         # The supervisor only hands connections on: it stays where it was.
         assert os.sched_getaffinity(process.process.pid) == allowed
     finally:
