@@ -26,7 +26,7 @@ from minipacs.net.association import Limits
 from minipacs.net.observer import Observer
 from minipacs.net.server import Server, ServerConfig
 from minipacs.net.session import Timeouts
-from minipacs.ops.affinity import pin_process, unpin_thread
+from minipacs.ops.affinity import pin_process, pin_thread, unpin_thread
 from minipacs.ops.control import Channel
 from minipacs.ops.http import OpsServer
 from minipacs.ops.metrics import Metrics
@@ -215,7 +215,10 @@ def open_archive(settings: Settings, settle: bool = True) -> Archive:
     )
     writer.start()
     # fsync-bound work: more threads than cores keeps the disk queue full.
-    executor = ThreadPoolExecutor(max_workers=16, thread_name_prefix="store")
+    # Pinned explicitly (server.pin_cpu), whichever thread happens to start them.
+    executor = ThreadPoolExecutor(
+        max_workers=16, thread_name_prefix="store", initializer=pin_thread
+    )
     query_executor = ThreadPoolExecutor(
         max_workers=settings.query.threads, thread_name_prefix="query", initializer=unpin_thread
     )
@@ -310,12 +313,12 @@ async def serve(
     if settings.server.pin_cpu:
         # Before the archive's threads start: they inherit the main thread's CPU.
         try:
-            cpu = pin_process(0 if place is None else place.index)
+            cpu, threads = pin_process(0 if place is None else place.index)
         except OSError as exc:
             # A placement refused costs speed, not service: serve unpinned, and say so.
             log_event(log, "server.pin_failed", level=logging.WARNING, error=str(exc))
         else:
-            log_event(log, "server.pinned", cpu=cpu)
+            log_event(log, "server.pinned", cpu=cpu, threads=threads)
     try:
         archive = await loop.run_in_executor(None, open_archive, settings, place is None)
         # Index size and free space are the node's: one worker reports them.

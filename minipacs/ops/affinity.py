@@ -17,44 +17,71 @@ from __future__ import annotations
 
 import contextlib
 import os
-
-# The CPUs this process could run on before pin_process; None while it is not pinned.
-_unpinned: set[int] | None = None
+from dataclasses import dataclass
 
 
-def process_cpu(index: int, allowed: set[int]) -> int:
+@dataclass(frozen=True)
+class _Placement:
+    """Where this process was pinned, and the CPUs it could use before."""
+
+    cpu: int
+    allowed: frozenset[int]
+
+
+_placement: _Placement | None = None
+
+
+def process_cpu(index: int, allowed: set[int] | frozenset[int]) -> int:
     """The CPU serving process `index` runs on: the CPUs this one may use, in turn."""
     ordered = sorted(allowed)
     return ordered[index % len(ordered)]
 
 
-def pin_process(index: int) -> int:
-    """Keep every thread of this process on the CPU of process `index`; return that CPU.
+def pin_process(index: int) -> tuple[int, int]:
+    """Keep every thread of this process on the CPU of process `index`.
 
-    Threads started afterwards inherit the placement of the thread that starts them.
-    Raises OSError where the system refuses it or has no CPU affinity.
+    Returns (that CPU, the number of threads moved). Threads started afterwards inherit
+    the placement of the thread that starts them; pin_thread pins one explicitly.
+    Raises OSError where the system refuses it (nothing is left moved) or has no CPU
+    affinity.
     """
+    global _placement
     if not hasattr(os, "sched_setaffinity"):
         raise OSError("this system has no CPU affinity (sched_setaffinity)")
-    global _unpinned
-    allowed = os.sched_getaffinity(0)
+    allowed = _placement.allowed if _placement else frozenset(os.sched_getaffinity(0))
     cpu = process_cpu(index, allowed)
+    moved: list[int] = []
     # On Linux the affinity is a thread's own: each thread there now is moved too.
     for thread in _threads():
         try:
             os.sched_setaffinity(thread, {cpu})
         except ProcessLookupError:
             continue  # ended meanwhile
-    _unpinned = allowed
-    return cpu
+        except OSError:
+            # Half pinned would be neither setting: put back the ones already moved.
+            for done in moved:
+                with contextlib.suppress(OSError):
+                    os.sched_setaffinity(done, allowed)
+            raise
+        moved.append(thread)
+    _placement = _Placement(cpu, allowed)
+    return cpu, len(moved)
+
+
+def pin_thread() -> None:
+    """Keep the calling thread on this process's CPU, if pin_process placed it."""
+    if _placement is not None:
+        # Refused, the thread runs anywhere: slower hand-offs, nothing worse.
+        with contextlib.suppress(OSError):
+            os.sched_setaffinity(0, {_placement.cpu})
 
 
 def unpin_thread() -> None:
     """Let the calling thread run on every CPU the process had before pin_process."""
-    if _unpinned is not None:
+    if _placement is not None:
         # Refused, the thread stays on the pinned CPU: slower queries, nothing worse.
         with contextlib.suppress(OSError):
-            os.sched_setaffinity(0, _unpinned)
+            os.sched_setaffinity(0, _placement.allowed)
 
 
 def _threads() -> list[int]:
