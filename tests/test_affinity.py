@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import os
 from collections import Counter
@@ -12,9 +11,15 @@ import pytest
 from pydicom.uid import generate_uid
 
 from minipacs.ops.affinity import pin_process, process_cpu
-from tests.dicom_tools import dcmtk
 from tests.servers import MinipacsProcess, start_minipacs
-from tests.test_workers import PER_CLIENT, _events, _study_counts, _worker_pids, _write_series
+from tests.test_workers import (
+    PER_CLIENT,
+    _events,
+    _study_counts,
+    _worker_pids,
+    _write_series,
+    send_folders,
+)
 
 TIMEOUT = 60.0
 
@@ -56,25 +61,8 @@ def _store_two_series(tmp_path: Path, env: dict[str, str]) -> tuple[MinipacsProc
     workdir.mkdir()
     process = start_minipacs(workdir, {**env, "MINIPACS_STORAGE_MIN_FREE_BYTES": "0"})
 
-    async def send_two() -> list[int]:
-        runs = [
-            asyncio.to_thread(
-                dcmtk,
-                "storescu",
-                "-aec",
-                "MINIPACS",
-                "127.0.0.1",
-                str(process.port),
-                "+sd",
-                str(folder),
-                timeout=TIMEOUT,
-            )
-            for folder in folders
-        ]
-        return [r.returncode for r in await asyncio.gather(*runs)]
-
     try:
-        assert asyncio.run(send_two()) == [0, 0]
+        assert [code for code, _ in send_folders(process.port, folders, TIMEOUT)] == [0, 0]
     except BaseException:
         process.stop()
         raise

@@ -81,6 +81,29 @@ def _write_series(root: Path, study_uid: str) -> list[Path]:
     return folders
 
 
+def send_folders(port: int, folders: list[Path], timeout: float) -> list[tuple[int, str]]:
+    """Send each folder over its own storescu association, all at once: (exit code, stderr)."""
+
+    async def send_all() -> list[tuple[int, str]]:
+        runs = [
+            asyncio.to_thread(
+                dcmtk,
+                "storescu",
+                "-aec",
+                "MINIPACS",
+                "127.0.0.1",
+                str(port),
+                "+sd",
+                str(folder),
+                timeout=timeout,
+            )
+            for folder in folders
+        ]
+        return [(r.returncode, r.stderr) for r in await asyncio.gather(*runs)]
+
+    return asyncio.run(send_all())
+
+
 def _study_counts(port: int, study_uid: str) -> tuple[int, int]:
     """NumberOfStudyRelatedSeries and -Instances as C-FIND answers them."""
     ae = AE(ae_title="FINDSCU")
@@ -120,25 +143,7 @@ def test_two_workers_store_eight_associations_into_one_study(
     workdir.mkdir()
     process = start_minipacs(workdir, env)
     try:
-
-        async def send_all() -> list[tuple[int, str]]:
-            runs = [
-                asyncio.to_thread(
-                    dcmtk,
-                    "storescu",
-                    "-aec",
-                    "MINIPACS",
-                    "127.0.0.1",
-                    str(process.port),
-                    "+sd",
-                    str(folder),
-                    timeout=TIMEOUT * 4,
-                )
-                for folder in folders
-            ]
-            return [(r.returncode, r.stderr) for r in await asyncio.gather(*runs)]
-
-        results = asyncio.run(send_all())
+        results = send_folders(process.port, folders, TIMEOUT * 4)
         assert [code for code, _ in results] == [0] * CLIENTS, results
         assert not [err for _, err in results if "E:" in err]
         assert _study_counts(process.port, study_uid) == (CLIENTS, CLIENTS * PER_CLIENT)
