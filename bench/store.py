@@ -58,7 +58,9 @@ class Servers:
         if "minipacs-pg" in names:
             from tests.pgserver import start_postgres
 
-            self.postgres = start_postgres()
+            # The goal is a store durable before its success: PostgreSQL's own commits
+            # included, so it flushes them (fsync on) as a deployment does.
+            self.postgres = start_postgres(durable=True)
 
     @contextlib.contextmanager
     def start(self, name: str, associations: int) -> Iterator[Peer]:
@@ -222,9 +224,9 @@ def main() -> None:
             for scenario in scenarios:
 
                 def run(name: str, scenario: Scenario = scenario) -> float:
-                    # Every server starts with nothing dirty left by the one before (the
-                    # bench's PostgreSQL runs with fsync off): whoever flushes the whole
-                    # filesystem (syncfs) would otherwise pay for another server's writes.
+                    # Every server starts with nothing dirty left by the one before (data
+                    # files PostgreSQL has not checkpointed, say): whoever flushes the
+                    # whole filesystem (syncfs) would otherwise pay for another's writes.
                     os.sync()
                     with servers.start(name, scenario.associations) as peer:
                         return store(peer, scenario)

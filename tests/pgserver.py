@@ -28,6 +28,8 @@ class PostgresServer:
     directory: Path
     port: int
     as_user: list[str]
+    # fsync on (PostgreSQL's default): commits survive a power loss. Tests run without.
+    durable: bool = False
 
     def url(self, database: str) -> str:
         """SQLAlchemy URL of a database on this server."""
@@ -62,7 +64,7 @@ class PostgresServer:
 
     def resume(self) -> None:
         """Start the halted server again on the same port and data."""
-        _start(self.directory, self.port, self.as_user)
+        _start(self.directory, self.port, self.as_user, self.durable)
 
     def _pg_ctl(self, *args: str) -> None:
         subprocess.run(
@@ -91,8 +93,11 @@ class PostgresServer:
         shutil.rmtree(self.directory, ignore_errors=True)
 
 
-def start_postgres() -> PostgresServer:
-    """initdb and start a server on a free port; as user postgres when we are root."""
+def start_postgres(durable: bool = False) -> PostgresServer:
+    """initdb and start a server on a free port; as user postgres when we are root.
+
+    durable: fsync on, as a deployment runs it (benchmarks); tests run faster without.
+    """
     directory = Path(tempfile.mkdtemp(prefix="minipacs-pg-"))
     as_user: list[str] = []
     if os.geteuid() == 0:
@@ -118,11 +123,11 @@ def start_postgres() -> PostgresServer:
         capture_output=True,
         timeout=120,
     )
-    _start(directory, port, as_user)
-    return PostgresServer(directory, port, as_user)
+    _start(directory, port, as_user, durable)
+    return PostgresServer(directory, port, as_user, durable)
 
 
-def _start(directory: Path, port: int, as_user: list[str]) -> None:
+def _start(directory: Path, port: int, as_user: list[str], durable: bool) -> None:
     subprocess.run(
         [
             *as_user,
@@ -136,7 +141,7 @@ def _start(directory: Path, port: int, as_user: list[str]) -> None:
             str(directory / "log"),
             "-o",
             f"-p {port} -c listen_addresses=127.0.0.1 -c unix_socket_directories={directory} "
-            "-c fsync=off -c max_connections=200",
+            f"-c fsync={'on' if durable else 'off'} -c max_connections=200",
             "start",
         ],
         check=True,
