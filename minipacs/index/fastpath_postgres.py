@@ -58,9 +58,9 @@ def _column_types() -> list[bytes]:
     dialect = postgresql.dialect()
     # Strings unbounded: a cast to varchar(n)[] would cut a longer value short, where
     # the column refuses it (value too long), as on the ORM path.
-    types = [String() if isinstance(c.type, String) else c.type for c in table.c]
-    by_name = dict(zip(table.c.keys(), types, strict=True))
-    return [f"{by_name[name].compile(dialect=dialect)}[]".encode() for name in COLUMNS]
+    types = [table.c[name].type for name in COLUMNS]
+    unbounded = [String() if isinstance(t, String) else t for t in types]
+    return [f"{t.compile(dialect=dialect)}[]".encode() for t in unbounded]
 
 
 _COLUMN_TYPES = _column_types()
