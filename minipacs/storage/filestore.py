@@ -42,7 +42,7 @@ from pathlib import Path, PurePosixPath
 from typing import BinaryIO
 
 from minipacs.lockfile import LockFile
-from minipacs.storage import groupflush
+from minipacs.storage import groupflush, writeback
 from minipacs.storage.groupflush import GroupFlush
 from minipacs.storage.layout import SUFFIX
 
@@ -476,6 +476,9 @@ class FileStore:
         dest = self._abs(rel_path)
         mark = self.flush_mark()
         tmp, fd, size = self._write_temp(preamble_and_meta, dataset_source)
+        if self.fsync:
+            # The device writes the data while the entry is made and the row committed.
+            writeback.start(fd)
         try:
             self._note_pending(rel_path)
             # link(2) refuses to replace what is there, unlike rename(2).
