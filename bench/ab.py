@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bench import datasets
+from bench.peers import kept_stores
 from bench.rounds import alternate_rounds
 from bench.store import Scenario, Servers, store
 
@@ -84,6 +85,7 @@ def main() -> None:
 
     with contextlib.ExitStack() as stack:
         root = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-ab-")))
+        stack.enter_context(kept_stores())
         revisions = {side.revision for side in sides}
         trees = {rev: stack.enter_context(worktree(rev, root)) for rev in revisions}
         kinds = {kind for kind, _ in wanted}

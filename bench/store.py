@@ -4,7 +4,8 @@ Run: .venv/bin/python -m bench.store [--rounds 3] [--small 1000] [--ct 200] [--o
          [--set MINIPACS_STORAGE_FSYNC=false ...]
 Clients are DCMTK storescu processes: one association sending every file, or 8 concurrent
 associations (8 processes), each sending its own files. Every round starts each server
-fresh with an empty store; rounds alternate servers; the table shows medians and the
+fresh with an empty store, and no store is deleted before the end (peers.kept_stores);
+rounds alternate servers; the table shows medians and the
 ratios minipacs / Orthanc and minipacs / DCMTK (higher is better). A probe then measures
 minipacs' event-loop responsiveness (C-ECHO latency every 20 ms) during the 8-association
 small-instance store.
@@ -26,7 +27,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bench import datasets
-from bench.peers import Peer, dcmtk_env, echo_probe, minipacs, minipacs_pg, orthanc, storescp
+from bench.peers import (
+    Peer,
+    dcmtk_env,
+    echo_probe,
+    kept_stores,
+    minipacs,
+    minipacs_pg,
+    orthanc,
+    storescp,
+)
 from bench.rounds import alternate
 
 SERVERS = ["minipacs", "minipacs-pg", "dcmtk", "orthanc"]
@@ -201,7 +211,7 @@ def main() -> None:
     if unknown:
         parser.error(f"unknown servers {sorted(unknown)}; choose from {', '.join(SERVERS)}")
 
-    with tempfile.TemporaryDirectory(prefix="bench-store-data-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="bench-store-data-") as tmp, kept_stores():
         root = Path(tmp)
         started = time.perf_counter()
         small = datasets.small(root / "small", args.small)
