@@ -20,7 +20,7 @@ from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, JPEGBaseline8Bit
 
-from minipacs.storage import filestore
+from minipacs.storage import filestore, writeback
 from minipacs.storage.filestore import FileStore, OutOfSpace
 from minipacs.storage.layout import instance_path
 from minipacs.storage.meta import (
@@ -352,6 +352,31 @@ def test_a_staged_file_is_in_place_before_its_flush_and_durable_after(
     stored = store.sync_staged(staged)
     assert (stored.rel_path, stored.size) == (rel, 8)
     assert list((tmp_path / "store" / ".tmp").iterdir()) == []
+    store.close()
+
+
+@pytest.mark.parametrize("early", [True, False])
+def test_early_writeback_starts_on_the_staged_file_only_when_asked(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, early: bool
+) -> None:
+    store = _store(tmp_path, flush="filesystem")
+    started: list[bool] = []
+
+    def start(fd: int) -> bool:
+        # The real call, on the temp file just written: the data is there, not yet moved.
+        assert os.fstat(fd).st_size == len(b"metadata")
+        started.append(real_start(fd))
+        return started[-1]
+
+    real_start = writeback.start
+    monkeypatch.setattr(writeback, "start", start)
+    rel = instance_path(STUDY, SERIES, SOP)
+    staged = store.stage_instance(rel, b"meta", b"data", early_writeback=early)
+    assert isinstance(staged, filestore.StagedFile)
+    # Linux queues the writeback; the file is the same either way, durable after its flush.
+    assert started == ([sys.platform.startswith("linux")] if early else [])
+    store.sync_staged(staged)
+    assert store.path(rel).read_bytes() == b"metadata"
     store.close()
 
 

@@ -460,7 +460,11 @@ class FileStore:
         return StoredFile(rel_path=rel_path, size=size)
 
     def stage_instance(
-        self, rel_path: str, preamble_and_meta: bytes, dataset_source: DatasetSource
+        self,
+        rel_path: str,
+        preamble_and_meta: bytes,
+        dataset_source: DatasetSource,
+        early_writeback: bool = False,
     ) -> StagedFile | StoredFile:
         """Write an instance to a path nothing is at yet, complete but not yet flushed.
 
@@ -470,14 +474,15 @@ class FileStore:
         short, which is why its index row is listed as unsynced until then. A file found
         at the path (perhaps acknowledged, and it must survive a power loss) is replaced
         only the write_instance way, flushed first: that returns a StoredFile.
+        early_writeback starts writing the data at once (storage.writeback), for a flush
+        that waits for other work first and has no other store's files to carry.
         """
         if not self._links:
             return self.write_instance(rel_path, preamble_and_meta, dataset_source)
         dest = self._abs(rel_path)
         mark = self.flush_mark()
         tmp, fd, size = self._write_temp(preamble_and_meta, dataset_source)
-        if self.fsync:
-            # The device writes the data while the entry is made and the row committed.
+        if early_writeback and self.fsync:
             writeback.start(fd)
         try:
             self._note_pending(rel_path)

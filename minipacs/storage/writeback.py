@@ -44,8 +44,9 @@ def available() -> bool:
     return _SYNC_FILE_RANGE is not None
 
 
-def start(fd: int) -> None:
-    """Queue every dirty page of fd for writeback; a hint, so failures are ignored."""
-    if _SYNC_FILE_RANGE is not None:
-        # Offset 0 and length 0: the whole file.
-        _SYNC_FILE_RANGE(fd, 0, 0, _SYNC_FILE_RANGE_WRITE)
+def start(fd: int) -> bool:
+    """Queue every dirty page of fd for writeback; whether it was (a hint: never raises)."""
+    if _SYNC_FILE_RANGE is None:
+        return False
+    # Offset 0 and length 0: the whole file.
+    return _SYNC_FILE_RANGE(fd, 0, 0, _SYNC_FILE_RANGE_WRITE) == 0
