@@ -5,8 +5,8 @@ Run: .venv/bin/python -m bench.store [--rounds 3] [--small 1000] [--ct 200] [--o
 Clients are DCMTK storescu processes: one association sending every file, or 8 concurrent
 associations (8 processes), each sending its own files. Every round starts each server
 fresh with an empty store, and no store is deleted before the end (peers.kept_stores);
-rounds alternate servers; the table shows medians and the
-ratios minipacs / Orthanc and minipacs / DCMTK (higher is better). A probe then measures
+rounds alternate servers; the table shows medians and the ratios minipacs / Orthanc and
+minipacs / DCMTK (higher is better). A probe then measures
 minipacs' event-loop responsiveness (C-ECHO latency every 20 ms) during the 8-association
 small-instance store.
 """
