@@ -32,7 +32,7 @@ _kept_root: Path | None = None
 
 @contextlib.contextmanager
 def kept_stores() -> Iterator[None]:
-    """Keep every server's folder until the benchmark ends, then delete them all at once.
+    """Keep every server's files until the benchmark ends, emptied, then delete them all.
 
     A store deleted between two servers slows the next one's file creates: on ext4
     without a journal (these machines' root filesystem) the inode allocator skips each
@@ -42,8 +42,11 @@ def kept_stores() -> Iterator[None]:
     was deleted, 374-398/s with it kept (3 runs each, alternating); a create took
     ~1.1 ms instead of ~80 us. Every server paid it, and it counts most against the one
     that does least per store. A benchmark started within minutes of another's end
-    still pays for that one's deletions. BENCH_DELETE_STORES=1 in the environment
-    deletes each store when its server stops, as before, to measure the difference.
+    still pays for that one's deletions. The files are emptied when their server stops
+    (their inodes stay, their blocks go): with every file kept whole, CT-size stores
+    went to blocks this virtual disk had never written, which were slower to write.
+    BENCH_DELETE_STORES=1 in the environment deletes each store when its server stops,
+    as before, to measure the difference.
     """
     global _kept_root
     if os.environ.get("BENCH_DELETE_STORES"):
@@ -61,10 +64,22 @@ def kept_stores() -> Iterator[None]:
 def _workdir(prefix: str) -> Iterator[Path]:
     """A fresh folder for one server: kept until kept_stores() ends, if in force."""
     if _kept_root is not None:
-        yield Path(tempfile.mkdtemp(prefix=prefix, dir=_kept_root))
+        folder = Path(tempfile.mkdtemp(prefix=prefix, dir=_kept_root))
+        try:
+            yield folder
+        finally:
+            _empty_files(folder)
         return
     with tempfile.TemporaryDirectory(prefix=prefix) as tmp:
         yield Path(tmp)
+
+
+def _empty_files(folder: Path) -> None:
+    """Truncate every file below folder to nothing: its blocks are freed, its inode kept."""
+    for parent, _, names in os.walk(folder):
+        for name in names:
+            with contextlib.suppress(OSError):
+                os.truncate(os.path.join(parent, name), 0)
 
 
 def free_port() -> int:
