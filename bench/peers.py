@@ -49,20 +49,21 @@ def kept_stores() -> Iterator[None]:
     as before, to measure the difference.
     """
     global _kept_root
-    if os.environ.get("BENCH_DELETE_STORES"):
+    if os.environ.get("BENCH_DELETE_STORES") == "1":
         yield
         return
+    outer = _kept_root
     with tempfile.TemporaryDirectory(prefix="bench-stores-") as tmp:
         _kept_root = Path(tmp)
         try:
             yield
         finally:
-            _kept_root = None
+            _kept_root = outer
 
 
 @contextlib.contextmanager
 def _workdir(prefix: str) -> Iterator[Path]:
-    """A fresh folder for one server: kept until kept_stores() ends, if in force."""
+    """A fresh folder for one server: kept, emptied at its stop, while kept_stores() is on."""
     if _kept_root is not None:
         folder = Path(tempfile.mkdtemp(prefix=prefix, dir=_kept_root))
         try:
@@ -78,8 +79,11 @@ def _empty_files(folder: Path) -> None:
     """Truncate every file below folder to nothing: its blocks are freed, its inode kept."""
     for parent, _, names in os.walk(folder):
         for name in names:
-            with contextlib.suppress(OSError):
-                os.truncate(os.path.join(parent, name), 0)
+            path = os.path.join(parent, name)
+            # A link would truncate whatever it points at, inside the folder or not.
+            if not os.path.islink(path):
+                with contextlib.suppress(OSError):
+                    os.truncate(path, 0)
 
 
 def free_port() -> int:
@@ -196,6 +200,7 @@ def minipacs(workdir: Path | None = None, **env: str) -> Iterator[Peer]:
                 process.wait(30)
             except subprocess.TimeoutExpired:
                 process.kill()
+                process.wait()
 
 
 @contextlib.contextmanager
@@ -220,6 +225,7 @@ def storescp(*extra: str) -> Iterator[Peer]:
                 process.wait(10)
             except subprocess.TimeoutExpired:
                 process.kill()
+                process.wait()
 
 
 @contextlib.contextmanager
@@ -296,3 +302,4 @@ def orthanc(
                 process.wait(30)
             except subprocess.TimeoutExpired:
                 process.kill()
+                process.wait()

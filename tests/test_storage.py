@@ -355,26 +355,28 @@ def test_a_staged_file_is_in_place_before_its_flush_and_durable_after(
     store.close()
 
 
-@pytest.mark.parametrize("early", [True, False])
+@pytest.mark.parametrize(("early", "fsync"), [(True, True), (False, True), (True, False)])
 def test_early_writeback_starts_on_the_staged_file_only_when_asked(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, early: bool
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, early: bool, fsync: bool
 ) -> None:
-    store = _store(tmp_path, flush="filesystem")
+    store = _store(tmp_path, flush="filesystem", fsync=fsync)
+    rel = instance_path(STUDY, SERIES, SOP)
     started: list[bool] = []
 
     def start(fd: int) -> bool:
-        # The real call, on the temp file just written: the data is there, not yet moved.
+        # The real call, on the temp file just written, before it is linked into place.
         assert os.fstat(fd).st_size == len(b"metadata")
+        assert not store.path(rel).exists()
         started.append(real_start(fd))
         return started[-1]
 
     real_start = writeback.start
     monkeypatch.setattr(writeback, "start", start)
-    rel = instance_path(STUDY, SERIES, SOP)
     staged = store.stage_instance(rel, b"meta", b"data", early_writeback=early)
     assert isinstance(staged, filestore.StagedFile)
-    # Linux queues the writeback; the file is the same either way, durable after its flush.
-    assert started == ([sys.platform.startswith("linux")] if early else [])
+    # Linux queues the writeback; without fsync nothing is to be flushed, so nothing is
+    # started. The file is the same either way.
+    assert started == ([sys.platform.startswith("linux")] if early and fsync else [])
     store.sync_staged(staged)
     assert store.path(rel).read_bytes() == b"metadata"
     store.close()

@@ -418,3 +418,35 @@ def _prepared(record: InstanceRecord) -> _Prepared:
     rel_path = instance_path(record.study_uid, record.series_uid, record.sop_uid)
     meta = encode_file_meta(record.sop_class_uid, record.sop_uid, record.transfer_syntax, "TEST")
     return _Prepared(dataclasses.replace(record, rel_path=rel_path), rel_path, meta, b"\0" * 64)
+
+
+@pytest.mark.parametrize(
+    ("in_flight", "durable_commits", "early"),
+    [(1, False, True), (2, False, False), (1, True, False)],
+)
+def test_only_a_lone_store_that_commits_before_its_flush_starts_writeback_early(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    in_flight: int,
+    durable_commits: bool,
+    early: bool,
+) -> None:
+    # With company the group flush writes every file in one pass; with durable commits
+    # the flush begins at once, so there is nothing for an early writeback to overlap.
+    store = FileStore(tmp_path / "store", tmp_path / "spool", 0, True, "filesystem")
+    asked: list[bool] = []
+    real_stage = store.stage_instance
+
+    def stage(*args: Any, early_writeback: bool = False) -> Any:
+        asked.append(early_writeback)
+        return real_stage(*args, early_writeback=early_writeback)
+
+    monkeypatch.setattr(store, "stage_instance", stage)
+    index = type("Index", (), {"durable_commits": durable_commits})()
+    service = StoreService(store, index, None, None, "keep-first")  # type: ignore[arg-type]
+    service._in_flight = in_flight
+    written = service._write(_prepared(_record()))
+    assert written is not None and isinstance(written.staged, StagedFile)
+    store.sync_staged(written.staged)
+    assert asked == [early]
+    store.close()

@@ -328,11 +328,15 @@ class StoreService:
             record = dataclasses.replace(prepared.record, rel_path=rel_path, size=stored.size)
             return Written(record, rel_path, fresh)
         # A lone store commits its row before its flush (durable_commits False), and the
-        # device writes its data meanwhile. With company, the group flush writes many
-        # files in one pass, and starting each one's writeback cost more CPU than it
-        # saved: 8 associations of small instances, 0.927x (bench.ab, 4 rounds, 0.81-0.98).
+        # device writes its data meanwhile: one association of small instances 1.120x
+        # (bench.ab, 7 rounds, 0.92-1.23), CT-size 1.040x (0.92-1.22). With company, the
+        # group flush writes many files in one pass, and starting each one's writeback
+        # cost more CPU than it saved: 8 associations of small instances, 0.927x (4
+        # rounds, 0.81-0.98).
         early = self._in_flight == 1 and not self.index.durable_commits
-        placed = self.store.stage_instance(rel_path, prepared.meta, prepared.source, early)
+        placed = self.store.stage_instance(
+            rel_path, prepared.meta, prepared.source, early_writeback=early
+        )
         record = dataclasses.replace(prepared.record, rel_path=rel_path, size=placed.size)
         if isinstance(placed, StagedFile):
             return Written(record, rel_path, fresh, placed)

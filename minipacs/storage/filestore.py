@@ -482,9 +482,9 @@ class FileStore:
         dest = self._abs(rel_path)
         mark = self.flush_mark()
         tmp, fd, size = self._write_temp(preamble_and_meta, dataset_source)
-        if early_writeback and self.fsync:
-            writeback.start(fd)
         try:
+            if early_writeback and self.fsync:
+                writeback.start(fd)
             self._note_pending(rel_path)
             # link(2) refuses to replace what is there, unlike rename(2).
             self._rename_into_place(tmp, dest, link=True)
