@@ -26,13 +26,7 @@ from minipacs.storage import groupflush, writeback
 
 def _timed(count: int, step: Callable[[int], None]) -> tuple[float, float]:
     """Median and 90th percentile of `step(i)` over count calls, in ms."""
-    times = []
-    for i in range(count):
-        started = time.perf_counter()
-        step(i)
-        times.append((time.perf_counter() - started) * 1000)
-    times.sort()
-    return statistics.median(times), times[int(len(times) * 0.9)]
+    return _alternating(count, [step])[0]
 
 
 def _alternating(count: int, steps: list[Callable[[int], None]]) -> list[tuple[float, float]]:

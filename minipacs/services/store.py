@@ -164,8 +164,7 @@ class StoreService:
         committing: Future[IngestOutcome] | IndexUnavailable
         try:
             # A lone store commits its row itself, unless its file flushes meanwhile.
-            alone = self._in_flight == 1 and not self.index.durable_commits
-            submit = self.index.commit_alone if alone else self.index.enqueue
+            submit = self.index.commit_alone if self._alone() else self.index.enqueue
             committing = submit(written.record, unsynced=token)
         except IndexUnavailable as exc:
             committing = exc
@@ -206,6 +205,10 @@ class StoreService:
         if token is not None:
             self.index.settle(token)
         return SUCCESS, None
+
+    def _alone(self) -> bool:
+        """Whether this store is the only one in flight and commits before its flush."""
+        return self._in_flight == 1 and not self.index.durable_commits
 
     def _flush(self, written: Written | None, mark: int | None) -> OSError | None:
         """Make a staged file durable, and the index's unflushed commits; the error if any.
@@ -333,9 +336,8 @@ class StoreService:
         # group flush writes many files in one pass, and starting each one's writeback
         # cost more CPU than it saved: 8 associations of small instances, 0.927x (4
         # rounds, 0.81-0.98).
-        early = self._in_flight == 1 and not self.index.durable_commits
         placed = self.store.stage_instance(
-            rel_path, prepared.meta, prepared.source, early_writeback=early
+            rel_path, prepared.meta, prepared.source, early_writeback=self._alone()
         )
         record = dataclasses.replace(prepared.record, rel_path=rel_path, size=placed.size)
         if isinstance(placed, StagedFile):
