@@ -62,6 +62,8 @@ _KNOWN_VRS = _LONG_VRS | frozenset(
     {b"AE", b"AS", b"AT", b"CS", b"DA", b"DS", b"DT", b"FD", b"FL", b"IS", b"LO", b"LT"}
     | {b"PN", b"SH", b"SL", b"SS", b"ST", b"TM", b"UI", b"UL", b"US"}
 )
+# An explicit VR's header size (PS3.5 7.1.2): one lookup both classes and checks it.
+_HEADER_SIZE = dict.fromkeys(_KNOWN_VRS, 8) | dict.fromkeys(_LONG_VRS, 12)
 _UNDEFINED = 0xFFFFFFFF
 _ITEM = (0xFFFE, 0xE000)
 _SEQUENCE_END = (0xFFFE, 0xE0DD)
@@ -99,6 +101,7 @@ class _Walker:
         u32 = self.u32.unpack_from
         wanted = () if delimited else self.wanted
         found = self.found
+        header_size = _HEADER_SIZE.get
         while offset < end:
             if end - offset < 8:
                 raise DataSetError(f"element header truncated at byte {offset}")
@@ -109,22 +112,31 @@ class _Walker:
                 offset += 8
             else:
                 group, element, vr, length = unpack(data, offset)
+                size = header_size(vr)
                 if group == 0xFFFE:
                     # Items and delimiters are coded like Implicit VR (PS3.5 7.5).
                     vr = b""
                     length = u32(data, offset + 4)[0]
                     offset += 8
-                elif vr in _LONG_VRS:
+                elif size == 8:
+                    offset += 8
+                    if group < 0x7FE0 and offset + length <= end:
+                        # Most elements: a short VR (never undefined, never a sequence)
+                        # before the bulk, that fits. A third less work a data set.
+                        tag = group << 16 | element
+                        if tag in wanted:
+                            found[tag] = (vr, length, offset)
+                        offset += length
+                        continue
+                elif size is None:
+                    raise DataSetError(
+                        f"element ({group:04X},{element:04X}) has an unknown VR {vr!r}"
+                    )
+                else:
                     if end - offset < 12:
                         raise DataSetError(f"element header truncated at byte {offset}")
                     length = u32(data, offset + 8)[0]
                     offset += 12
-                elif vr in _KNOWN_VRS:
-                    offset += 8
-                else:
-                    raise DataSetError(
-                        f"element ({group:04X},{element:04X}) has an unknown VR {vr!r}"
-                    )
             if group >= 0x7FE0:
                 if group == 0x7FE0 and not delimited and self.pixel_offset is None:
                     # Only the top level walks undelimited: this is where the bulk begins.
@@ -178,11 +190,17 @@ class _Walker:
 class Inspected:
     """A received data set, checked: the attributes asked for, and its header's raw bytes."""
 
-    # The top-level elements of the header whose tags were asked for, decoded on access.
-    dataset: Dataset
+    # The top-level elements of the header whose tags were asked for, as read (raw).
+    elements: dict[BaseTag, RawDataElement]
     # The encoded elements before group 7FE0, in `header_syntax`: what the index keeps.
     header: bytes
     header_syntax: str
+
+    @functools.cached_property
+    def dataset(self) -> Dataset:
+        """The elements as a pydicom data set, decoded on access."""
+        # Made only when asked: the index reads most values from the raw elements.
+        return Dataset(dict(self.elements))
 
 
 class _Everything:
@@ -242,10 +260,9 @@ def _inspect_data(
         # The walk refused unknown explicit VRs; implicit ones come from the dictionary.
         vr = None if vr_bytes is None else vr_bytes.decode("latin-1")
         value = bytes(data[start : start + length]) if length else empty_value_for_VR(vr, raw=True)
-        elements[BaseTag(tag)] = RawDataElement(
-            BaseTag(tag), vr, length, value, start, implicit, little
-        )
-    return Inspected(Dataset(elements), bytes(data[:end]), header_syntax(transfer_syntax))
+        key = BaseTag(tag)
+        elements[key] = RawDataElement(key, vr, length, value, start, implicit, little)
+    return Inspected(elements, bytes(data[:end]), header_syntax(transfer_syntax))
 
 
 def data_set_offset(lead: bytes) -> int:

@@ -17,7 +17,13 @@ from pydicom.tag import Tag
 
 from minipacs.dataset import encode, inspect, read_header
 from minipacs.index import records
-from minipacs.index.ingest import IngestError, InstanceRecord, normalise_name, record_from_dataset
+from minipacs.index.ingest import (
+    IngestError,
+    InstanceRecord,
+    normalise_name,
+    record_from_dataset,
+    record_from_inspected,
+)
 from minipacs.index.records import HEADER_MAX, INDEXED_KEYWORDS, INDEXED_TAGS
 
 NOW = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
@@ -205,7 +211,19 @@ def test_inspect_yields_the_record_a_full_read_does(name: str, syntax: str) -> N
     inspected = inspect(encode(ds, syntax), syntax, INDEXED_TAGS)
     assert set(inspected.dataset.keys()) == INDEXED_TAGS & set(ds.keys())
     # The header field is _record's own encoding of what it is given: compare the rest.
-    assert replace(_record(inspected.dataset), header=None) == replace(_record(ds), header=None)
+    expected = replace(_record(ds), header=None)
+    assert replace(_record(inspected.dataset), header=None) == expected
+    # The store's way: straight from the raw elements, the header as inspect() kept it.
+    from_raw = record_from_inspected(
+        inspected,
+        transfer_syntax_uid="1.2.840.10008.1.2.1",
+        rel_path="aa/bb/x.dcm",
+        size=10,
+        calling_ae=" MODALITY ",
+        received_at=NOW,
+    )
+    assert replace(from_raw, header=None) == expected
+    assert from_raw.header == inspected.header
 
 
 def _every_test_file() -> list[Path]:

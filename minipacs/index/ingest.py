@@ -47,6 +47,7 @@ from minipacs.index.records import (
     InstanceRecord,
     normalise_name,
     record_from_dataset,
+    record_from_inspected,
 )
 
 __all__ = [
@@ -61,6 +62,7 @@ __all__ = [
     "lock_key",
     "normalise_name",
     "record_from_dataset",
+    "record_from_inspected",
     "withdraw",
 ]
 

@@ -16,15 +16,17 @@ from __future__ import annotations
 
 import re
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Final
+from typing import Any, Final
 
 from pydicom import Dataset
 from pydicom.datadict import tag_for_keyword
 from pydicom.dataelem import RawDataElement
 from pydicom.multival import MultiValue
 
+from minipacs.dataset import Inspected
 from minipacs.storage.uids import InvalidUID, validate_uid
 
 # A header longer than this (waveforms, large private blocks) is not copied into the index;
@@ -152,8 +154,11 @@ def normalise_name(name: str) -> str:
 class _Values:
     """The indexed attributes of a data set: raw ASCII bytes read directly, else pydicom."""
 
-    def __init__(self, ds: Dataset) -> None:
-        self.ds = ds
+    def __init__(self, element: Callable[[int], Any], dataset: Callable[[], Dataset]) -> None:
+        # element(tag): the element as read (raw or decoded), None if absent; dataset():
+        # the data set for pydicom's conversion, which only some values take.
+        self.element = element
+        self.dataset = dataset
         # The defined terms are ASCII themselves, whichever way they are read.
         self.ascii_ok = True
         # With a charset whose G0 is not ASCII, or several (code extensions), every value
@@ -162,7 +167,7 @@ class _Values:
 
     def _raw_text(self, tag: int) -> str | None:
         """A string element's raw value as text, or None when pydicom must decode it."""
-        raw = self.ds.get_item(tag)
+        raw = self.element(tag)
         if raw is None:
             return ""
         if not isinstance(raw, RawDataElement) or tag in _BINARY:
@@ -183,7 +188,7 @@ class _Values:
                 raw = "\\".join(v.rstrip(" \0") for v in raw.split("\\"))
             # PostgreSQL text cannot hold NUL, and some senders pad with it.
             return raw.replace("\0", "").strip()[:limit]
-        value = self.ds.get(keyword)
+        value = self.dataset().get(keyword)
         if value is None or value == "":
             return ""
         if isinstance(value, MultiValue | list | tuple):
@@ -207,7 +212,7 @@ class _Values:
     def integer(self, keyword: str) -> int | None:
         """An IS/US value as an int, or None when absent, malformed or out of range."""
         tag = _TAGS[keyword]
-        raw = self.ds.get_item(tag)
+        raw = self.element(tag)
         if raw is None:
             return None
         if isinstance(raw, RawDataElement) and isinstance(raw.value, bytes):
@@ -218,7 +223,7 @@ class _Values:
                 if _IS.fullmatch(text):
                     number = int(text)
                     return number if number in _INT32 else None
-        value = self.ds.get(keyword)
+        value = self.dataset().get(keyword)
         if value is None or value == "":
             return None
         try:
@@ -249,8 +254,56 @@ def record_from_dataset(
     received_at: datetime,
 ) -> InstanceRecord:
     """Extract the indexed attributes; raise IngestError if the identifying UIDs are unusable."""
+    return _record(
+        ds.get_item,
+        lambda: ds,
+        header=header,
+        transfer_syntax_uid=transfer_syntax_uid,
+        rel_path=rel_path,
+        size=size,
+        calling_ae=calling_ae,
+        received_at=received_at,
+    )
+
+
+def record_from_inspected(
+    inspected: Inspected,
+    *,
+    transfer_syntax_uid: str,
+    rel_path: str,
+    size: int,
+    calling_ae: str,
+    received_at: datetime,
+) -> InstanceRecord:
+    """record_from_dataset for a data set as dataset.inspect() read it, and its header."""
+    # Straight from the raw elements: pydicom's Dataset is built only for values that
+    # need its conversion (inspect + record 257 -> 2xx us a small instance, tight loop).
+    return _record(
+        inspected.elements.get,
+        lambda: inspected.dataset,
+        header=inspected.header,
+        transfer_syntax_uid=transfer_syntax_uid,
+        rel_path=rel_path,
+        size=size,
+        calling_ae=calling_ae,
+        received_at=received_at,
+    )
+
+
+def _record(
+    element: Callable[[int], Any],
+    dataset: Callable[[], Dataset],
+    *,
+    header: bytes,
+    transfer_syntax_uid: str,
+    rel_path: str,
+    size: int,
+    calling_ae: str,
+    received_at: datetime,
+) -> InstanceRecord:
+    """The record of a data set's values; IngestError if the identifying UIDs are unusable."""
     try:
-        values = _Values(ds)
+        values = _Values(element, dataset)
         study_uid = values.uid("StudyInstanceUID")
         series_uid = values.uid("SeriesInstanceUID")
         sop_uid = values.uid("SOPInstanceUID")

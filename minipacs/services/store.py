@@ -44,7 +44,7 @@ from minipacs.index.ingest import (
     InstanceRecord,
     drop_unsynced,
     instance_path_of,
-    record_from_dataset,
+    record_from_inspected,
     withdraw,
 )
 from minipacs.index.records import INDEXED_TAGS
@@ -284,9 +284,8 @@ class StoreService:
             raise StoreRefused(CANNOT_UNDERSTAND, str(exc)) from exc
         calling_ae = operation.session.calling_ae
         try:
-            record = record_from_dataset(
-                inspected.dataset,
-                header=inspected.header,
+            record = record_from_inspected(
+                inspected,
                 transfer_syntax_uid=context.transfer_syntax,
                 rel_path="",
                 size=0,
