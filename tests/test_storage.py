@@ -75,8 +75,10 @@ def test_valid_uids(value: str, expected: str) -> None:
     ],
 )
 def test_invalid_uids(value: str, reason: str) -> None:
-    with pytest.raises(InvalidUID, match=reason):
-        validate_uid(value)
+    # Twice: validate_uid keeps the UIDs it passed, never a refusal.
+    for _ in range(2):
+        with pytest.raises(InvalidUID, match=reason):
+            validate_uid(value)
 
 
 def test_layout_is_deterministic() -> None:
@@ -199,7 +201,21 @@ def test_overwrite_and_remove(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    "rel", ["/etc/passwd", "../x.dcm", "a/../../x.dcm", "", "a//b.dcm", ".tmp/x.dcm", "a\\..\\b"]
+    "rel",
+    [
+        "/etc/passwd",
+        "../x.dcm",
+        "a/../../x.dcm",
+        "",
+        "a//b.dcm",
+        ".tmp/x.dcm",
+        "a\\..\\b",
+        "a/",
+        "a/.spool/x",
+        "a/b\0.dcm",
+        "a/b.dcm\n/..",
+        "./a.dcm",
+    ],
 )
 def test_unsafe_relative_paths_are_refused(tmp_path: Path, rel: str) -> None:
     store = _store(tmp_path)

@@ -138,11 +138,14 @@ def _fsync_dir(path: str | Path) -> None:
         os.close(fd)
 
 
+# Components separated by "/": none empty or dot-led (no absolute path, no "..", not our
+# .tmp or .spool), none with a backslash or a NUL. One C-level match a call.
+_SAFE_REL = re.compile(r"[^./\\\0][^/\\\0]*(?:/[^./\\\0][^/\\\0]*)*")
+
+
 def _check_rel(rel_path: str) -> str:
     """Return rel_path if it names a file inside the root, outside the store's own folders."""
-    parts = rel_path.split("/")
-    # No absolute path, no "..", no empty or dot-led component (.tmp, .spool are ours).
-    if not rel_path or any(not p or p.startswith(".") or "\\" in p or "\0" in p for p in parts):
+    if _SAFE_REL.fullmatch(rel_path) is None:
         raise ValueError(f"{rel_path!r} is not a safe relative path inside the store")
     return rel_path
 

@@ -15,6 +15,7 @@ Layout: ``h[:2]/h[2:4]/<StudyInstanceUID>/<SeriesInstanceUID>/<SOPInstanceUID>.d
   index commit that points away from it (the index outcome carries the old path).
 """
 
+import functools
 import hashlib
 
 from minipacs.storage.uids import validate_uid
@@ -24,12 +25,18 @@ SUFFIX = ".dcm"
 
 def instance_path(study_uid: str, series_uid: str, sop_uid: str) -> str:
     """Return the relative POSIX path of an instance, built only from validated UIDs."""
-    study = validate_uid(study_uid)
     series = validate_uid(series_uid)
     sop = validate_uid(sop_uid)
-    # sha1 for distribution, not security: the inputs are already validated.
+    return f"{_study_folder(study_uid)}/{series}/{sop}{SUFFIX}"
+
+
+@functools.lru_cache(maxsize=256)
+def _study_folder(study_uid: str) -> str:
+    """A study's folder: its two fan-out levels, then the validated UID (one hash a study)."""
+    study = validate_uid(study_uid)
+    # sha1 for distribution, not security: the input is already validated.
     h = hashlib.sha1(study.encode("ascii"), usedforsecurity=False).hexdigest()
-    return f"{h[:2]}/{h[2:4]}/{study}/{series}/{sop}{SUFFIX}"
+    return f"{h[:2]}/{h[2:4]}/{study}"
 
 
 def sop_uid_of(rel_path: str) -> str:

@@ -1,5 +1,6 @@
 """UID validation (PS3.5 9.1): the only gate between peer-supplied UIDs and file paths."""
 
+import functools
 import re
 
 # PS3.5 9.1: components of digits, separated by dots; no leading zero unless the component is "0".
@@ -12,6 +13,10 @@ class InvalidUID(ValueError):
     """A value that is not a UID as defined by PS3.5 9.1."""
 
 
+# A store validates its study, series and SOP class UIDs several times, and they recur
+# from one instance to the next: a hit costs a tenth of a check. Only valid UIDs are kept
+# (a refusal raises, which is never cached), at most this many.
+@functools.lru_cache(maxsize=1024)
 def validate_uid(value: str) -> str:
     """Return the UID without its padding, or raise InvalidUID if it breaks PS3.5 9.1."""
     # UI values are padded to even length with one NUL (PS3.5 6.2); some senders pad with a
