@@ -8,9 +8,10 @@ from __future__ import annotations
 import functools
 import io
 import mmap
+import operator
 import struct
 import zlib
-from collections.abc import Container
+from collections.abc import Callable, Container, Hashable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -84,6 +85,10 @@ class _Walker:
         self.pixel_offset: int | None = None
         # Top-level elements in `wanted`: tag -> (VR or None, length, value offset).
         self.found: dict[int, tuple[bytes | None, int, int]] = {}
+        # Where the walk read an 8-byte header (element, item or delimiter), and a
+        # 12-byte one (explicit long VR): all that decides its course (see _Layout).
+        self.heads: list[int] = []
+        self.long_heads: list[int] = []
         order = "<" if little else ">"
         # One unpack reads an element's header: tag and length (implicit), or tag, VR and
         # a short length (explicit; for long VRs the real length follows).
@@ -102,6 +107,7 @@ class _Walker:
         wanted = () if delimited else self.wanted
         found = self.found
         header_size = _HEADER_SIZE.get
+        head = self.heads.append
         while offset < end:
             if end - offset < 8:
                 raise DataSetError(f"element header truncated at byte {offset}")
@@ -110,6 +116,7 @@ class _Walker:
                 group, element, length = unpack(data, offset)
                 vr = b"UN"
                 offset += 8
+                head(start)
             else:
                 group, element, vr, length = unpack(data, offset)
                 size = header_size(vr)
@@ -118,7 +125,9 @@ class _Walker:
                     vr = b""
                     length = u32(data, offset + 4)[0]
                     offset += 8
+                    head(start)
                 elif size == 8:
+                    head(start)
                     offset += 8
                     if group < 0x7FE0 and offset + length <= end:
                         # Most elements: a short VR (never undefined, never a sequence)
@@ -137,6 +146,7 @@ class _Walker:
                         raise DataSetError(f"element header truncated at byte {offset}")
                     length = u32(data, offset + 8)[0]
                     offset += 12
+                    self.long_heads.append(start)
             if group >= 0x7FE0:
                 if group == 0x7FE0 and not delimited and self.pixel_offset is None:
                     # Only the top level walks undelimited: this is where the bulk begins.
@@ -170,6 +180,7 @@ class _Walker:
             if end - offset < 8:
                 raise DataSetError(f"item header truncated at byte {offset}")
             group, element, length = self.item_header.unpack_from(self.data, offset)
+            self.heads.append(offset)
             offset += 8
             if (group, element) == _SEQUENCE_END:
                 return offset
@@ -184,6 +195,55 @@ class _Walker:
         if not defined:
             raise DataSetError("sequence without its delimiter: data set truncated")
         return offset
+
+
+@dataclass(frozen=True)
+class _Layout:
+    """Where a walk read headers in a data set, what it read there, and what it found.
+
+    The walk's course depends only on the headers it reads (tags, VRs, lengths, items)
+    and on where the data ends. A data set of the same length holding the same bytes at
+    each of those places is walked the same way: it is as sound, its wanted elements and
+    its bulk are at the same offsets. Consecutive instances of a series often share a
+    layout (one template, UIDs of one length), and one C-level comparison of those bytes
+    then stands for the Python loop over every element.
+    """
+
+    headers: Callable[[bytes], object]
+    expected: object
+    found: dict[int, tuple[bytes | None, int, int]]
+    pixel_offset: int | None
+
+
+# Recent layouts, by (transfer syntax, wanted tags, length); a lost race costs one walk.
+_LAYOUTS: dict[tuple[str, Container[int], int], _Layout] = {}
+_LAYOUTS_MAX = 64
+# More headers than this (thousands of fragments) are walked each time, not remembered.
+_LAYOUT_HEADS_MAX = 4096
+
+
+def _walk(
+    data: bytes | memoryview, transfer_syntax: str, tags: Container[int]
+) -> tuple[dict[int, tuple[bytes | None, int, int]], int | None]:
+    """Walk a data set (_Walker), or know it by a layout walked before; (found, bulk)."""
+    implicit, little = _syntax(transfer_syntax)
+    key = None
+    if isinstance(data, bytes) and isinstance(tags, Hashable):
+        key = (transfer_syntax, tags, len(data))
+        layout = _LAYOUTS.get(key)
+        if layout is not None and layout.headers(data) == layout.expected:
+            return layout.found, layout.pixel_offset
+    walker = _Walker(data, little, tags)
+    walker.elements(0, len(data), False, implicit)
+    starts, long_starts = walker.heads, walker.long_heads
+    heads = [*map(slice, starts, map((8).__add__, starts))]
+    heads += map(slice, long_starts, map((12).__add__, long_starts))
+    if key is not None and 0 < len(heads) <= _LAYOUT_HEADS_MAX:
+        getter = operator.itemgetter(*heads)
+        if len(_LAYOUTS) >= _LAYOUTS_MAX:
+            _LAYOUTS.clear()
+        _LAYOUTS[key] = _Layout(getter, getter(data), walker.found, walker.pixel_offset)
+    return walker.found, walker.pixel_offset
 
 
 @dataclass(frozen=True)
@@ -233,7 +293,9 @@ def inspect(
         raw = source.read_bytes() if isinstance(source, Path) else source
         return _inspect_data(_inflate(raw[offset:]), transfer_syntax, tags)
     if isinstance(source, bytes):
-        return _inspect_data(memoryview(source)[offset:], transfer_syntax, tags)
+        # Whole, as bytes: the walk's layout is remembered only for bytes (see _Layout).
+        data = source if offset == 0 else memoryview(source)[offset:]
+        return _inspect_data(data, transfer_syntax, tags)
     with (
         open(source, "rb") as handle,
         mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as mapped,
@@ -247,13 +309,12 @@ def _inspect_data(
 ) -> Inspected:
     """Walk a data set; keep its header and its top-level `tags` as raw elements."""
     implicit, little = _syntax(transfer_syntax)
-    walker = _Walker(data, little, tags)
-    walker.elements(0, len(data), False, implicit)
-    end = len(data) if walker.pixel_offset is None else walker.pixel_offset
+    found, pixel_offset = _walk(data, transfer_syntax, tags)
+    end = len(data) if pixel_offset is None else pixel_offset
     elements = {}
     # pydicom's own reader decodes every element header once more in Python; the walk has
     # already found the few the index reads, which was most of a small store's CPU.
-    for tag, (vr_bytes, length, start) in walker.found.items():
+    for tag, (vr_bytes, length, start) in found.items():
         if start > end:
             # Pixel Data and what follows it are bulk, never part of the header.
             continue
