@@ -250,8 +250,9 @@ def _walk(
 class Inspected:
     """A received data set, checked: the attributes asked for, and its header's raw bytes."""
 
-    # The top-level elements of the header whose tags were asked for, as read (raw).
-    elements: dict[BaseTag, RawDataElement]
+    # The top-level elements of the header whose tags were asked for, as read (raw), by
+    # plain int tag: a BaseTag key costs a Python-level __eq__ on every lookup.
+    elements: dict[int, RawDataElement]
     # The encoded elements before group 7FE0, in `header_syntax`: what the index keeps.
     header: bytes
     header_syntax: str
@@ -260,7 +261,7 @@ class Inspected:
     def dataset(self) -> Dataset:
         """The elements as a pydicom data set, decoded on access."""
         # Made only when asked: the index reads most values from the raw elements.
-        return Dataset(dict(self.elements))
+        return Dataset({element.tag: element for element in self.elements.values()})
 
 
 class _Everything:
@@ -321,8 +322,7 @@ def _inspect_data(
         # The walk refused unknown explicit VRs; implicit ones come from the dictionary.
         vr = None if vr_bytes is None else vr_bytes.decode("latin-1")
         value = bytes(data[start : start + length]) if length else empty_value_for_VR(vr, raw=True)
-        key = BaseTag(tag)
-        elements[key] = RawDataElement(key, vr, length, value, start, implicit, little)
+        elements[tag] = RawDataElement(BaseTag(tag), vr, length, value, start, implicit, little)
     return Inspected(elements, bytes(data[:end]), header_syntax(transfer_syntax))
 
 
