@@ -22,7 +22,6 @@ from minipacs.index.ingest import (
     InstanceRecord,
     normalise_name,
     record_from_dataset,
-    record_from_inspected,
 )
 from minipacs.index.records import HEADER_MAX, INDEXED_KEYWORDS, INDEXED_TAGS
 
@@ -214,7 +213,7 @@ def test_inspect_yields_the_record_a_full_read_does(name: str, syntax: str) -> N
     expected = replace(_record(ds), header=None)
     assert replace(_record(inspected.dataset), header=None) == expected
     # The store's way: straight from the raw elements, the header as inspect() kept it.
-    from_raw = record_from_inspected(
+    from_raw = record_from_dataset(
         inspected,
         transfer_syntax_uid="1.2.840.10008.1.2.1",
         rel_path="aa/bb/x.dcm",

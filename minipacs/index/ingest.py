@@ -47,7 +47,6 @@ from minipacs.index.records import (
     InstanceRecord,
     normalise_name,
     record_from_dataset,
-    record_from_inspected,
 )
 
 __all__ = [
@@ -62,7 +61,6 @@ __all__ = [
     "lock_key",
     "normalise_name",
     "record_from_dataset",
-    "record_from_inspected",
     "withdraw",
 ]
 

@@ -244,64 +244,30 @@ class _Values:
 
 
 def record_from_dataset(
-    ds: Dataset,
+    source: Dataset | Inspected,
     *,
-    header: bytes,
+    header: bytes | None = None,
     transfer_syntax_uid: str,
     rel_path: str,
     size: int,
     calling_ae: str,
     received_at: datetime,
 ) -> InstanceRecord:
-    """Extract the indexed attributes; raise IngestError if the identifying UIDs are unusable."""
-    return _record(
-        ds.get_item,
-        lambda: ds,
-        header=header,
-        transfer_syntax_uid=transfer_syntax_uid,
-        rel_path=rel_path,
-        size=size,
-        calling_ae=calling_ae,
-        received_at=received_at,
-    )
+    """Extract the indexed attributes; raise IngestError if the identifying UIDs are unusable.
 
-
-def record_from_inspected(
-    inspected: Inspected,
-    *,
-    transfer_syntax_uid: str,
-    rel_path: str,
-    size: int,
-    calling_ae: str,
-    received_at: datetime,
-) -> InstanceRecord:
-    """record_from_dataset for a data set as dataset.inspect() read it, and its header."""
-    # Straight from the raw elements: pydicom's Dataset is built only for values that
-    # need its conversion (inspect + record 257 -> 2xx us a small instance, tight loop).
-    return _record(
-        inspected.elements.get,
-        lambda: inspected.dataset,
-        header=inspected.header,
-        transfer_syntax_uid=transfer_syntax_uid,
-        rel_path=rel_path,
-        size=size,
-        calling_ae=calling_ae,
-        received_at=received_at,
-    )
-
-
-def _record(
-    element: Callable[[int], Any],
-    dataset: Callable[[], Dataset],
-    *,
-    header: bytes,
-    transfer_syntax_uid: str,
-    rel_path: str,
-    size: int,
-    calling_ae: str,
-    received_at: datetime,
-) -> InstanceRecord:
-    """The record of a data set's values; IngestError if the identifying UIDs are unusable."""
+    `source` is a pydicom data set with its encoded `header`, or a data set as
+    dataset.inspect() read it, which carries its header.
+    """
+    element: Callable[[int], Any]
+    dataset: Callable[[], Dataset]
+    if isinstance(source, Inspected):
+        # Straight from the raw elements: pydicom's Dataset is built only for the values
+        # that need its conversion.
+        element, dataset, header = source.elements.get, lambda: source.dataset, source.header
+    else:
+        element, dataset = source.get_item, lambda: source
+    if header is None:
+        raise TypeError("a pydicom data set needs its encoded header")
     try:
         values = _Values(element, dataset)
         study_uid = values.uid("StudyInstanceUID")

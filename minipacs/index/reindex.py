@@ -11,7 +11,7 @@ from sqlalchemy import Engine, delete
 
 from minipacs.dataset import read_part10
 from minipacs.index.db import write_session
-from minipacs.index.ingest import InstanceRecord, apply_records, record_from_inspected
+from minipacs.index.ingest import InstanceRecord, apply_records, record_from_dataset
 from minipacs.index.models import Instance, Patient, Series, Study, UnsyncedFile
 from minipacs.index.records import INDEXED_TAGS
 from minipacs.storage.filestore import FileStore
@@ -36,7 +36,7 @@ def read_record(
     path = store.path(rel_path)
     stat = stat or path.stat()
     meta, inspected = read_part10(path, INDEXED_TAGS)
-    return record_from_inspected(
+    return record_from_dataset(
         inspected,
         transfer_syntax_uid=str(meta.TransferSyntaxUID),
         rel_path=rel_path,

@@ -44,7 +44,7 @@ from minipacs.index.ingest import (
     InstanceRecord,
     drop_unsynced,
     instance_path_of,
-    record_from_inspected,
+    record_from_dataset,
     withdraw,
 )
 from minipacs.index.records import INDEXED_TAGS
@@ -284,7 +284,7 @@ class StoreService:
             raise StoreRefused(CANNOT_UNDERSTAND, str(exc)) from exc
         calling_ae = operation.session.calling_ae
         try:
-            record = record_from_inspected(
+            record = record_from_dataset(
                 inspected,
                 transfer_syntax_uid=context.transfer_syntax,
                 rel_path="",
