@@ -11,6 +11,9 @@ The same code reads ±10% from one run to the next on these machines, so one run
 decides nothing: the sides alternate (A, B, A, B...) with the system's dirty pages
 synced before each, and the report gives every round's B/A ratio besides the median.
 A change is worth believing when the lowest ratio is above 1, or the highest below it.
+Each round also reads the minipacs processes' CPU seconds (bench.proctime; not
+PostgreSQL's), and the report gives the CPU per instance and its B/A ratios: a CPU
+saving shows there in a few rounds when the throughput ratios still straddle 1.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from pathlib import Path
 
 from bench import datasets
 from bench.peers import kept_stores
+from bench.proctime import tree_cpu
 from bench.rounds import alternate_rounds
 from bench.store import Scenario, Servers, store
 
@@ -100,24 +104,39 @@ def main() -> None:
         named = {f"{key} {side.label}": side for key, side in zip("AB", sides, strict=True)}
         for kind, associations in wanted:
             scenario = Scenario(f"{kind}, {associations} assoc", files[kind], associations)
+            # Server CPU seconds per instance, by side, in round order.
+            cpu: dict[str, list[float]] = {name: [] for name in named}
 
-            def run(name: str, scenario: Scenario = scenario) -> float:
+            def run(
+                name: str, scenario: Scenario = scenario, cpu: dict[str, list[float]] = cpu
+            ) -> float:
                 side = named[name]
                 servers.minipacs_env = {"PYTHONPATH": str(trees[side.revision]), **side.env}
                 os.sync()
                 with servers.start(server, scenario.associations) as peer:
-                    return store(peer, scenario)
+                    before = tree_cpu(peer.process.pid)
+                    elapsed = store(peer, scenario)
+                    used = tree_cpu(peer.process.pid) - before
+                cpu[name].append(used / scenario.files.count)
+                return elapsed
 
             times = alternate_rounds(
                 args.rounds, list(named), scenario.name, scenario.files.count, run
             )
             a, b = ([scenario.files.count / t for t in times[name]] for name in named)
-            ratios = sorted(y / x for x, y in zip(a, b, strict=True))
-            print(
-                f"{scenario.name:15s} {args.db:6s} A {statistics.median(a):7.1f}/s"
-                f"  B {statistics.median(b):7.1f}/s  B/A median {statistics.median(ratios):.3f}"
-                f"  rounds {' '.join(f'{r:.2f}' for r in ratios)}"
-            )
+            print(_report(f"{scenario.name:15s} {args.db:6s}", "/s", a, b))
+            a, b = ([seconds * 1e6 for seconds in cpu[name]] for name in named)
+            print(_report(f"{'':15s} {'cpu':6s}", " us", a, b))
+
+
+def _report(label: str, unit: str, a: list[float], b: list[float]) -> str:
+    """One line: both sides' medians, and the B/A ratio of each round, sorted."""
+    ratios = sorted(y / x for x, y in zip(a, b, strict=True))
+    return (
+        f"{label} A {statistics.median(a):7.1f}{unit}  B {statistics.median(b):7.1f}{unit}"
+        f"  B/A median {statistics.median(ratios):.3f}"
+        f"  rounds {' '.join(f'{r:.2f}' for r in ratios)}"
+    )
 
 
 if __name__ == "__main__":
