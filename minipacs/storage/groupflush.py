@@ -15,12 +15,12 @@ why not); elsewhere the store flushes file by file.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import os
 import platform
 import re
 import threading
-from collections.abc import Callable
+
+from minipacs.storage import libc
 
 # Failed flushes are remembered this many generations back, for the waiters they cover.
 _FAILURES_KEPT = 64
@@ -32,19 +32,7 @@ _MIN_KERNEL = (5, 8)
 _TRUSTED = frozenset({"ext4", "ext3", "xfs", "btrfs", "zfs", "f2fs", "nfs", "nfs4", "overlay"})
 
 
-def _load_syncfs() -> Callable[[int], int] | None:
-    """libc's syncfs, or None where there is none."""
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
-        function = libc.syncfs
-    except (OSError, AttributeError, TypeError):
-        return None
-    function.argtypes = [ctypes.c_int]
-    function.restype = ctypes.c_int
-    return function  # type: ignore[no-any-return]
-
-
-_SYNCFS = _load_syncfs()
+_SYNCFS = libc.function("syncfs", [ctypes.c_int])
 
 
 def available() -> bool:

@@ -15,27 +15,16 @@ from __future__ import annotations
 
 import ctypes
 import sys
-from collections.abc import Callable
+
+from minipacs.storage import libc
 
 # linux/fs.h: start writeback of dirty pages in the range, do not wait for it.
 _SYNC_FILE_RANGE_WRITE = 2
-
-
-def _load() -> Callable[[int, int, int, int], int] | None:
-    """libc's sync_file_range, or None where there is none."""
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        # The process's own symbols, libc's among them: no library search (ldconfig -p).
-        function = ctypes.CDLL(None).sync_file_range
-    except (OSError, AttributeError, TypeError):
-        return None
-    function.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
-    function.restype = ctypes.c_int
-    return function  # type: ignore[no-any-return]
-
-
-_SYNC_FILE_RANGE = _load()
+_SYNC_FILE_RANGE = (
+    libc.function("sync_file_range", [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint])
+    if sys.platform.startswith("linux")
+    else None
+)
 
 
 def start(fd: int) -> bool:
