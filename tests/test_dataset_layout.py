@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Container
+
 import pydicom
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -25,18 +27,24 @@ BASE = _body()
 HEADER_END = len(dicom.inspect(BASE, SYNTAX, INDEXED_TAGS).header)
 
 
-def _outcome(data: bytes) -> object:
+def _outcome(data: bytes, syntax: str, tags: Container[int]) -> object:
     """What inspect() makes of a data set: its elements and header, or its error."""
     try:
-        inspected = dicom.inspect(data, SYNTAX, INDEXED_TAGS)
+        inspected = dicom.inspect(data, syntax, tags)
     except dicom.DataSetError as exc:
         return str(exc)
     return inspected.elements, inspected.header
 
 
-def _fresh(data: bytes) -> object:
+def _both_ways(
+    base: bytes, changed: bytes, syntax: str = SYNTAX, tags: Container[int] = INDEXED_TAGS
+) -> tuple[object, object]:
+    """_outcome of `changed` with the layout of `base` remembered, and with none."""
     dicom._LAYOUTS.clear()
-    return _outcome(data)
+    dicom.inspect(base, syntax, tags)
+    remembered = _outcome(changed, syntax, tags)
+    dicom._LAYOUTS.clear()
+    return remembered, _outcome(changed, syntax, tags)
 
 
 def test_an_instance_of_the_same_layout_is_known_by_it() -> None:
@@ -49,7 +57,8 @@ def test_an_instance_of_the_same_layout_is_known_by_it() -> None:
     assert second.elements[0x00080018].value == b"1.2.3.5\0"
     assert first.elements[0x00080018].value == b"1.2.3.4\0"
     assert second.header[:100] == first.header[:100]
-    assert _outcome(other) == _fresh(other)
+    remembered, fresh = _both_ways(BASE, other)
+    assert remembered == fresh
 
 
 def test_a_header_that_differs_is_walked_again() -> None:
@@ -61,7 +70,8 @@ def test_a_header_that_differs_is_walked_again() -> None:
     dicom.inspect(BASE, SYNTAX, INDEXED_TAGS)
     with pytest.raises(dicom.DataSetError):
         dicom.inspect(broken, SYNTAX, INDEXED_TAGS)
-    assert _outcome(broken) == _fresh(broken)
+    remembered, fresh = _both_ways(BASE, broken)
+    assert remembered == fresh
 
 
 def _nested(syntax: str) -> bytes:
@@ -85,21 +95,10 @@ BASES = [
 def test_every_single_byte_change_gets_the_fresh_walk_s_answer(index: int) -> None:
     # Each byte of the header (all of a small data set) in turn, remembered layout or not.
     syntax, base = BASES[index]
-
-    def outcome(data: bytes) -> object:
-        try:
-            inspected = dicom.inspect(data, syntax, dicom.ALL_TAGS)
-        except dicom.DataSetError as exc:
-            return str(exc)
-        return inspected.elements, inspected.header
-
     for at in range(min(len(base), HEADER_END)):
         changed = base[:at] + bytes([base[at] ^ 0x41]) + base[at + 1 :]
-        dicom._LAYOUTS.clear()
-        dicom.inspect(base, syntax, dicom.ALL_TAGS)
-        remembered = outcome(changed)
-        dicom._LAYOUTS.clear()
-        assert remembered == outcome(changed), at
+        remembered, fresh = _both_ways(base, changed, syntax, dicom.ALL_TAGS)
+        assert remembered == fresh, at
 
 
 @settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -111,16 +110,5 @@ def test_a_changed_data_set_gets_the_fresh_walk_s_answer(data: st.DataObject) ->
     changed = bytearray(base)
     for at, value in flips:
         changed[at] = value
-
-    def outcome() -> object:
-        try:
-            inspected = dicom.inspect(bytes(changed), syntax, dicom.ALL_TAGS)
-        except dicom.DataSetError as exc:
-            return str(exc)
-        return inspected.elements, inspected.header
-
-    dicom._LAYOUTS.clear()
-    dicom.inspect(base, syntax, dicom.ALL_TAGS)  # the base's layout remembered
-    remembered = outcome()
-    dicom._LAYOUTS.clear()
-    assert remembered == outcome()
+    remembered, fresh = _both_ways(base, bytes(changed), syntax, dicom.ALL_TAGS)
+    assert remembered == fresh
