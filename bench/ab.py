@@ -12,8 +12,8 @@ decides nothing: the sides alternate (A, B, A, B...) with the system's dirty pag
 synced before each, and the report gives every round's B/A ratio besides the median.
 A change is worth believing when the lowest ratio is above 1, or the highest below it.
 Each round also reads the minipacs processes' CPU seconds (bench.proctime; not
-PostgreSQL's), and the report gives the CPU per instance and its B/A ratios: a CPU
-saving shows there in a few rounds when the throughput ratios still straddle 1.
+PostgreSQL's), and the report gives the CPU per instance and its B/A ratios, which
+usually straddle 1 less than the throughput's (bench.proctime says how far to trust them).
 """
 
 from __future__ import annotations

@@ -1,8 +1,9 @@
 """CPU time of a process and its descendants, read from /proc (Linux).
 
-A server's CPU seconds per instance move far less from run to run on these machines
-than its instances per second (bench.ab prints both): a change's CPU saving shows in a
-few rounds where its throughput gain is lost in the noise.
+A server's CPU seconds per instance usually moved less from round to round on these
+machines than its instances per second (bench.ab prints both), so a change's CPU saving
+can show where its throughput gain is lost in the noise. Not always: one A/A run on
+PostgreSQL read CPU ratios of 0.67 and 0.97.
 """
 
 from __future__ import annotations
